@@ -1,0 +1,200 @@
+"""`grace-ds`: thin commands over the library. Bad input -> one line on stderr, exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from grace_ds.errors import GraceInputError
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, disable=None, leave=False)
+
+
+def _topology(args):
+    from grace_ds.topology import LinkModel, Topology
+
+    links = LinkModel(inter_node_bandwidth_Gbps=args.inter_node_gbps)
+    if args.gpus_per_node_list:
+        return Topology(tuple(int(x) for x in args.gpus_per_node_list.split(",")), links)
+    return Topology.uniform(args.nodes, args.gpus_per_node, links)
+
+
+def cmd_profile_trace(args) -> None:
+    from grace_ds.profile import RoutingProfile
+    from grace_ds.trace import RoutingTrace, parse_token_range
+
+    trace = RoutingTrace.load(args.trace).tokens(parse_token_range(args.tokens))
+    profile = RoutingProfile.from_topk_ids(trace.topk_ids, trace.num_experts, trace.model_name, trace.layer_names)
+    profile.save(args.out)
+    print(f"profile of {trace.num_tokens} tokens, {profile.num_layers} layers x {profile.num_experts} experts "
+          f"(top-{profile.top_k}) -> {args.out}")
+
+
+def cmd_profile_load(args) -> None:
+    from grace_ds.profile import RoutingProfile
+
+    profile = RoutingProfile.from_logical_counts(args.loads, args.top_k)
+    profile.save(args.out)
+    print(f"load-only profile, {profile.num_layers} MoE layers x {profile.num_experts} experts -> {args.out}")
+
+
+def cmd_plan(args) -> None:
+    from grace_ds.planners import GraceSettings, make_plan
+    from grace_ds.profile import RoutingProfile
+
+    profile = RoutingProfile.load(args.profile)
+    topology = _topology(args)
+    options = {}
+    if args.policy == "grace":
+        settings = None
+        if args.r is not None or args.paper:
+            mode = "spectral" if args.paper else "balanced"
+            settings = GraceSettings(node_grouping=mode, gpu_grouping=mode, r=args.r,
+                                     max_rounds=1 if args.paper else None,
+                                     receivers="least-loaded" if args.paper else "spread-nodes")
+        options = {"settings": settings, "tune": not args.no_tune}
+    elif args.r is not None or args.paper or args.no_tune:
+        raise GraceInputError("--r, --paper and --no-tune apply to --policy grace only")
+    bar = _progress(profile.num_layers, f"planning ({args.policy})") if args.policy == "grace" else None
+    if bar is not None:
+        options["progress"] = bar
+    plan = make_plan(args.policy, profile, topology, args.replica_slots, **options)
+    if bar is not None:
+        bar.close()
+    plan.save(args.out)
+    load = plan.predicted_gpu_load
+    ratio = float((load.max(1).values / load.mean(1)).mean())
+    print(f"{args.policy} plan for {topology.describe()}, {plan.slots_per_gpu} slots per GPU, "
+          f"predicted max/mean GPU load {ratio:.3f} -> {args.out}")
+
+
+def cmd_simulate(args) -> None:
+    from grace_ds.plan import PlacementPlan
+    from grace_ds.simulate import COST_MODEL_EXPLANATION, CostSettings, simulate_loads, simulate_trace, summarize
+
+    if args.explain:
+        print(COST_MODEL_EXPLANATION)
+        if args.plan is None:
+            return
+    if args.plan is None or (args.trace is None) == (args.loads is None):
+        raise GraceInputError("simulate needs --plan and exactly one of --trace or --loads")
+    plan = PlacementPlan.load(args.plan)
+    if args.loads is not None:
+        from grace_ds.profile import RoutingProfile
+
+        profile = RoutingProfile.from_logical_counts(args.loads, plan.top_k)
+        plan.check_matches(profile.num_experts, profile.num_layers, None, None, str(args.plan))
+        layers = simulate_loads(plan, profile, args.router)
+        summary = {"max_over_mean_gpu_load": sum(r["max_over_mean_gpu_load"] for r in layers) / len(layers)}
+        result = {"plan": str(args.plan), "router": args.router, **summary, "layers": layers}
+    else:
+        from grace_ds.trace import RoutingTrace, parse_token_range
+
+        trace = RoutingTrace.load(args.trace).tokens(parse_token_range(args.tokens))
+        plan.check_matches(trace.num_experts, trace.topk_ids.shape[1], trace.top_k, None, str(args.plan))
+        cost = CostSettings(hidden=args.hidden, ffn_hidden=args.ffn_hidden, dtype_bytes=args.dtype_bytes)
+        layers = simulate_trace(plan, trace.topk_ids, args.router, cost)
+        result = {"plan": str(args.plan), "router": args.router, "tokens": trace.num_tokens, **summarize(layers),
+                  "layers": [asdict(m) for m in layers]}
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"plan {args.plan} ({plan.policy}, {plan.topology.describe()}), router {args.router}")
+    for key, value in result.items():
+        if key not in ("layers", "plan", "router"):
+            print(f"  {key:36s} {value:,.3f}" if isinstance(value, float) else f"  {key:36s} {value}")
+
+
+def cmd_evaluate(args) -> None:
+    from grace_ds.evaluation import evaluate_policies, format_table
+
+    rows = evaluate_policies(args.trace, [int(x) for x in args.nodes_list.split(",")],
+                             [int(x) for x in args.gpus_list.split(",")], args.replica_slots,
+                             test_trace=args.test_trace, show_progress=True)
+    print(format_table(rows))
+    if args.json_out:
+        from grace_ds.files import atomic_write_text
+
+        atomic_write_text(args.json_out, json.dumps(rows, indent=1) + "\n")
+        print(f"rows -> {args.json_out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grace-ds", description="GRACE-MoE expert placement for DeepSpeed")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("profile-trace", help="routing profile from a per-token top-k trace (safetensors)")
+    p.add_argument("trace", type=Path)
+    p.add_argument("--tokens", help="token range A:B of the trace to use (default: all)")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_profile_trace)
+
+    p = sub.add_parser("profile-load", help="load-only profile from a {'logical_count': [[...]]} JSON")
+    p.add_argument("loads", type=Path)
+    p.add_argument("--top-k", type=int, default=8, help="experts per token of the model (default 8, DeepSeek-V3)")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_profile_load)
+
+    def add_topology(p):
+        p.add_argument("--nodes", type=int, default=2)
+        p.add_argument("--gpus-per-node", type=int, default=2)
+        p.add_argument("--gpus-per-node-list", help="uneven nodes, e.g. 4,2 (overrides --nodes/--gpus-per-node)")
+        p.add_argument("--inter-node-gbps", type=float, default=25.0, help="cross-node link, Gbit/s per node")
+
+    from grace_ds.planners import POLICIES
+
+    p = sub.add_parser("plan", help="placement plan from a profile")
+    p.add_argument("--profile", type=Path, required=True)
+    add_topology(p)
+    p.add_argument("--policy", choices=POLICIES, default="grace")
+    p.add_argument("--replica-slots", type=int, default=1, help="extra expert copies per GPU per layer")
+    p.add_argument("--r", type=float, help="grace: GPU-group size ratio r (default: knee of S(r) vs U(r))")
+    p.add_argument("--paper", action="store_true", help="grace: the paper's spectral grouping, one replication round")
+    p.add_argument("--no-tune", action="store_true", help="grace: do not score candidate settings on the profile")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_plan)
+
+    from grace_ds.routing import ROUTER_POLICIES
+
+    p = sub.add_parser("simulate", help="replay a trace (or loads) under a plan: traffic, balance, modeled time")
+    p.add_argument("--plan", type=Path)
+    p.add_argument("--trace", type=Path)
+    p.add_argument("--loads", type=Path, help="load-only JSON: balance metrics only")
+    p.add_argument("--tokens", help="token range A:B of the trace")
+    p.add_argument("--router", choices=ROUTER_POLICIES, default="tar")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--ffn-hidden", type=int, default=1024, help="expert intermediate size (for GEMM time)")
+    p.add_argument("--dtype-bytes", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--explain", action="store_true", help="print the cost model's formula")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("evaluate", help="every policy on a trace: plan on the first half, replay the second")
+    p.add_argument("--trace", type=Path, required=True)
+    p.add_argument("--test-trace", type=Path, help="replay this trace instead (plan on one domain, run another)")
+    p.add_argument("--nodes-list", default="2")
+    p.add_argument("--gpus-list", default="2")
+    p.add_argument("--replica-slots", type=int, default=1)
+    p.add_argument("--json-out", type=Path)
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except GraceInputError as error:
+        print(f"grace-ds: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""GRACE-MoE's planner: hierarchical grouping, dynamic replication, load prediction and copy weights.
+
+Paper settings (`node_grouping="spectral"`, `gpu_grouping="spectral"`, r from the knee of S(r) vs U(r),
+one replication round) are all available; by default the planner scores a few candidate settings per
+layer on the profile's sampled token routings with the simulator's cost model and keeps the fastest.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from grace_ds.errors import GraceInputError
+from grace_ds.plan import PlacementPlan
+from grace_ds.planners.assemble import assemble_plan, predict_loads, slot_capacity
+from grace_ds.planners.hierarchy import GROUPING_MODES, group_hierarchically
+from grace_ds.planners.grouping import in_group_affinity_share
+from grace_ds.planners.replication import RECEIVER_CHOICES, replicate_hot_experts
+from grace_ds.profile import RoutingProfile
+from grace_ds.topology import Topology
+
+R_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+DEFAULT_R = 0.15  # the paper's validated value, used when no knee shows
+
+
+@dataclass(frozen=True)
+class GraceSettings:
+    node_grouping: str = "balanced"
+    gpu_grouping: str = "balanced"
+    r: float | None = None
+    load_slack: float = 0.05
+    max_rounds: int | None = None  # None: replicate while slots are free and it helps; 1: the paper
+    receivers: str = "spread-nodes"
+
+    def __post_init__(self) -> None:
+        for name in ("node_grouping", "gpu_grouping"):
+            if getattr(self, name) not in GROUPING_MODES:
+                raise GraceInputError(f"grace planner: {name} must be one of {GROUPING_MODES}")
+        if self.receivers not in RECEIVER_CHOICES:
+            raise GraceInputError(f"grace planner: receivers must be one of {RECEIVER_CHOICES}")
+        if self.r is not None and not 0.0 <= self.r <= 1.0:
+            raise GraceInputError(f"grace planner: r must lie in [0, 1], got {self.r}")
+
+
+def knee_r(affinity: torch.Tensor | None, load: torch.Tensor, topology: Topology, capacity: int,
+           settings: GraceSettings, seed: int = 0) -> float:
+    """The ratio r at the knee of intra-GPU affinity share U(r) against size deviation S(r)."""
+    if affinity is None or float(affinity.sum()) <= 0:
+        return DEFAULT_R
+    from kneed import KneeLocator
+
+    deviation, utilisation = [], []
+    mean_size = load.shape[0] / topology.num_gpus
+    for r in R_GRID:
+        groups = group_hierarchically(affinity, load, topology, capacity, settings.node_grouping, "spectral", r,
+                                      settings.load_slack, seed)
+        labels = torch.empty(load.shape[0], dtype=torch.int64)
+        for gpu, members in enumerate(groups):
+            labels[members] = gpu
+        deviation.append(sum(abs(len(g) - mean_size) for g in groups) / (len(groups) * mean_size))
+        utilisation.append(in_group_affinity_share(labels, affinity))
+    points = sorted(set(zip(deviation, utilisation, R_GRID)))
+    xs = [p[0] for p in points]
+    if len(set(xs)) < 3:
+        return DEFAULT_R
+    knee = KneeLocator(xs, [p[1] for p in points], curve="concave", direction="increasing").knee
+    if knee is None:
+        return DEFAULT_R
+    return min(p[2] for p in points if p[0] == knee)
+
+
+def place_layer(affinity: torch.Tensor | None, load: torch.Tensor, topology: Topology, capacity: int,
+                settings: GraceSettings, seed: int = 0,
+                sample_topk_ids: torch.Tensor | None = None) -> tuple[list[list[int]], list[list[bool]], float]:
+    """One layer: (copies per GPU, primary flags, r used)."""
+    r = settings.r
+    if r is None:
+        r = knee_r(affinity, load, topology, capacity, settings, seed)
+    primaries = group_hierarchically(affinity, load, topology, capacity, settings.node_grouping,
+                                     settings.gpu_grouping, r, settings.load_slack, seed, sample_topk_ids)
+    lists, primary = replicate_hot_experts(primaries, load, topology, capacity, settings.max_rounds, settings.receivers)
+    return lists, primary, r
+
+
+def candidate_settings() -> list[GraceSettings]:
+    """What the tuner tries per layer: the paper's settings, and ours at several load slacks."""
+    found = [GraceSettings(node_grouping="spectral", gpu_grouping="spectral", max_rounds=1, receivers="least-loaded"),
+             GraceSettings(node_grouping="spectral", gpu_grouping="spectral", receivers="spread-nodes")]
+    for slack, receivers in itertools.product((0.05, 0.1, 0.15, 0.2, 0.3), RECEIVER_CHOICES):
+        found.append(GraceSettings(load_slack=slack, receivers=receivers, r=DEFAULT_R))
+    return found
+
+
+def score_layer(lists: list[list[int]], primary: list[list[bool]], load: torch.Tensor, sample: torch.Tensor,
+                topology: Topology, capacity: int, num_experts: int, top_k: int) -> tuple[float, float]:
+    """(modeled hierarchical layer time, max/mean GPU load) of one layer placement on sampled top-k sets [S, k]."""
+    from grace_ds.routing import ReplicaRouter
+    from grace_ds.simulate import CostSettings, layer_traffic, token_gpus
+
+    weights, predicted = predict_loads(load, lists, topology)
+    shape = (1, topology.num_gpus, capacity)
+    slot_expert = torch.full(shape, -1, dtype=torch.int64)
+    slot_primary = torch.zeros(shape, dtype=torch.bool)
+    slot_weight = torch.zeros(shape, dtype=torch.float64)
+    for gpu, experts in enumerate(lists):
+        slot_expert[0, gpu, : len(experts)] = torch.tensor(experts, dtype=torch.int64)
+        slot_primary[0, gpu, : len(experts)] = torch.tensor(primary[gpu], dtype=torch.bool)
+        slot_weight[0, gpu, : len(experts)] = torch.tensor(weights[gpu], dtype=torch.float64)
+    plan = PlacementPlan(slot_expert, slot_primary, slot_weight, predicted.view(1, -1), topology, num_experts,
+                         top_k, "grace-candidate", ["candidate"])
+    sources = token_gpus(sample.shape[0], topology.num_gpus)
+    slots = ReplicaRouter(plan, "tar").route(0, sample, sources)
+    metrics = layer_traffic(slots // capacity, sources, topology, CostSettings())
+    return metrics["modeled_layer_time_us"], metrics["max_over_mean_gpu_load"]
+
+
+def plan_grace(profile: RoutingProfile, topology: Topology, replica_slots: int = 1,
+               settings: GraceSettings | None = None, tune: bool = True, balance_limit: float = 1.12,
+               seed: int = 0, progress=None) -> PlacementPlan:
+    """GRACE plan. With `tune` and a profile that holds sampled routings, each layer keeps, among the
+    candidate settings whose max/mean GPU load on the sample stays within `balance_limit`, the one with
+    the lowest modeled time (the most balanced one if none does); otherwise `settings` is used."""
+    capacity = slot_capacity(profile.num_experts, topology, replica_slots)
+    chosen = settings or GraceSettings()
+    can_tune = tune and settings is None and profile.sample_topk_ids is not None and profile.coactivation is not None
+    layers, used = [], []
+    for li in range(profile.num_layers):
+        affinity = profile.coactivation[li] if profile.coactivation is not None else None
+        load = profile.expert_load[li]
+        options = candidate_settings() if can_tune else [chosen]
+        sample = profile.sample_topk_ids[:, li] if profile.sample_topk_ids is not None else None
+        best = None
+        for option in options:
+            lists, primary, r = place_layer(affinity, load, topology, capacity, option, seed, sample)
+            score = (0.0, 0.0)
+            if len(options) > 1:
+                time_us, balance = score_layer(lists, primary, load, sample, topology, capacity,
+                                               profile.num_experts, profile.top_k)
+                score = (0.0, time_us) if balance <= balance_limit else (1.0, balance)
+            if best is None or score < best[0]:
+                best = (score, lists, primary, option, r)
+        layers.append((best[1], best[2]))
+        option = best[3]
+        used.append({"node_grouping": option.node_grouping, "gpu_grouping": option.gpu_grouping, "r": best[4],
+                     "load_slack": option.load_slack, "max_rounds": option.max_rounds, "receivers": option.receivers})
+        if progress is not None:
+            progress.update(1)
+    return assemble_plan(layers, profile, topology, "grace", replica_slots,
+                         {"tuned": can_tune, "seed": seed, "layer_settings": used})

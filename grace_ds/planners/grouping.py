@@ -1,0 +1,234 @@
+"""Partition the experts of one layer into groups that fire together, under size and load bounds.
+
+affinity [n, n]: co-activation counts (symmetric, zero diagonal); load [n]: tokens per expert.
+Every function returns labels [n] int64 with values in [0, num_groups).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+
+def spectral_labels(affinity: torch.Tensor, num_groups: int, seed: int = 0) -> torch.Tensor:
+    """Spectral clustering of the co-activation graph (the paper's grouping), sizes unconstrained."""
+    n = affinity.shape[0]
+    if num_groups <= 1 or n <= num_groups:
+        return torch.arange(n) % max(num_groups, 1)
+    from sklearn.cluster import SpectralClustering
+
+    graph = affinity.double().numpy()
+    graph = graph + 1e-9 * graph.max() + 1e-12  # keeps isolated experts (no co-activation) connected
+    np.fill_diagonal(graph, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "graph is not fully connected" cannot happen after the epsilon
+        model = SpectralClustering(num_groups, affinity="precomputed", assign_labels="cluster_qr", random_state=seed)
+        labels = model.fit_predict(graph)
+    return torch.as_tensor(labels, dtype=torch.int64)
+
+
+def repair_sizes(labels: torch.Tensor, affinity: torch.Tensor, num_groups: int,
+                 min_size: list[int] | int, max_size: list[int] | int) -> torch.Tensor:
+    """Bring every group's size into [min_size[g], max_size[g]] (the method page's corrected Algorithm 2).
+
+    Oversized groups drop their members with the lowest affinity to the rest of the group into an
+    overflow set; each overflow expert joins the group with room where its affinity is highest;
+    groups under their minimum then take the lowest-affinity members of groups above theirs.
+    """
+    n = labels.shape[0]
+    lo = [min_size] * num_groups if isinstance(min_size, int) else list(min_size)
+    hi = [max_size] * num_groups if isinstance(max_size, int) else list(max_size)
+    if sum(lo) > n or sum(hi) < n or any(a > b for a, b in zip(lo, hi)):
+        raise ValueError(f"group size bounds {lo}..{hi} cannot hold {n} experts")
+    labels = labels.clone()
+    aff = affinity.double()
+
+    def affinity_to_group(expert: int, group: int) -> float:
+        members = (labels == group).nonzero().flatten()
+        return float(aff[expert, members].sum())
+
+    overflow: list[int] = []
+    for group in range(num_groups):
+        members = (labels == group).nonzero().flatten().tolist()
+        while len(members) > hi[group]:
+            weakest = min(members, key=lambda e: affinity_to_group(e, group))
+            members.remove(weakest)
+            labels[weakest] = -1
+            overflow.append(weakest)
+    # Strongest-tied experts first, so they get their best group while it still has room.
+    overflow.sort(key=lambda e: -float(aff[e].sum()))
+    for expert in overflow:
+        sizes = torch.bincount(labels[labels >= 0], minlength=num_groups)
+        open_groups = [g for g in range(num_groups) if sizes[g] < hi[g]]
+        labels[expert] = max(open_groups, key=lambda g: (affinity_to_group(expert, g), -int(sizes[g])))
+    for group in range(num_groups):
+        while int((labels == group).sum()) < lo[group]:
+            sizes = torch.bincount(labels, minlength=num_groups)
+            donors = [g for g in range(num_groups) if sizes[g] > lo[g] and g != group]
+            candidates = [e for e in range(n) if int(labels[e]) in donors]
+            # Move the expert that loses least affinity leaving its group and gains most joining this one.
+            best = max(candidates, key=lambda e: affinity_to_group(e, group) - affinity_to_group(e, int(labels[e])))
+            labels[best] = group
+    return labels
+
+
+def refine_by_moves(labels: torch.Tensor, affinity: torch.Tensor, load: torch.Tensor, num_groups: int,
+                    min_size: list[int], max_size: list[int], load_target: list[float], load_slack: float,
+                    max_steps: int = 2000) -> torch.Tensor:
+    """Greedy local search over single moves and pairwise swaps, sizes always within bounds.
+
+    While some group is over (1 + load_slack) x its load target, take the step that cuts the total
+    excess most (ties: most affinity gained); after that, take the step that gains most in-group
+    affinity without putting any group over its cap. Deterministic."""
+    aff = affinity.double().numpy()
+    w = load.double().numpy()
+    lab = labels.numpy().copy()
+    n = lab.shape[0]
+    cap = np.asarray(load_target, dtype=np.float64) * (1.0 + load_slack)
+    lo, hi = np.asarray(min_size), np.asarray(max_size)
+    rows = np.arange(n)
+    for _ in range(max_steps):
+        onehot = np.zeros((n, num_groups))
+        onehot[rows, lab] = 1.0
+        to_group = aff @ onehot  # [n, G] affinity of each expert to each group
+        group_load, sizes = onehot.T @ w, onehot.sum(0)
+        over = np.maximum(group_load - cap, 0.0)
+        total_over = over.sum()
+        own = to_group[rows, lab]
+        # Moves e: a -> b.
+        move_gain = to_group - own[:, None]
+        new_from = group_load[lab][:, None] - w[:, None]
+        new_to = group_load[None, :] + w[:, None]
+        move_over = (total_over - over[lab][:, None] - over[None, :]
+                     + np.maximum(new_from - cap[lab][:, None], 0) + np.maximum(new_to - cap[None, :], 0))
+        move_ok = (sizes[lab][:, None] - 1 >= lo[lab][:, None]) & (sizes[None, :] + 1 <= hi[None, :])
+        move_ok &= lab[:, None] != np.arange(num_groups)[None, :]
+        # Swaps e (in a) <-> f (in b): sizes unchanged.
+        ga, gb = lab[:, None], lab[None, :]
+        swap_gain = to_group[:, lab] - own[:, None] + to_group[:, lab].T - own[None, :] - 2.0 * aff
+        delta = w[None, :] - w[:, None]  # group a gains w_f - w_e
+        swap_over = (total_over - over[ga] - over[gb]
+                     + np.maximum(group_load[ga] + delta - cap[ga], 0) + np.maximum(group_load[gb] - delta - cap[gb], 0))
+        swap_ok = ga != gb
+        if total_over > 1e-9:
+            move_score = np.where(move_ok, (total_over - move_over) * 1e6 + move_gain, -np.inf)
+            swap_score = np.where(swap_ok, (total_over - swap_over) * 1e6 + swap_gain, -np.inf)
+            needs_cut = True
+        else:
+            move_score = np.where(move_ok & (move_over <= 1e-9), move_gain, -np.inf)
+            swap_score = np.where(swap_ok & (swap_over <= 1e-9), swap_gain, -np.inf)
+            needs_cut = False
+        best_move, best_swap = move_score.max(), swap_score.max()
+        best = max(best_move, best_swap)
+        if not np.isfinite(best) or best <= 1e-9:
+            break
+        if needs_cut and best < 1e6 * 1e-9:
+            break
+        if best_move >= best_swap:
+            e, b = np.unravel_index(int(move_score.argmax()), move_score.shape)
+            lab[e] = b
+        else:
+            e, f = np.unravel_index(int(swap_score.argmax()), swap_score.shape)
+            lab[e], lab[f] = lab[f], lab[e]
+    return torch.as_tensor(lab, dtype=torch.int64)
+
+
+def refine_by_token_moves(labels: torch.Tensor, hits: torch.Tensor, load: torch.Tensor, num_groups: int,
+                          min_size: list[int], max_size: list[int], load_target: list[float], load_slack: float,
+                          max_steps: int = 2000) -> torch.Tensor:
+    """Like refine_by_moves, but the objective is exact on sampled tokens: hits [S, n] (token's top-k
+    holds expert) -> total number of distinct groups the tokens touch (the hypergraph connectivity;
+    every group a token touches beyond its own is one copy sent). Lower is better."""
+    m = hits.float().numpy()
+    w = load.double().numpy()
+    lab = labels.numpy().copy()
+    n = lab.shape[0]
+    cap = np.asarray(load_target, dtype=np.float64) * (1.0 + load_slack)
+    lo, hi = np.asarray(min_size), np.asarray(max_size)
+    rows = np.arange(n)
+    groups = np.arange(num_groups)
+    for _ in range(max_steps):
+        onehot = np.zeros((n, num_groups), dtype=np.float32)
+        onehot[rows, lab] = 1.0
+        per_group = m @ onehot  # [S, G] experts of each group in each token's top-k
+        only_one = (per_group == 1).astype(np.float32)
+        none = (per_group == 0).astype(np.float32)
+        leave = (m.T @ only_one)[rows, lab]  # tokens of e that stop touching e's group if e leaves
+        join = m.T @ none  # [n, G] tokens of e that start touching group g
+        group_load, sizes = onehot.T.astype(np.float64) @ w, onehot.sum(0)
+        over = np.maximum(group_load - cap, 0.0)
+        total_over = over.sum()
+        move_gain = leave[:, None] - join  # fewer group touches = gain
+        new_from = group_load[lab][:, None] - w[:, None]
+        new_to = group_load[None, :] + w[:, None]
+        move_over = (total_over - over[lab][:, None] - over[None, :]
+                     + np.maximum(new_from - cap[lab][:, None], 0) + np.maximum(new_to - cap[None, :], 0))
+        move_ok = (sizes[lab][:, None] - 1 >= lo[lab][:, None]) & (sizes[None, :] + 1 <= hi[None, :])
+        move_ok &= lab[:, None] != groups[None, :]
+        # Swap e (in a) <-> f (in b): both moves, minus what tokens holding both e and f counted.
+        only_own = only_one[:, lab] * m  # [S, n]: token holds e and e is alone in its group
+        both = only_own.T @ m + m.T @ only_own  # [n, n]
+        swap_gain = move_gain[:, lab] + move_gain[:, lab].T - both
+        ga, gb = lab[:, None], lab[None, :]
+        delta = w[None, :] - w[:, None]
+        swap_over = (total_over - over[ga] - over[gb]
+                     + np.maximum(group_load[ga] + delta - cap[ga], 0) + np.maximum(group_load[gb] - delta - cap[gb], 0))
+        swap_ok = ga != gb
+        if total_over > 1e-9:
+            move_score = np.where(move_ok & (move_over < total_over - 1e-9), (total_over - move_over) * 1e9 + move_gain, -np.inf)
+            swap_score = np.where(swap_ok & (swap_over < total_over - 1e-9), (total_over - swap_over) * 1e9 + swap_gain, -np.inf)
+        else:
+            move_score = np.where(move_ok & (move_over <= 1e-9) & (move_gain > 0.5), move_gain, -np.inf)
+            swap_score = np.where(swap_ok & (swap_over <= 1e-9) & (swap_gain > 0.5), swap_gain, -np.inf)
+        best_move, best_swap = move_score.max(), swap_score.max()
+        if not np.isfinite(max(best_move, best_swap)):
+            break
+        if best_move >= best_swap:
+            e, b = np.unravel_index(int(move_score.argmax()), move_score.shape)
+            lab[e] = b
+        else:
+            e, f = np.unravel_index(int(swap_score.argmax()), swap_score.shape)
+            lab[e], lab[f] = lab[f], lab[e]
+    return torch.as_tensor(lab, dtype=torch.int64)
+
+
+def balanced_labels(affinity: torch.Tensor, load: torch.Tensor, num_groups: int, min_size: list[int],
+                    max_size: list[int], load_share: list[float], load_slack: float, seed: int = 0,
+                    hits: torch.Tensor | None = None) -> torch.Tensor:
+    """Load-weighted partition: group loads follow load_share (fractions summing to 1) within load_slack,
+    sizes within bounds, as much co-activation inside groups as the search finds; with sampled token
+    hits [S, n], the search then minimises the groups each token touches exactly."""
+    n = affinity.shape[0]
+    if num_groups <= 1:
+        return torch.zeros(n, dtype=torch.int64)
+    start = spectral_labels(affinity, num_groups, seed) if float(affinity.sum()) > 0 else _lpt_labels(load, num_groups)
+    start = repair_sizes(start, affinity, num_groups, min_size, max_size)
+    target = [float(load.sum()) * s for s in load_share]
+    labels = refine_by_moves(start, affinity, load, num_groups, min_size, max_size, target, load_slack)
+    if hits is not None and hits.shape[0] > 0:
+        labels = refine_by_token_moves(labels, hits, load, num_groups, min_size, max_size, target, load_slack)
+    return labels
+
+
+def _lpt_labels(load: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Longest-processing-time-first spread, for load-only profiles (no affinity to follow)."""
+    labels = torch.empty(load.shape[0], dtype=torch.int64)
+    totals = [0.0] * num_groups
+    counts = [0] * num_groups
+    per_group = -(-load.shape[0] // num_groups)
+    for e in torch.argsort(load, descending=True).tolist():
+        g = min((g for g in range(num_groups) if counts[g] < per_group), key=lambda g: totals[g])
+        labels[e] = g
+        totals[g] += float(load[e])
+        counts[g] += 1
+    return labels
+
+
+def in_group_affinity_share(labels: torch.Tensor, affinity: torch.Tensor) -> float:
+    """U: co-activation inside groups / all co-activation (1.0 when there is none)."""
+    total = float(affinity.sum())
+    if total <= 0:
+        return 1.0
+    same = labels.view(-1, 1) == labels.view(1, -1)
+    return float(affinity[same].sum()) / total

@@ -1,0 +1,175 @@
+"""Replay a routing trace under (plan, router, topology): traffic, balance and a modeled MoE-layer time.
+
+Tokens are spread over the GPUs in contiguous blocks (data parallel), as in serving. A token is sent to
+a GPU once however many of its experts live there. Hierarchical communication sends it across to a
+node once (to the peer GPU with the same local index), then fans it out inside the node.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from grace_ds.plan import PlacementPlan
+from grace_ds.profile import RoutingProfile
+from grace_ds.routing import LayerCopies, ReplicaRouter, expected_copy_share
+from grace_ds.topology import Topology
+
+COST_MODEL_EXPLANATION = """\
+Modeled MoE-layer time (per layer, microseconds), alpha-beta links + expert GEMM rate:
+  bytes_per_copy   = hidden * dtype_bytes                 (one token's hidden state)
+  flops_per_pair   = 6 * hidden * ffn_hidden               (gate, up and down projections)
+  intra(g)         = max(bytes sent, bytes received by GPU g inside its node) / intra_node_bandwidth
+  inter(n)         = max(bytes leaving, bytes entering node n) / inter_node_bandwidth  (one NIC per node)
+  flat dispatch    = max over GPUs g of max(intra(g) + alpha_intra, inter(node(g)) + alpha_inter)
+  hier dispatch    = max_g max(inter(node(g)) + alpha_inter, intra_local(g) + alpha_intra)
+                     + max_g intra_fanout(g) + alpha_intra  (cross-node stage overlaps same-node sends;
+                     fan-out on the destination node follows)
+  compute          = max over GPUs of pairs(g) * flops_per_pair / expert_tflops
+  combine          = dispatch (partial outputs return the way tokens came; the hierarchical combine
+                     pre-reduces a token's outputs on the destination node, so it crosses once too)
+  layer time       = dispatch + compute + combine
+"""
+
+
+@dataclass
+class LayerMetrics:
+    layer: str
+    gpu_copies_per_token: float
+    cross_node_copies_per_token: float
+    cross_node_copies_per_token_flat: float
+    max_over_mean_gpu_load: float
+    cross_node_bytes: float
+    cross_node_bytes_flat: float
+    intra_node_bytes: float
+    intra_node_bytes_flat: float
+    modeled_layer_time_us: float
+    modeled_layer_time_us_flat: float
+    modeled_compute_us: float
+
+
+@dataclass
+class CostSettings:
+    hidden: int = 2048
+    ffn_hidden: int = 1024
+    dtype_bytes: int = 2
+
+
+def _alpha_beta(bytes_: torch.Tensor, bandwidth_bytes_per_us: float, latency_us: float) -> torch.Tensor:
+    return torch.where(bytes_ > 0, bytes_ / bandwidth_bytes_per_us + latency_us, torch.zeros_like(bytes_))
+
+
+def layer_traffic(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Topology,
+                  cost: CostSettings) -> dict[str, float]:
+    """dest_gpu [T, k] GPU serving each pair; token_gpu [T] GPU holding each token."""
+    num_gpus, num_nodes = topology.num_gpus, topology.num_nodes
+    node_of_gpu, local_index = topology.node_of_gpu, topology.local_index_of_gpu
+    num_tokens = dest_gpu.shape[0]
+    hits = torch.zeros(num_tokens, num_gpus, dtype=torch.bool)
+    hits.scatter_(1, dest_gpu, True)
+    own = torch.nn.functional.one_hot(token_gpu, num_gpus).bool()
+    remote = hits & ~own  # [T, P] one copy per distinct remote GPU
+    token_node = node_of_gpu[token_gpu]
+    gpu_on_other_node = node_of_gpu.view(1, -1) != token_node.view(-1, 1)
+    node_hits = torch.zeros(num_tokens, num_nodes, dtype=torch.bool)
+    node_hits.scatter_(1, node_of_gpu[dest_gpu], True)
+    remote_nodes = node_hits & (torch.arange(num_nodes).view(1, -1) != token_node.view(-1, 1))
+
+    bytes_per_copy = float(cost.hidden * cost.dtype_bytes)
+    links = topology.links
+    intra_bw = links.intra_node_bandwidth_GBps * 1e3  # bytes per microsecond
+    inter_bw = links.inter_node_bandwidth_Gbps * 1e3 / 8
+    onehot_src = torch.nn.functional.one_hot(token_gpu, num_gpus).double()  # [T, P]
+    # Flat: send matrix src -> dst in copies.
+    flat = onehot_src.T @ remote.double()  # [P, P]
+    same_node = node_of_gpu.view(-1, 1) == node_of_gpu.view(1, -1)
+    intra_flat = flat * same_node
+    inter_flat = flat * ~same_node
+    node_onehot = torch.nn.functional.one_hot(node_of_gpu, num_nodes).double()  # [P, N]
+    node_out_flat = node_onehot.T @ inter_flat.sum(1)
+    node_in_flat = node_onehot.T @ inter_flat.sum(0)
+    intra_g_flat = torch.maximum(intra_flat.sum(1), intra_flat.sum(0)) * bytes_per_copy
+    inter_n_flat = torch.maximum(node_out_flat, node_in_flat) * bytes_per_copy
+    dispatch_flat = torch.maximum(_alpha_beta(intra_g_flat, intra_bw, links.intra_node_latency_us),
+                                  _alpha_beta(inter_n_flat, inter_bw, links.inter_node_latency_us)[node_of_gpu]).max()
+
+    # Hierarchical: cross once per (token, remote node) to the peer GPU, then fan out on that node.
+    cross = onehot_src.T @ remote_nodes.double()  # [P, N] copies from GPU to node
+    node_out_h = node_onehot.T @ cross.sum(1)
+    node_in_h = cross.sum(0)
+    inter_n_h = torch.maximum(node_out_h, node_in_h) * bytes_per_copy
+    local_remote = remote & ~gpu_on_other_node  # same-node targets: sent directly
+    local_matrix = onehot_src.T @ local_remote.double()
+    intra_local = torch.maximum(local_matrix.sum(1), local_matrix.sum(0)) * bytes_per_copy
+    # Peer of token's GPU on each node: local index modulo that node's GPU count.
+    counts = torch.tensor(topology.gpus_per_node)
+    peer_of = topology.first_gpu_of_node.view(1, -1) + local_index[token_gpu].view(-1, 1) % counts.view(1, -1)  # [T, N]
+    peer_gpu_of_dest = peer_of.gather(1, node_of_gpu.view(1, -1).expand(num_tokens, -1))  # [T, P]
+    fanout = hits & gpu_on_other_node & (torch.arange(num_gpus).view(1, -1) != peer_gpu_of_dest)
+    fan_sent = torch.zeros(num_gpus, dtype=torch.float64).index_add_(0, peer_gpu_of_dest[fanout], torch.ones(int(fanout.sum()), dtype=torch.float64))
+    fan_recv = fanout.double().sum(0)
+    intra_fan = torch.maximum(fan_sent, fan_recv) * bytes_per_copy
+    dispatch_h = (torch.maximum(_alpha_beta(inter_n_h, inter_bw, links.inter_node_latency_us)[node_of_gpu],
+                                _alpha_beta(intra_local, intra_bw, links.intra_node_latency_us)).max()
+                  + _alpha_beta(intra_fan, intra_bw, links.intra_node_latency_us).max())
+
+    pairs = torch.bincount(dest_gpu.reshape(-1), minlength=num_gpus).double()
+    compute = (pairs.max() * 6.0 * cost.hidden * cost.ffn_hidden / (links.expert_tflops * 1e6))
+    return {
+        "gpu_copies_per_token": float(remote.sum()) / num_tokens,
+        "cross_node_copies_per_token": float(remote_nodes.sum()) / num_tokens,
+        "cross_node_copies_per_token_flat": float((remote & gpu_on_other_node).sum()) / num_tokens,
+        "max_over_mean_gpu_load": float(pairs.max() / pairs.mean()),
+        # Dispatch and combine both count.
+        "cross_node_bytes": 2 * float(cross.sum()) * bytes_per_copy,
+        "cross_node_bytes_flat": 2 * float(inter_flat.sum()) * bytes_per_copy,
+        "intra_node_bytes": 2 * float(local_matrix.sum() + fanout.sum()) * bytes_per_copy,
+        "intra_node_bytes_flat": 2 * float(intra_flat.sum()) * bytes_per_copy,
+        "modeled_layer_time_us": float(2 * dispatch_h + compute),
+        "modeled_layer_time_us_flat": float(2 * dispatch_flat + compute),
+        "modeled_compute_us": float(compute),
+    }
+
+
+def token_gpus(num_tokens: int, num_gpus: int) -> torch.Tensor:
+    """[T]: GPU holding each token when T tokens are split into contiguous blocks."""
+    return torch.arange(num_tokens) * num_gpus // num_tokens
+
+
+def simulate_trace(plan: PlacementPlan, topk_ids: torch.Tensor, router_policy: str = "tar",
+                   cost: CostSettings | None = None, sampling: str = "swrr", seed: int = 0) -> list[LayerMetrics]:
+    """topk_ids [T, L, k] with L = plan.num_layers; one LayerMetrics per layer."""
+    cost = cost or CostSettings()
+    router = ReplicaRouter(plan, router_policy, sampling=sampling, seed=seed)
+    sources = token_gpus(topk_ids.shape[0], plan.num_gpus)
+    results = []
+    for layer in range(plan.num_layers):
+        slots = router.route(layer, topk_ids[:, layer], sources)
+        metrics = layer_traffic(slots // plan.slots_per_gpu, sources, plan.topology, cost)
+        results.append(LayerMetrics(layer=plan.layer_names[layer], **metrics))
+    return results
+
+
+def expected_gpu_load(plan: PlacementPlan, layer: int, expert_load: torch.Tensor, router_policy: str = "tar") -> torch.Tensor:
+    """[P] pairs each GPU computes in expectation when expert_load [E] arrives evenly from all GPUs."""
+    copies = LayerCopies.from_plan(plan, layer)
+    share = expected_copy_share(copies, router_policy, plan.topology.node_of_gpu)  # [P, E, R]
+    per_copy = (share * expert_load.view(1, -1, 1).double() / plan.num_gpus).sum(0)  # [E, R]
+    load = torch.zeros(plan.num_gpus, dtype=torch.float64)
+    valid = copies.copy_gpu >= 0
+    return load.index_add_(0, copies.copy_gpu[valid], per_copy[valid])
+
+
+def simulate_loads(plan: PlacementPlan, profile: RoutingProfile, router_policy: str = "tar") -> list[dict]:
+    """Balance alone, for load-only data: max/mean expected GPU load per layer."""
+    out = []
+    for layer in range(plan.num_layers):
+        load = expected_gpu_load(plan, layer, profile.expert_load[layer], router_policy)
+        out.append({"layer": plan.layer_names[layer], "max_over_mean_gpu_load": float(load.max() / load.mean())})
+    return out
+
+
+def summarize(layers: list[LayerMetrics]) -> dict[str, float]:
+    """Every figure averaged over layers (bytes and times are per layer, per forward of the trace)."""
+    rows = [asdict(m) for m in layers]
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "layer"}
