@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from grace_ds.errors import GraceInputError
@@ -31,12 +32,12 @@ def slot_capacity(num_experts: int, topology: Topology, replica_slots: int) -> i
 
 def _slot_tensors(gpu_experts: GpuExperts, gpu_values: list[list[float]], slots: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-GPU lists -> slot_expert [P, S] (-1 pad) and a same-shaped float tensor of per-copy values."""
-    slot_expert = torch.full((len(gpu_experts), slots), -1, dtype=torch.int64)
-    values = torch.zeros((len(gpu_experts), slots), dtype=torch.float64)
+    slot_expert = np.full((len(gpu_experts), slots), -1, dtype=np.int64)
+    values = np.zeros((len(gpu_experts), slots), dtype=np.float64)
     for gpu, (experts, vals) in enumerate(zip(gpu_experts, gpu_values)):
-        slot_expert[gpu, : len(experts)] = torch.tensor(experts, dtype=torch.int64)
-        values[gpu, : len(experts)] = torch.tensor(vals, dtype=torch.float64)
-    return slot_expert, values
+        slot_expert[gpu, : len(experts)] = experts
+        values[gpu, : len(experts)] = vals
+    return torch.from_numpy(slot_expert), torch.from_numpy(values)
 
 
 def predict_loads(expert_load: torch.Tensor, gpu_experts: GpuExperts, topology: Topology,

@@ -69,11 +69,16 @@ def _layer(gpu_lists: dict[int, list[int]], num_gpus: int) -> tuple[list[list[in
     return experts, primary
 
 
+def default_num_groups(num_experts: int, num_nodes: int) -> int:
+    """DeepSeek-V3 routes over 8 expert groups; use 8 where it divides the experts and the nodes divide it."""
+    return 8 if num_experts % 8 == 0 and 8 % num_nodes == 0 else num_nodes
+
+
 def plan_eplb(profile: RoutingProfile, topology: Topology, replica_slots: int = 1,
               hierarchical: bool = False, num_groups: int | None = None) -> PlacementPlan:
     capacity = slot_capacity(profile.num_experts, topology, replica_slots)
     num_experts, num_nodes = profile.num_experts, topology.num_nodes
-    groups = num_groups or num_nodes
+    groups = num_groups or default_num_groups(num_experts, num_nodes)
     use_hierarchy = (hierarchical and num_nodes > 1 and num_experts % groups == 0 and groups % num_nodes == 0
                      and len(set(topology.gpus_per_node)) == 1)
     layers = []

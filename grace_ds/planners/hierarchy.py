@@ -15,6 +15,7 @@ from grace_ds.planners.grouping import _lpt_labels, balanced_labels, repair_size
 from grace_ds.topology import Topology
 
 GROUPING_MODES = ("uniform", "spectral", "balanced")
+REFINE_SAMPLE_TOKENS = 2048
 
 
 def _proportional_sizes(total: int, shares: list[int]) -> list[int]:
@@ -74,8 +75,10 @@ def group_hierarchically(affinity: torch.Tensor | None, load: torch.Tensor, topo
     num_experts = load.shape[0]
     hits = None
     if sample_topk_ids is not None:
-        hits = torch.zeros(sample_topk_ids.shape[0], num_experts, dtype=torch.bool)
-        hits.scatter_(1, sample_topk_ids.long(), True)
+        # A few thousand tokens pin the exact objective well; more only slow the search.
+        sample = sample_topk_ids[:REFINE_SAMPLE_TOKENS].long()
+        hits = torch.zeros(sample.shape[0], num_experts, dtype=torch.bool)
+        hits.scatter_(1, sample, True)
     node_caps = [g * capacity for g in topology.gpus_per_node]
     node_groups = split_group(list(range(num_experts)), affinity, load, list(topology.gpus_per_node), node_caps,
                               node_mode, r, load_slack, seed, fully_non_uniform=node_mode == "spectral", hits=hits)

@@ -1,0 +1,58 @@
+"""Planner run time at the Qwen3-30B-A3B shape (48 MoE layers x 128 experts, top-8) on 8 nodes x 8 GPUs.
+
+Routing is synthetic here (Zipf-skewed expert popularity with topical clusters): this measures time
+only, never placement quality. Usage: python scripts/bench_planner.py [--layers 48 --experts 128 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from grace_ds.planners import POLICIES, make_plan
+from grace_ds.profile import RoutingProfile
+from grace_ds.topology import Topology
+
+
+def synthetic_topk_ids(tokens: int, layers: int, experts: int, top_k: int, seed: int = 0) -> torch.Tensor:
+    """[T, L, k]: each token has a topic; experts of its topic are favoured, popularity is Zipf-skewed."""
+    gen = torch.Generator().manual_seed(seed)
+    topics = 16
+    popularity = 1.0 / torch.arange(1, experts + 1).double() ** 0.8
+    out = torch.empty(tokens, layers, top_k, dtype=torch.int64)
+    token_topic = torch.randint(topics, (tokens,), generator=gen)
+    for layer in range(layers):
+        perm = torch.randperm(experts, generator=gen)
+        topic_of_expert = torch.randint(topics, (experts,), generator=gen)
+        weights = popularity[perm].view(1, -1) * (1 + 4.0 * (topic_of_expert.view(1, -1) == token_topic.view(-1, 1)))
+        out[:, layer] = torch.multinomial(weights.float(), top_k, generator=gen)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=48)
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--nodes", type=int, default=8)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    args = parser.parse_args()
+    trace = synthetic_topk_ids(args.tokens, args.layers, args.experts, args.top_k)
+    profile = RoutingProfile.from_topk_ids(trace, args.experts, "synthetic-qwen3-30b-a3b-shape")
+    topology = Topology.uniform(args.nodes, args.gpus_per_node)
+    results = {}
+    for policy in args.policies.split(","):
+        start = time.perf_counter()
+        make_plan(policy, profile, topology, 1)
+        results[policy] = round(time.perf_counter() - start, 2)
+        print(f"{policy:18s} {results[policy]:7.2f} s", flush=True)
+    print(json.dumps({"layers": args.layers, "experts": args.experts, "topology": topology.describe(),
+                      "plan_seconds": results, "torch_threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "grace_ds.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+def test_profile_plan_simulate_end_to_end(shared_data, tmp_path):
+    trace = shared_data / "routing" / "mixtral_arxiv.safetensors"
+    profile, plan = tmp_path / "profile.safetensors", tmp_path / "plan.json"
+    done = run_cli("profile-trace", trace, "--tokens", ":8192", "--out", profile)
+    assert done.returncode == 0, done.stderr
+    done = run_cli("plan", "--profile", profile, "--nodes", 2, "--gpus-per-node", 2, "--policy", "grace",
+                   "--replica-slots", 1, "--out", plan)
+    assert done.returncode == 0, done.stderr
+    done = run_cli("simulate", "--plan", plan, "--trace", trace, "--tokens", "8192:16384", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    for key in ("gpu_copies_per_token", "cross_node_copies_per_token", "cross_node_copies_per_token_flat",
+                "max_over_mean_gpu_load", "modeled_layer_time_us"):
+        assert result[key] >= 0
+    assert result["tokens"] == 8192 and len(result["layers"]) == 3
+
+
+def test_load_only_profile_and_balance_simulation(shared_data, tmp_path):
+    loads = shared_data / "expert_load" / "deepseek_v3" / "decode_in1000out1000.json"
+    profile, plan = tmp_path / "p.safetensors", tmp_path / "plan.json"
+    assert run_cli("profile-load", loads, "--out", profile).returncode == 0
+    assert run_cli("plan", "--profile", profile, "--nodes", 4, "--gpus-per-node", 8, "--policy", "eplb",
+                   "--out", plan).returncode == 0
+    done = run_cli("simulate", "--plan", plan, "--loads", loads, "--router", "modulo", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["max_over_mean_gpu_load"] < 1.05
+
+
+def test_explain_prints_the_formula():
+    done = run_cli("simulate", "--explain")
+    assert done.returncode == 0 and "alpha" in done.stdout and "layer time" in done.stdout
+
+
+@pytest.mark.parametrize("make_args", [
+    lambda tmp: ["plan", "--profile", tmp / "missing.safetensors", "--out", tmp / "x.json"],
+    lambda tmp: ["simulate", "--plan", (tmp / "junk.json"), "--loads", tmp / "junk.json"],
+    lambda tmp: ["profile-trace", tmp / "junk.json", "--out", tmp / "p.safetensors"],
+    lambda tmp: ["profile-load", tmp / "junk.json", "--out", tmp / "p.safetensors"],
+])
+def test_bad_input_is_one_line_exit_2_and_no_partial_output(tmp_path, make_args):
+    (tmp_path / "junk.json").write_bytes(b"\x00\x01 not json")
+    done = run_cli(*make_args(tmp_path))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("grace-ds: error: ") and done.stderr.count("\n") == 1
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "p.safetensors").exists()
