@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--no-tune", action="store_true", help="grace without per-layer candidate scoring")
     args = parser.parse_args()
     trace = synthetic_topk_ids(args.tokens, args.layers, args.experts, args.top_k)
     profile = RoutingProfile.from_topk_ids(trace, args.experts, "synthetic-qwen3-30b-a3b-shape")
@@ -47,10 +48,12 @@ def main() -> None:
     results = {}
     for policy in args.policies.split(","):
         start = time.perf_counter()
-        make_plan(policy, profile, topology, 1)
+        options = {"tune": False} if policy == "grace" and args.no_tune else {}
+        make_plan(policy, profile, topology, 1, **options)
         results[policy] = round(time.perf_counter() - start, 2)
         print(f"{policy:18s} {results[policy]:7.2f} s", flush=True)
     print(json.dumps({"layers": args.layers, "experts": args.experts, "topology": topology.describe(),
+                      "grace_tuned": not args.no_tune,
                       "plan_seconds": results, "torch_threads": torch.get_num_threads()}))
 
 

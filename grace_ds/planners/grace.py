@@ -72,13 +72,21 @@ def knee_r(affinity: torch.Tensor | None, load: torch.Tensor, topology: Topology
 
 def place_layer(affinity: torch.Tensor | None, load: torch.Tensor, topology: Topology, capacity: int,
                 settings: GraceSettings, seed: int = 0,
-                sample_topk_ids: torch.Tensor | None = None) -> tuple[list[list[int]], list[list[bool]], float]:
-    """One layer: (copies per GPU, primary flags, r used)."""
+                sample_topk_ids: torch.Tensor | None = None,
+                grouping_cache: dict | None = None) -> tuple[list[list[int]], list[list[bool]], float]:
+    """One layer: (copies per GPU, primary flags, r used). `grouping_cache` shares groupings between
+    candidate settings of one layer that differ only in replication."""
     r = settings.r
     if r is None:
         r = knee_r(affinity, load, topology, capacity, settings, seed)
-    primaries = group_hierarchically(affinity, load, topology, capacity, settings.node_grouping,
-                                     settings.gpu_grouping, r, settings.load_slack, seed, sample_topk_ids)
+    key = (settings.node_grouping, settings.gpu_grouping, r, settings.load_slack)
+    if grouping_cache is not None and key in grouping_cache:
+        primaries = grouping_cache[key]
+    else:
+        primaries = group_hierarchically(affinity, load, topology, capacity, settings.node_grouping,
+                                         settings.gpu_grouping, r, settings.load_slack, seed, sample_topk_ids)
+        if grouping_cache is not None:
+            grouping_cache[key] = primaries
     lists, primary = replicate_hot_experts(primaries, load, topology, capacity, settings.max_rounds, settings.receivers)
     return lists, primary, r
 
@@ -130,9 +138,9 @@ def plan_grace(profile: RoutingProfile, topology: Topology, replica_slots: int =
         load = profile.expert_load[li]
         options = candidate_settings() if can_tune else [chosen]
         sample = profile.sample_topk_ids[:, li] if profile.sample_topk_ids is not None else None
-        best = None
+        best, groupings = None, {}
         for option in options:
-            lists, primary, r = place_layer(affinity, load, topology, capacity, option, seed, sample)
+            lists, primary, r = place_layer(affinity, load, topology, capacity, option, seed, sample, groupings)
             score = (0.0, 0.0)
             if len(options) > 1:
                 time_us, balance = score_layer(lists, primary, load, sample, topology, capacity,

@@ -18,6 +18,7 @@ from grace_ds.planners.assemble import predict_loads
 from grace_ds.topology import Topology
 
 RECEIVER_CHOICES = ("least-loaded", "spread-nodes")
+SEARCH_ITERATIONS = 2  # weight/load fixed-point steps while searching; the final plan uses more
 
 
 def replicate_hot_experts(gpu_experts: list[list[int]], expert_load: torch.Tensor, topology: Topology,
@@ -29,7 +30,7 @@ def replicate_hot_experts(gpu_experts: list[list[int]], expert_load: torch.Tenso
     num_gpus = topology.num_gpus
     rounds = 0
     copy_loads: list[list[float]] = []
-    _, load = predict_loads(expert_load, lists, topology, copy_loads=copy_loads)
+    _, load = predict_loads(expert_load, lists, topology, iterations=SEARCH_ITERATIONS, copy_loads=copy_loads)
     while (max_rounds is None or rounds < max_rounds) and num_gpus > 1:
         heaviest = int(load.argmax())
         w_max, mean = float(load[heaviest]), float(load.mean())
@@ -67,7 +68,8 @@ def replicate_hot_experts(gpu_experts: list[list[int]], expert_load: torch.Tenso
             if trial == lists:
                 continue
             trial_loads: list[list[float]] = []
-            _, trial_load = predict_loads(expert_load, trial, topology, copy_loads=trial_loads)
+            _, trial_load = predict_loads(expert_load, trial, topology, iterations=SEARCH_ITERATIONS,
+                                          copy_loads=trial_loads)
             if float(trial_load.max()) < w_max * (1 - 1e-6):
                 lists, load, copy_loads, kept = trial, trial_load, trial_loads, True
                 break
