@@ -72,7 +72,7 @@ class RoutingTrace:
 
 
 def parse_token_range(text: str | None) -> slice:
-    """'A:B' (either side may be empty; B may be 'half' style fractions like 0.5) -> slice."""
+    """'A:B' token range (either side may be empty, as in Python slicing) -> slice."""
     if text is None:
         return slice(None)
     parts = text.split(":")

@@ -70,26 +70,26 @@ def predict_loads(expert_load: torch.Tensor, gpu_experts: GpuExperts, topology: 
     return weights, load
 
 
+def layer_slot_tensors(gpu_experts: GpuExperts, gpu_primary: GpuPrimary, weights: list[list[float]],
+                       capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's per-GPU lists -> slot_expert [P, capacity], slot_is_primary, slot_weight."""
+    for gpu, experts in enumerate(gpu_experts):
+        if len(experts) > capacity:
+            raise AssertionError(f"planner put {len(experts)} copies on GPU {gpu}, capacity {capacity}")
+    slot_expert, slot_weight = _slot_tensors(gpu_experts, weights, capacity)
+    flags = [[float(f) for f in flags] for flags in gpu_primary]
+    return slot_expert, _slot_tensors(gpu_experts, flags, capacity)[1].bool(), slot_weight
+
+
 def assemble_plan(layers: list[tuple[GpuExperts, GpuPrimary]], profile: RoutingProfile, topology: Topology,
                   policy: str, replica_slots: int, options: dict) -> PlacementPlan:
     """Plan from per-layer (experts per GPU, primary flags), with weights and predicted loads filled in."""
     capacity = slot_capacity(profile.num_experts, topology, replica_slots)
-    shape = (len(layers), topology.num_gpus, capacity)
-    slot_expert = torch.full(shape, -1, dtype=torch.int64)
-    slot_primary = torch.zeros(shape, dtype=torch.bool)
-    slot_weight = torch.zeros(shape, dtype=torch.float64)
-    predicted = torch.zeros(shape[:2], dtype=torch.float64)
+    filled = []
     for li, (gpu_experts, gpu_primary) in enumerate(layers):
         weights, load = predict_loads(profile.expert_load[li], gpu_experts, topology)
-        predicted[li] = load
-        for gpu, experts in enumerate(gpu_experts):
-            if len(experts) > capacity:
-                raise AssertionError(f"planner {policy} put {len(experts)} copies on GPU {gpu}, capacity {capacity}")
-            slot_expert[li, gpu, : len(experts)] = torch.tensor(experts, dtype=torch.int64)
-            slot_primary[li, gpu, : len(experts)] = torch.tensor(gpu_primary[gpu], dtype=torch.bool)
-            slot_weight[li, gpu, : len(experts)] = torch.tensor(weights[gpu], dtype=torch.float64)
+        filled.append((*layer_slot_tensors(gpu_experts, gpu_primary, weights, capacity), load))
+    slot_expert, slot_primary, slot_weight, predicted = (torch.stack(parts) for parts in zip(*filled))
     return PlacementPlan(slot_expert, slot_primary, slot_weight, predicted, topology, profile.num_experts,
                          profile.top_k, policy, list(profile.layer_names), profile.model_name,
                          {"replica_slots": replica_slots, **options})
-
-

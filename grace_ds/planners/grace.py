@@ -13,7 +13,7 @@ import torch
 
 from grace_ds.errors import GraceInputError
 from grace_ds.plan import PlacementPlan
-from grace_ds.planners.assemble import assemble_plan, predict_loads, slot_capacity
+from grace_ds.planners.assemble import assemble_plan, layer_slot_tensors, predict_loads, slot_capacity
 from grace_ds.planners.hierarchy import GROUPING_MODES, group_hierarchically
 from grace_ds.planners.grouping import in_group_affinity_share
 from grace_ds.planners.replication import RECEIVER_CHOICES, replicate_hot_experts
@@ -107,16 +107,9 @@ def score_layer(lists: list[list[int]], primary: list[list[bool]], load: torch.T
     from grace_ds.simulate import CostSettings, layer_traffic, token_gpus
 
     weights, predicted = predict_loads(load, lists, topology)
-    shape = (1, topology.num_gpus, capacity)
-    slot_expert = torch.full(shape, -1, dtype=torch.int64)
-    slot_primary = torch.zeros(shape, dtype=torch.bool)
-    slot_weight = torch.zeros(shape, dtype=torch.float64)
-    for gpu, experts in enumerate(lists):
-        slot_expert[0, gpu, : len(experts)] = torch.tensor(experts, dtype=torch.int64)
-        slot_primary[0, gpu, : len(experts)] = torch.tensor(primary[gpu], dtype=torch.bool)
-        slot_weight[0, gpu, : len(experts)] = torch.tensor(weights[gpu], dtype=torch.float64)
-    plan = PlacementPlan(slot_expert, slot_primary, slot_weight, predicted.view(1, -1), topology, num_experts,
-                         top_k, "grace-candidate", ["candidate"])
+    slot_expert, slot_primary, slot_weight = layer_slot_tensors(lists, primary, weights, capacity)
+    plan = PlacementPlan(slot_expert[None], slot_primary[None], slot_weight[None], predicted.view(1, -1), topology,
+                         num_experts, top_k, "grace-candidate", ["candidate"])
     sources = token_gpus(sample.shape[0], topology.num_gpus)
     slots = ReplicaRouter(plan, "tar").route(0, sample, sources)
     metrics = layer_traffic(slots // capacity, sources, topology, CostSettings())

@@ -87,64 +87,68 @@ def repair_sizes(labels: torch.Tensor, affinity: torch.Tensor, num_groups: int,
     return labels
 
 
+def _take_best_step(lab: np.ndarray, move_gain: np.ndarray, swap_gain: np.ndarray, w: np.ndarray, cap: np.ndarray,
+                    lo: np.ndarray, hi: np.ndarray, num_groups: int, min_gain: float) -> bool:
+    """Apply the best single move (move_gain [n, G]) or swap (swap_gain [n, n]) to labels `lab` in place.
+
+    While a group is over its load cap, the step that cuts the total excess most wins (ties: gain);
+    afterwards, the step with the largest gain (> min_gain) that keeps every group under its cap.
+    Sizes stay within [lo, hi]. Returns False when no step qualifies."""
+    n = lab.shape[0]
+    onehot = np.zeros((n, num_groups))
+    onehot[np.arange(n), lab] = 1.0
+    group_load, sizes = onehot.T @ w, onehot.sum(0)
+    over = np.maximum(group_load - cap, 0.0)
+    total_over = over.sum()
+    new_from = group_load[lab][:, None] - w[:, None]
+    new_to = group_load[None, :] + w[:, None]
+    move_over = (total_over - over[lab][:, None] - over[None, :]
+                 + np.maximum(new_from - cap[lab][:, None], 0) + np.maximum(new_to - cap[None, :], 0))
+    move_ok = (sizes[lab][:, None] - 1 >= lo[lab][:, None]) & (sizes[None, :] + 1 <= hi[None, :])
+    move_ok &= lab[:, None] != np.arange(num_groups)[None, :]
+    ga, gb = lab[:, None], lab[None, :]
+    delta = w[None, :] - w[:, None]  # group of e gains w_f - w_e
+    swap_over = (total_over - over[ga] - over[gb]
+                 + np.maximum(group_load[ga] + delta - cap[ga], 0) + np.maximum(group_load[gb] - delta - cap[gb], 0))
+    swap_ok = ga != gb
+    if total_over > 1e-9:
+        move_score = np.where(move_ok & (move_over < total_over - 1e-9), (total_over - move_over) * 1e9 + move_gain, -np.inf)
+        swap_score = np.where(swap_ok & (swap_over < total_over - 1e-9), (total_over - swap_over) * 1e9 + swap_gain, -np.inf)
+    else:
+        move_score = np.where(move_ok & (move_over <= 1e-9) & (move_gain > min_gain), move_gain, -np.inf)
+        swap_score = np.where(swap_ok & (swap_over <= 1e-9) & (swap_gain > min_gain), swap_gain, -np.inf)
+    best_move, best_swap = move_score.max(), swap_score.max()
+    if not np.isfinite(max(best_move, best_swap)):
+        return False
+    if best_move >= best_swap:
+        e, b = np.unravel_index(int(move_score.argmax()), move_score.shape)
+        lab[e] = b
+    else:
+        e, f = np.unravel_index(int(swap_score.argmax()), swap_score.shape)
+        lab[e], lab[f] = lab[f], lab[e]
+    return True
+
+
 def refine_by_moves(labels: torch.Tensor, affinity: torch.Tensor, load: torch.Tensor, num_groups: int,
                     min_size: list[int], max_size: list[int], load_target: list[float], load_slack: float,
                     max_steps: int = 2000) -> torch.Tensor:
-    """Greedy local search over single moves and pairwise swaps, sizes always within bounds.
-
-    While some group is over (1 + load_slack) x its load target, take the step that cuts the total
-    excess most (ties: most affinity gained); after that, take the step that gains most in-group
-    affinity without putting any group over its cap. Deterministic."""
+    """Greedy local search over single moves and pairwise swaps (see _take_best_step) whose gain is the
+    co-activation brought inside groups; loads end within (1 + load_slack) x target where possible."""
     aff = affinity.double().numpy()
     w = load.double().numpy()
     lab = labels.numpy().copy()
     n = lab.shape[0]
     cap = np.asarray(load_target, dtype=np.float64) * (1.0 + load_slack)
     lo, hi = np.asarray(min_size), np.asarray(max_size)
-    rows = np.arange(n)
     for _ in range(max_steps):
         onehot = np.zeros((n, num_groups))
-        onehot[rows, lab] = 1.0
+        onehot[np.arange(n), lab] = 1.0
         to_group = aff @ onehot  # [n, G] affinity of each expert to each group
-        group_load, sizes = onehot.T @ w, onehot.sum(0)
-        over = np.maximum(group_load - cap, 0.0)
-        total_over = over.sum()
-        own = to_group[rows, lab]
-        # Moves e: a -> b.
+        own = to_group[np.arange(n), lab]
         move_gain = to_group - own[:, None]
-        new_from = group_load[lab][:, None] - w[:, None]
-        new_to = group_load[None, :] + w[:, None]
-        move_over = (total_over - over[lab][:, None] - over[None, :]
-                     + np.maximum(new_from - cap[lab][:, None], 0) + np.maximum(new_to - cap[None, :], 0))
-        move_ok = (sizes[lab][:, None] - 1 >= lo[lab][:, None]) & (sizes[None, :] + 1 <= hi[None, :])
-        move_ok &= lab[:, None] != np.arange(num_groups)[None, :]
-        # Swaps e (in a) <-> f (in b): sizes unchanged.
-        ga, gb = lab[:, None], lab[None, :]
         swap_gain = to_group[:, lab] - own[:, None] + to_group[:, lab].T - own[None, :] - 2.0 * aff
-        delta = w[None, :] - w[:, None]  # group a gains w_f - w_e
-        swap_over = (total_over - over[ga] - over[gb]
-                     + np.maximum(group_load[ga] + delta - cap[ga], 0) + np.maximum(group_load[gb] - delta - cap[gb], 0))
-        swap_ok = ga != gb
-        if total_over > 1e-9:
-            move_score = np.where(move_ok, (total_over - move_over) * 1e6 + move_gain, -np.inf)
-            swap_score = np.where(swap_ok, (total_over - swap_over) * 1e6 + swap_gain, -np.inf)
-            needs_cut = True
-        else:
-            move_score = np.where(move_ok & (move_over <= 1e-9), move_gain, -np.inf)
-            swap_score = np.where(swap_ok & (swap_over <= 1e-9), swap_gain, -np.inf)
-            needs_cut = False
-        best_move, best_swap = move_score.max(), swap_score.max()
-        best = max(best_move, best_swap)
-        if not np.isfinite(best) or best <= 1e-9:
+        if not _take_best_step(lab, move_gain, swap_gain, w, cap, lo, hi, num_groups, 1e-9):
             break
-        if needs_cut and best < 1e6 * 1e-9:
-            break
-        if best_move >= best_swap:
-            e, b = np.unravel_index(int(move_score.argmax()), move_score.shape)
-            lab[e] = b
-        else:
-            e, f = np.unravel_index(int(swap_score.argmax()), swap_score.shape)
-            lab[e], lab[f] = lab[f], lab[e]
     return torch.as_tensor(lab, dtype=torch.int64)
 
 
@@ -161,49 +165,19 @@ def refine_by_token_moves(labels: torch.Tensor, hits: torch.Tensor, load: torch.
     cap = np.asarray(load_target, dtype=np.float64) * (1.0 + load_slack)
     lo, hi = np.asarray(min_size), np.asarray(max_size)
     rows = np.arange(n)
-    groups = np.arange(num_groups)
     for _ in range(max_steps):
         onehot = np.zeros((n, num_groups), dtype=np.float32)
         onehot[rows, lab] = 1.0
         per_group = m @ onehot  # [S, G] experts of each group in each token's top-k
         only_one = (per_group == 1).astype(np.float32)
-        none = (per_group == 0).astype(np.float32)
         leave = (m.T @ only_one)[rows, lab]  # tokens of e that stop touching e's group if e leaves
-        join = m.T @ none  # [n, G] tokens of e that start touching group g
-        group_load, sizes = onehot.T.astype(np.float64) @ w, onehot.sum(0)
-        over = np.maximum(group_load - cap, 0.0)
-        total_over = over.sum()
-        move_gain = leave[:, None] - join  # fewer group touches = gain
-        new_from = group_load[lab][:, None] - w[:, None]
-        new_to = group_load[None, :] + w[:, None]
-        move_over = (total_over - over[lab][:, None] - over[None, :]
-                     + np.maximum(new_from - cap[lab][:, None], 0) + np.maximum(new_to - cap[None, :], 0))
-        move_ok = (sizes[lab][:, None] - 1 >= lo[lab][:, None]) & (sizes[None, :] + 1 <= hi[None, :])
-        move_ok &= lab[:, None] != groups[None, :]
-        # Swap e (in a) <-> f (in b): both moves, minus what tokens holding both e and f counted.
+        join = m.T @ (per_group == 0).astype(np.float32)  # [n, G] tokens of e that start touching g
+        move_gain = leave[:, None] - join
+        # Swap e <-> f: both moves, minus what tokens holding both e and f counted twice.
         only_own = only_one[:, lab] * m  # [S, n]: token holds e and e is alone in its group
-        both = only_own.T @ m + m.T @ only_own  # [n, n]
-        swap_gain = move_gain[:, lab] + move_gain[:, lab].T - both
-        ga, gb = lab[:, None], lab[None, :]
-        delta = w[None, :] - w[:, None]
-        swap_over = (total_over - over[ga] - over[gb]
-                     + np.maximum(group_load[ga] + delta - cap[ga], 0) + np.maximum(group_load[gb] - delta - cap[gb], 0))
-        swap_ok = ga != gb
-        if total_over > 1e-9:
-            move_score = np.where(move_ok & (move_over < total_over - 1e-9), (total_over - move_over) * 1e9 + move_gain, -np.inf)
-            swap_score = np.where(swap_ok & (swap_over < total_over - 1e-9), (total_over - swap_over) * 1e9 + swap_gain, -np.inf)
-        else:
-            move_score = np.where(move_ok & (move_over <= 1e-9) & (move_gain > 0.5), move_gain, -np.inf)
-            swap_score = np.where(swap_ok & (swap_over <= 1e-9) & (swap_gain > 0.5), swap_gain, -np.inf)
-        best_move, best_swap = move_score.max(), swap_score.max()
-        if not np.isfinite(max(best_move, best_swap)):
+        swap_gain = move_gain[:, lab] + move_gain[:, lab].T - (only_own.T @ m + m.T @ only_own)
+        if not _take_best_step(lab, move_gain, swap_gain, w, cap, lo, hi, num_groups, 0.5):
             break
-        if best_move >= best_swap:
-            e, b = np.unravel_index(int(move_score.argmax()), move_score.shape)
-            lab[e] = b
-        else:
-            e, f = np.unravel_index(int(swap_score.argmax()), swap_score.shape)
-            lab[e], lab[f] = lab[f], lab[e]
     return torch.as_tensor(lab, dtype=torch.int64)
 
 
