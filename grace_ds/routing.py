@@ -60,16 +60,22 @@ class LayerCopies:
                               plan.num_experts)
 
 
-def expected_copy_share(copies: LayerCopies, policy: str, node_of_gpu: torch.Tensor) -> torch.Tensor:
-    """[P_src, E, R]: share of an expert's pairs from each source GPU that each copy serves, in expectation,
-    when the router follows its weights (modulo: an even spread; static: its fixed pick)."""
-    sources = torch.arange(node_of_gpu.numel())
+def expected_copy_loads(copies: LayerCopies, expert_load: torch.Tensor, policy: str,
+                        node_of_gpu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs each copy [E, R] and each GPU [P] serve in expectation when expert_load [E] arrives evenly
+    from every GPU (data parallel) and the router follows its weights (modulo: an even spread; static:
+    its fixed pick)."""
+    num_gpus = node_of_gpu.numel()
     if policy == "modulo":
         valid = (copies.copy_slot >= 0).double()
-        share = valid / valid.sum(-1, keepdim=True)
-        return share.unsqueeze(0).expand(sources.numel(), -1, -1)
-    weights = candidate_weights(copies, policy, sources, node_of_gpu)
-    return weights / weights.sum(-1, keepdim=True)
+        share = (valid / valid.sum(-1, keepdim=True)).unsqueeze(0).expand(num_gpus, -1, -1)
+    else:
+        weights = candidate_weights(copies, policy, torch.arange(num_gpus), node_of_gpu)
+        share = weights / weights.sum(-1, keepdim=True)  # [P_src, E, R]
+    per_copy = (share * expert_load.view(1, -1, 1).double() / num_gpus).sum(0)
+    valid = copies.copy_gpu >= 0
+    gpu_load = torch.zeros(num_gpus, dtype=torch.float64).index_add_(0, copies.copy_gpu[valid], per_copy[valid])
+    return per_copy, gpu_load
 
 
 def candidate_weights(copies: LayerCopies, policy: str, source_gpus: torch.Tensor,

@@ -12,7 +12,7 @@ import torch
 
 from grace_ds.plan import PlacementPlan
 from grace_ds.profile import RoutingProfile
-from grace_ds.routing import LayerCopies, ReplicaRouter, expected_copy_share
+from grace_ds.routing import LayerCopies, ReplicaRouter, expected_copy_loads
 from grace_ds.topology import Topology
 
 COST_MODEL_EXPLANATION = """\
@@ -153,11 +153,7 @@ def simulate_trace(plan: PlacementPlan, topk_ids: torch.Tensor, router_policy: s
 def expected_gpu_load(plan: PlacementPlan, layer: int, expert_load: torch.Tensor, router_policy: str = "tar") -> torch.Tensor:
     """[P] pairs each GPU computes in expectation when expert_load [E] arrives evenly from all GPUs."""
     copies = LayerCopies.from_plan(plan, layer)
-    share = expected_copy_share(copies, router_policy, plan.topology.node_of_gpu)  # [P, E, R]
-    per_copy = (share * expert_load.view(1, -1, 1).double() / plan.num_gpus).sum(0)  # [E, R]
-    load = torch.zeros(plan.num_gpus, dtype=torch.float64)
-    valid = copies.copy_gpu >= 0
-    return load.index_add_(0, copies.copy_gpu[valid], per_copy[valid])
+    return expected_copy_loads(copies, expert_load, router_policy, plan.topology.node_of_gpu)[1]
 
 
 def simulate_loads(plan: PlacementPlan, profile: RoutingProfile, router_policy: str = "tar") -> list[dict]:

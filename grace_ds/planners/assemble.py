@@ -10,7 +10,7 @@ import torch
 from grace_ds.errors import GraceInputError
 from grace_ds.plan import PlacementPlan
 from grace_ds.profile import RoutingProfile
-from grace_ds.routing import LayerCopies, expected_copy_share
+from grace_ds.routing import LayerCopies, expected_copy_loads
 from grace_ds.topology import Topology
 
 # One layer's placement: per GPU, its experts in slot order, and whether each is the primary copy.
@@ -57,14 +57,12 @@ def predict_loads(expert_load: torch.Tensor, gpu_experts: GpuExperts, topology: 
         slot_expert, slot_weight = _slot_tensors(gpu_experts, weights, slots)
         copies = LayerCopies.from_slots(slot_expert, slot_weight, torch.zeros_like(slot_expert, dtype=torch.bool),
                                         num_experts)
-        share = expected_copy_share(copies, router_policy, topology.node_of_gpu)
-        per_copy = (share * expert_load.view(1, -1, 1).double() / topology.num_gpus).sum(0)
-        valid = copies.copy_gpu >= 0
-        load = torch.zeros(topology.num_gpus, dtype=torch.float64).index_add_(0, copies.copy_gpu[valid], per_copy[valid])
+        per_copy, load = expected_copy_loads(copies, expert_load, router_policy, topology.node_of_gpu)
         floor = max(float(load.mean()) * 1e-3, 1e-12)
         weights = [[1.0 / max(float(load[gpu]), floor)] * len(g) for gpu, g in enumerate(gpu_experts)]
     if copy_loads is not None:  # filled with each copy's predicted load, GPU by GPU in slot order
         per_slot = torch.zeros(len(gpu_experts) * slots, dtype=torch.float64)
+        valid = copies.copy_slot >= 0
         per_slot[copies.copy_slot[valid]] = per_copy[valid]
         copy_loads[:] = [per_slot[g * slots: g * slots + len(experts)].tolist() for g, experts in enumerate(gpu_experts)]
     return weights, load

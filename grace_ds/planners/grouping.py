@@ -190,7 +190,7 @@ def balanced_labels(affinity: torch.Tensor, load: torch.Tensor, num_groups: int,
     n = affinity.shape[0]
     if num_groups <= 1:
         return torch.zeros(n, dtype=torch.int64)
-    start = spectral_labels(affinity, num_groups, seed) if float(affinity.sum()) > 0 else _lpt_labels(load, num_groups)
+    start = spectral_labels(affinity, num_groups, seed) if float(affinity.sum()) > 0 else lpt_labels(load, num_groups)
     start = repair_sizes(start, affinity, num_groups, min_size, max_size)
     target = [float(load.sum()) * s for s in load_share]
     labels = refine_by_moves(start, affinity, load, num_groups, min_size, max_size, target, load_slack)
@@ -199,7 +199,7 @@ def balanced_labels(affinity: torch.Tensor, load: torch.Tensor, num_groups: int,
     return labels
 
 
-def _lpt_labels(load: torch.Tensor, num_groups: int) -> torch.Tensor:
+def lpt_labels(load: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Longest-processing-time-first spread, for load-only profiles (no affinity to follow)."""
     labels = torch.empty(load.shape[0], dtype=torch.int64)
     totals = [0.0] * num_groups

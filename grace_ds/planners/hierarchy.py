@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from grace_ds.planners.grouping import _lpt_labels, balanced_labels, repair_sizes, spectral_labels
+from grace_ds.planners.grouping import lpt_labels, balanced_labels, repair_sizes, spectral_labels
 from grace_ds.topology import Topology
 
 GROUPING_MODES = ("uniform", "spectral", "balanced")
@@ -59,7 +59,7 @@ def split_group(members: list[int], affinity: torch.Tensor | None, load: torch.T
         labels = balanced_labels(sub_aff, sub_load, count, lo, hi, [s / total for s in shares], load_slack, seed,
                                  sub_hits)
     else:
-        start = spectral_labels(sub_aff, count, seed) if has_affinity else _lpt_labels(sub_load, count)
+        start = spectral_labels(sub_aff, count, seed) if has_affinity else lpt_labels(sub_load, count)
         labels = repair_sizes(start, sub_aff, count, lo, hi)
     return [[members[i] for i in (labels == g).nonzero().flatten().tolist()] for g in range(count)]
 
