@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import socket
 from dataclasses import dataclass, field
@@ -54,18 +55,18 @@ class Topology:
     def num_gpus(self) -> int:
         return sum(self.gpus_per_node)
 
-    @property
+    @functools.cached_property  # frozen dataclass: computed once, kept in __dict__
     def node_of_gpu(self) -> torch.Tensor:
         """[P] int64: node index of each global GPU."""
         return torch.repeat_interleave(torch.arange(self.num_nodes), torch.tensor(self.gpus_per_node))
 
-    @property
+    @functools.cached_property
     def first_gpu_of_node(self) -> torch.Tensor:
         """[N] int64: global index of each node's first GPU."""
         counts = torch.tensor(self.gpus_per_node)
         return torch.cumsum(counts, 0) - counts
 
-    @property
+    @functools.cached_property
     def local_index_of_gpu(self) -> torch.Tensor:
         """[P] int64: a GPU's index inside its node (its peer on another node has the same index)."""
         return torch.arange(self.num_gpus) - self.first_gpu_of_node[self.node_of_gpu]

@@ -41,28 +41,31 @@ def _slot_tensors(gpu_experts: GpuExperts, gpu_values: list[list[float]], slots:
 
 
 def predict_loads(expert_load: torch.Tensor, gpu_experts: GpuExperts, topology: Topology,
-                  router_policy: str = "tar", iterations: int = 4,
-                  copy_loads: list[list[float]] | None = None) -> tuple[list[list[float]], torch.Tensor]:
+                  router_policy: str = "tar", iterations: int = 4, copy_loads: list[list[float]] | None = None,
+                  start_gpu_load: torch.Tensor | None = None) -> tuple[list[list[float]], torch.Tensor]:
     """Copy weights and predicted GPU loads [P] for one layer (and per-copy loads into `copy_loads`).
 
     Tokens arrive evenly from every GPU (data parallel). Each copy's weight is the inverse of the
     predicted load of its GPU (the method page); the router's locality tiers decide which copies a
-    source may use, so prediction and weights are iterated to a fixed point. With no locality this is
-    the paper's formula: a hot load split evenly over its copies."""
+    source may use, so prediction and weights are iterated to a fixed point, starting from
+    `start_gpu_load` when given (a search that changes a plan a little converges in one step).
+    With no locality this is the paper's formula: a hot load split evenly over its copies."""
     num_experts = expert_load.shape[0]
     slots = max(max(len(g) for g in gpu_experts), 1)
-    weights = [[1.0] * len(g) for g in gpu_experts]
-    load = torch.zeros(topology.num_gpus, dtype=torch.float64)
+    slot_expert, _ = _slot_tensors(gpu_experts, [[1.0] * len(g) for g in gpu_experts], slots)
+    copies = LayerCopies.from_slots(slot_expert, (slot_expert >= 0).double(),
+                                    torch.zeros_like(slot_expert, dtype=torch.bool), num_experts)
+    valid = copies.copy_gpu >= 0
+    gpu_weight = torch.ones(topology.num_gpus, dtype=torch.float64)
+    if start_gpu_load is not None:
+        gpu_weight = 1.0 / start_gpu_load.clamp(min=max(float(start_gpu_load.mean()) * 1e-3, 1e-12))
     for _ in range(iterations):
-        slot_expert, slot_weight = _slot_tensors(gpu_experts, weights, slots)
-        copies = LayerCopies.from_slots(slot_expert, slot_weight, torch.zeros_like(slot_expert, dtype=torch.bool),
-                                        num_experts)
+        copies.copy_weight = torch.where(valid, gpu_weight[copies.copy_gpu.clamp(min=0)], 0.0)
         per_copy, load = expected_copy_loads(copies, expert_load, router_policy, topology.node_of_gpu)
-        floor = max(float(load.mean()) * 1e-3, 1e-12)
-        weights = [[1.0 / max(float(load[gpu]), floor)] * len(g) for gpu, g in enumerate(gpu_experts)]
+        gpu_weight = 1.0 / load.clamp(min=max(float(load.mean()) * 1e-3, 1e-12))
+    weights = [[float(gpu_weight[gpu])] * len(g) for gpu, g in enumerate(gpu_experts)]
     if copy_loads is not None:  # filled with each copy's predicted load, GPU by GPU in slot order
         per_slot = torch.zeros(len(gpu_experts) * slots, dtype=torch.float64)
-        valid = copies.copy_slot >= 0
         per_slot[copies.copy_slot[valid]] = per_copy[valid]
         copy_loads[:] = [per_slot[g * slots: g * slots + len(experts)].tolist() for g, experts in enumerate(gpu_experts)]
     return weights, load

@@ -6,8 +6,7 @@ layer on the profile's sampled token routings with the simulator's cost model an
 """
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -16,10 +15,11 @@ from grace_ds.plan import PlacementPlan
 from grace_ds.planners.assemble import assemble_plan, layer_slot_tensors, predict_loads, slot_capacity
 from grace_ds.planners.hierarchy import GROUPING_MODES, group_hierarchically
 from grace_ds.planners.grouping import in_group_affinity_share
-from grace_ds.planners.replication import RECEIVER_CHOICES, replicate_hot_experts
+from grace_ds.planners.replication import RECEIVER_CHOICES, replicate_greedy, replicate_hot_experts
 from grace_ds.profile import RoutingProfile
 from grace_ds.topology import Topology
 
+REPLICATION_MODES = ("greedy", "paper")
 R_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_R = 0.15  # the paper's validated value, used when no knee shows
 
@@ -30,13 +30,16 @@ class GraceSettings:
     gpu_grouping: str = "balanced"
     r: float | None = None
     load_slack: float = 0.05
-    max_rounds: int | None = None  # None: replicate while slots are free and it helps; 1: the paper
-    receivers: str = "spread-nodes"
+    replication: str = "greedy"  # "paper": heaviest group's hot prefix per round; "greedy": best single copies
+    max_rounds: int | None = None  # paper replication: None = while slots are free and it helps; 1 = the paper
+    receivers: str = "spread-nodes"  # paper replication: receiver order
 
     def __post_init__(self) -> None:
         for name in ("node_grouping", "gpu_grouping"):
             if getattr(self, name) not in GROUPING_MODES:
                 raise GraceInputError(f"grace planner: {name} must be one of {GROUPING_MODES}")
+        if self.replication not in REPLICATION_MODES:
+            raise GraceInputError(f"grace planner: replication must be one of {REPLICATION_MODES}")
         if self.receivers not in RECEIVER_CHOICES:
             raise GraceInputError(f"grace planner: receivers must be one of {RECEIVER_CHOICES}")
         if self.r is not None and not 0.0 <= self.r <= 1.0:
@@ -77,8 +80,8 @@ def place_layer(affinity: torch.Tensor | None, load: torch.Tensor, topology: Top
     """One layer: (copies per GPU, primary flags, r used). `grouping_cache` shares groupings between
     candidate settings of one layer that differ only in replication."""
     r = settings.r
-    if r is None:
-        r = knee_r(affinity, load, topology, capacity, settings, seed)
+    if r is None:  # the knee matters where r shapes the clusters; for balanced groups it only bounds sizes
+        r = knee_r(affinity, load, topology, capacity, settings, seed) if settings.gpu_grouping == "spectral" else DEFAULT_R
     key = (settings.node_grouping, settings.gpu_grouping, r, settings.load_slack)
     if grouping_cache is not None and key in grouping_cache:
         primaries = grouping_cache[key]
@@ -87,22 +90,27 @@ def place_layer(affinity: torch.Tensor | None, load: torch.Tensor, topology: Top
                                          settings.gpu_grouping, r, settings.load_slack, seed, sample_topk_ids)
         if grouping_cache is not None:
             grouping_cache[key] = primaries
-    lists, primary = replicate_hot_experts(primaries, load, topology, capacity, settings.max_rounds, settings.receivers)
+    if settings.replication == "greedy":
+        lists, primary = replicate_greedy(primaries, load, topology, capacity)
+    else:
+        lists, primary = replicate_hot_experts(primaries, load, topology, capacity, settings.max_rounds,
+                                               settings.receivers)
     return lists, primary, r
 
 
 def candidate_settings() -> list[GraceSettings]:
     """What the tuner tries per layer: the paper's settings, and ours at several load slacks."""
-    found = [GraceSettings(node_grouping="spectral", gpu_grouping="spectral", max_rounds=1, receivers="least-loaded"),
-             GraceSettings(node_grouping="spectral", gpu_grouping="spectral", receivers="spread-nodes")]
-    for slack, receivers in itertools.product((0.05, 0.1, 0.15, 0.2, 0.3), RECEIVER_CHOICES):
-        found.append(GraceSettings(load_slack=slack, receivers=receivers, r=DEFAULT_R))
+    found = [GraceSettings(node_grouping="spectral", gpu_grouping="spectral", replication="paper", max_rounds=1,
+                           receivers="least-loaded"),
+             GraceSettings(node_grouping="spectral", gpu_grouping="spectral")]
+    found += [GraceSettings(load_slack=slack) for slack in (0.05, 0.1, 0.15, 0.2, 0.3)]
     return found
 
 
 def score_layer(lists: list[list[int]], primary: list[list[bool]], load: torch.Tensor, sample: torch.Tensor,
                 topology: Topology, capacity: int, num_experts: int, top_k: int) -> tuple[float, float]:
-    """(modeled hierarchical layer time, max/mean GPU load) of one layer placement on sampled top-k sets [S, k]."""
+    """(modeled layer time, hierarchical plus flat, since a job may run either; max/mean GPU load) of one
+    layer placement on sampled top-k sets [S, k]."""
     from grace_ds.routing import ReplicaRouter
     from grace_ds.simulate import CostSettings, layer_traffic, token_gpus
 
@@ -113,7 +121,8 @@ def score_layer(lists: list[list[int]], primary: list[list[bool]], load: torch.T
     sources = token_gpus(sample.shape[0], topology.num_gpus)
     slots = ReplicaRouter(plan, "tar").route(0, sample, sources)
     metrics = layer_traffic(slots // capacity, sources, topology, CostSettings())
-    return metrics["modeled_layer_time_us"], metrics["max_over_mean_gpu_load"]
+    return (metrics["modeled_layer_time_us"] + metrics["modeled_layer_time_us_flat"],
+            metrics["max_over_mean_gpu_load"])
 
 
 def plan_grace(profile: RoutingProfile, topology: Topology, replica_slots: int = 1,
@@ -143,8 +152,7 @@ def plan_grace(profile: RoutingProfile, topology: Topology, replica_slots: int =
                 best = (score, lists, primary, option, r)
         layers.append((best[1], best[2]))
         option = best[3]
-        used.append({"node_grouping": option.node_grouping, "gpu_grouping": option.gpu_grouping, "r": best[4],
-                     "load_slack": option.load_slack, "max_rounds": option.max_rounds, "receivers": option.receivers})
+        used.append({**asdict(option), "r": best[4]})
         if progress is not None:
             progress.update(1)
     return assemble_plan(layers, profile, topology, "grace", replica_slots,

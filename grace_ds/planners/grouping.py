@@ -55,41 +55,47 @@ def repair_sizes(labels: torch.Tensor, affinity: torch.Tensor, num_groups: int,
     hi = [max_size] * num_groups if isinstance(max_size, int) else list(max_size)
     if sum(lo) > n or sum(hi) < n or any(a > b for a, b in zip(lo, hi)):
         raise ValueError(f"group size bounds {lo}..{hi} cannot hold {n} experts")
-    labels = labels.clone()
-    aff = affinity.double()
+    lab = labels.numpy().copy()
+    aff = affinity.double().numpy()
 
-    def affinity_to_group(expert: int, group: int) -> float:
-        members = (labels == group).nonzero().flatten()
-        return float(aff[expert, members].sum())
+    def to_groups(expert: int) -> np.ndarray:  # [G]: affinity of one expert to every group
+        return np.bincount(lab[lab >= 0], weights=aff[expert, lab >= 0], minlength=num_groups)
 
     overflow: list[int] = []
     for group in range(num_groups):
-        members = (labels == group).nonzero().flatten().tolist()
-        while len(members) > hi[group]:
-            weakest = min(members, key=lambda e: affinity_to_group(e, group))
-            members.remove(weakest)
-            labels[weakest] = -1
+        members = np.flatnonzero(lab == group)
+        while members.size > hi[group]:
+            weakest = int(members[np.argmin(aff[np.ix_(members, members)].sum(1))])
+            lab[weakest] = -1
             overflow.append(weakest)
+            members = members[members != weakest]
     # Strongest-tied experts first, so they get their best group while it still has room.
     overflow.sort(key=lambda e: -float(aff[e].sum()))
     for expert in overflow:
-        sizes = torch.bincount(labels[labels >= 0], minlength=num_groups)
-        open_groups = [g for g in range(num_groups) if sizes[g] < hi[g]]
-        labels[expert] = max(open_groups, key=lambda g: (affinity_to_group(expert, g), -int(sizes[g])))
+        sizes = np.bincount(lab[lab >= 0], minlength=num_groups)
+        gain = to_groups(expert)
+        open_groups = np.flatnonzero(sizes < np.asarray(hi))
+        # Highest affinity, then the smaller group.
+        lab[expert] = int(open_groups[np.lexsort((sizes[open_groups], -gain[open_groups]))[0]])
     for group in range(num_groups):
-        while int((labels == group).sum()) < lo[group]:
-            sizes = torch.bincount(labels, minlength=num_groups)
+        while int((lab == group).sum()) < lo[group]:
+            sizes = np.bincount(lab, minlength=num_groups)
             donors = [g for g in range(num_groups) if sizes[g] > lo[g] and g != group]
-            candidates = [e for e in range(n) if int(labels[e]) in donors]
+            candidates = np.flatnonzero(np.isin(lab, donors))
+            onehot = np.zeros((n, num_groups))
+            onehot[np.arange(n), lab] = 1.0
+            to_group = aff[candidates] @ onehot  # [c, G]
             # Move the expert that loses least affinity leaving its group and gains most joining this one.
-            best = max(candidates, key=lambda e: affinity_to_group(e, group) - affinity_to_group(e, int(labels[e])))
-            labels[best] = group
+            change = to_group[:, group] - to_group[np.arange(candidates.size), lab[candidates]]
+            lab[int(candidates[np.argmax(change)])] = group
+    labels = torch.as_tensor(lab, dtype=torch.int64)
     return labels
 
 
-def _take_best_step(lab: np.ndarray, move_gain: np.ndarray, swap_gain: np.ndarray, w: np.ndarray, cap: np.ndarray,
+def _take_best_step(lab: np.ndarray, move_gain: np.ndarray, swap_gain_fn, w: np.ndarray, cap: np.ndarray,
                     lo: np.ndarray, hi: np.ndarray, num_groups: int, min_gain: float) -> bool:
-    """Apply the best single move (move_gain [n, G]) or swap (swap_gain [n, n]) to labels `lab` in place.
+    """Apply the best single move (move_gain [n, G]) to labels `lab` in place, else the best swap
+    (swap_gain_fn() -> [n, n], computed only when no move qualifies: it is the costly part).
 
     While a group is over its load cap, the step that cuts the total excess most wins (ties: gain);
     afterwards, the step with the largest gain (> min_gain) that keeps every group under its cap.
@@ -100,32 +106,32 @@ def _take_best_step(lab: np.ndarray, move_gain: np.ndarray, swap_gain: np.ndarra
     group_load, sizes = onehot.T @ w, onehot.sum(0)
     over = np.maximum(group_load - cap, 0.0)
     total_over = over.sum()
+
+    def score(gain: np.ndarray, ok: np.ndarray, over_after: np.ndarray) -> np.ndarray:
+        if total_over > 1e-9:
+            return np.where(ok & (over_after < total_over - 1e-9), (total_over - over_after) * 1e9 + gain, -np.inf)
+        return np.where(ok & (over_after <= 1e-9) & (gain > min_gain), gain, -np.inf)
+
     new_from = group_load[lab][:, None] - w[:, None]
     new_to = group_load[None, :] + w[:, None]
     move_over = (total_over - over[lab][:, None] - over[None, :]
                  + np.maximum(new_from - cap[lab][:, None], 0) + np.maximum(new_to - cap[None, :], 0))
     move_ok = (sizes[lab][:, None] - 1 >= lo[lab][:, None]) & (sizes[None, :] + 1 <= hi[None, :])
     move_ok &= lab[:, None] != np.arange(num_groups)[None, :]
+    move_score = score(move_gain, move_ok, move_over)
+    if np.isfinite(move_score.max()):
+        e, b = np.unravel_index(int(move_score.argmax()), move_score.shape)
+        lab[e] = b
+        return True
     ga, gb = lab[:, None], lab[None, :]
     delta = w[None, :] - w[:, None]  # group of e gains w_f - w_e
     swap_over = (total_over - over[ga] - over[gb]
                  + np.maximum(group_load[ga] + delta - cap[ga], 0) + np.maximum(group_load[gb] - delta - cap[gb], 0))
-    swap_ok = ga != gb
-    if total_over > 1e-9:
-        move_score = np.where(move_ok & (move_over < total_over - 1e-9), (total_over - move_over) * 1e9 + move_gain, -np.inf)
-        swap_score = np.where(swap_ok & (swap_over < total_over - 1e-9), (total_over - swap_over) * 1e9 + swap_gain, -np.inf)
-    else:
-        move_score = np.where(move_ok & (move_over <= 1e-9) & (move_gain > min_gain), move_gain, -np.inf)
-        swap_score = np.where(swap_ok & (swap_over <= 1e-9) & (swap_gain > min_gain), swap_gain, -np.inf)
-    best_move, best_swap = move_score.max(), swap_score.max()
-    if not np.isfinite(max(best_move, best_swap)):
+    swap_score = score(swap_gain_fn(), ga != gb, swap_over)
+    if not np.isfinite(swap_score.max()):
         return False
-    if best_move >= best_swap:
-        e, b = np.unravel_index(int(move_score.argmax()), move_score.shape)
-        lab[e] = b
-    else:
-        e, f = np.unravel_index(int(swap_score.argmax()), swap_score.shape)
-        lab[e], lab[f] = lab[f], lab[e]
+    e, f = np.unravel_index(int(swap_score.argmax()), swap_score.shape)
+    lab[e], lab[f] = lab[f], lab[e]
     return True
 
 
@@ -146,7 +152,10 @@ def refine_by_moves(labels: torch.Tensor, affinity: torch.Tensor, load: torch.Te
         to_group = aff @ onehot  # [n, G] affinity of each expert to each group
         own = to_group[np.arange(n), lab]
         move_gain = to_group - own[:, None]
-        swap_gain = to_group[:, lab] - own[:, None] + to_group[:, lab].T - own[None, :] - 2.0 * aff
+
+        def swap_gain() -> np.ndarray:  # e <-> f: both moves, minus their own edge counted in both
+            return to_group[:, lab] - own[:, None] + to_group[:, lab].T - own[None, :] - 2.0 * aff
+
         if not _take_best_step(lab, move_gain, swap_gain, w, cap, lo, hi, num_groups, 1e-9):
             break
     return torch.as_tensor(lab, dtype=torch.int64)
@@ -174,8 +183,12 @@ def refine_by_token_moves(labels: torch.Tensor, hits: torch.Tensor, load: torch.
         join = m.T @ (per_group == 0).astype(np.float32)  # [n, G] tokens of e that start touching g
         move_gain = leave[:, None] - join
         # Swap e <-> f: both moves, minus what tokens holding both e and f counted twice.
-        only_own = only_one[:, lab] * m  # [S, n]: token holds e and e is alone in its group
-        swap_gain = move_gain[:, lab] + move_gain[:, lab].T - (only_own.T @ m + m.T @ only_own)
+
+        def swap_gain() -> np.ndarray:
+            only_own = only_one[:, lab] * m  # [S, n]: token holds e and e is alone in its group
+            both = only_own.T @ m  # [n, n]; its transpose is the same count seen from f
+            return move_gain[:, lab] + move_gain[:, lab].T - (both + both.T)
+
         if not _take_best_step(lab, move_gain, swap_gain, w, cap, lo, hi, num_groups, 0.5):
             break
     return torch.as_tensor(lab, dtype=torch.int64)
@@ -190,7 +203,9 @@ def balanced_labels(affinity: torch.Tensor, load: torch.Tensor, num_groups: int,
     n = affinity.shape[0]
     if num_groups <= 1:
         return torch.zeros(n, dtype=torch.int64)
-    start = spectral_labels(affinity, num_groups, seed) if float(affinity.sum()) > 0 else lpt_labels(load, num_groups)
+    # Spectral starts pay off for sizeable groups; for a few experts per group LPT starts just as well.
+    spectral = float(affinity.sum()) > 0 and n >= 4 * num_groups
+    start = spectral_labels(affinity, num_groups, seed) if spectral else lpt_labels(load, num_groups)
     start = repair_sizes(start, affinity, num_groups, min_size, max_size)
     target = [float(load.sum()) * s for s in load_share]
     labels = refine_by_moves(start, affinity, load, num_groups, min_size, max_size, target, load_slack)

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from grace_ds.planners.assemble import predict_loads
 from grace_ds.topology import Topology
 
 RECEIVER_CHOICES = ("least-loaded", "spread-nodes")
-SEARCH_ITERATIONS = 2  # weight/load fixed-point steps while searching; the final plan uses more
+SEARCH_ITERATIONS = 1  # fixed-point steps per trial, warm-started from the last plan's loads
+REFRESH_EVERY = 16  # greedy copies between full re-predictions of every expert
 
 
 def replicate_hot_experts(gpu_experts: list[list[int]], expert_load: torch.Tensor, topology: Topology,
@@ -69,12 +71,106 @@ def replicate_hot_experts(gpu_experts: list[list[int]], expert_load: torch.Tenso
                 continue
             trial_loads: list[list[float]] = []
             _, trial_load = predict_loads(expert_load, trial, topology, iterations=SEARCH_ITERATIONS,
-                                          copy_loads=trial_loads)
+                                          copy_loads=trial_loads, start_gpu_load=load)
             if float(trial_load.max()) < w_max * (1 - 1e-6):
                 lists, load, copy_loads, kept = trial, trial_load, trial_loads, True
                 break
         if not kept:
             break
         rounds += 1
+    primary = [[i < len(gpu_experts[g]) for i in range(len(lists[g]))] for g in range(num_gpus)]
+    return lists, primary
+
+
+def expert_gpu_loads(expert_load: float, copy_gpus: np.ndarray, gpu_weight: np.ndarray,
+                     node_of_gpu: np.ndarray) -> np.ndarray:
+    """[P]: pairs of one expert each GPU serves under the locality-aware router, tokens arriving evenly
+    from every GPU (the same rule as routing.candidate_weights, for one expert, in numpy)."""
+    num_gpus = node_of_gpu.shape[0]
+    sources = np.arange(num_gpus)
+    weight = gpu_weight[copy_gpus]  # [R]
+    local = sources[:, None] == copy_gpus[None, :]  # [P, R]
+    same_node = node_of_gpu[:, None] == node_of_gpu[copy_gpus][None, :]
+    allowed = np.where(local.any(1, keepdims=True), local,
+                       np.where(same_node.any(1, keepdims=True), same_node, True))
+    share = allowed * weight[None, :]
+    share /= share.sum(1, keepdims=True)
+    out = np.zeros(num_gpus)
+    np.add.at(out, copy_gpus, share.sum(0) * expert_load / num_gpus)
+    return out
+
+
+def replicate_greedy(gpu_experts: list[list[int]], expert_load: torch.Tensor, topology: Topology,
+                     capacity: int) -> tuple[list[list[int]], list[list[bool]]]:
+    """Ours: one copy at a time into the free slots, each the best single move.
+
+    While it can, a copy of one of the three hottest experts of the heaviest GPU (onto the least-loaded
+    free GPU of some node) that lowers the heaviest predicted load most; after that, the copy that
+    keeps most tokens on their own node (an expert's first copy on a node) without raising the
+    heaviest load. Loads are predicted for the locality-aware router; candidates are scored exactly
+    for the expert that changes, with the other experts' loads held (refreshed every few copies)."""
+    lists = [list(g) for g in gpu_experts]
+    num_gpus, num_experts = topology.num_gpus, expert_load.shape[0]
+    node_of_gpu = topology.node_of_gpu.numpy()
+    gpus_per_node = np.asarray(topology.gpus_per_node)
+    load_e = expert_load.double().numpy()
+    copies: list[list[int]] = [[] for _ in range(num_experts)]
+    for gpu, experts in enumerate(lists):
+        for e in experts:
+            copies[e].append(gpu)
+
+    def refresh() -> tuple[np.ndarray, np.ndarray]:
+        _, predicted = predict_loads(expert_load, lists, topology, iterations=SEARCH_ITERATIONS + 1)
+        predicted = predicted.numpy()
+        weight = 1.0 / np.maximum(predicted, max(predicted.mean() * 1e-3, 1e-12))
+        contrib = np.stack([expert_gpu_loads(load_e[e], np.asarray(copies[e]), weight, node_of_gpu)
+                            for e in range(num_experts)])  # [E, P]
+        return weight, contrib
+
+    gpu_weight, contrib = refresh()
+    since_refresh = 0
+    while True:
+        free = np.array([len(lists[g]) < capacity for g in range(num_gpus)])
+        if not free.any():
+            break
+        load = contrib.sum(0)
+        current_max = load.max()
+        heaviest = int(load.argmax())
+        hot = sorted(lists[heaviest], key=lambda e: -contrib[e, heaviest])[:3]
+        best = None  # (new max, -kept on node, expert, receiver, new contrib)
+        pool = hot if num_gpus > 1 else []
+        for phase in ("balance", "locality"):
+            if phase == "locality":
+                if best is not None:
+                    break
+                # Experts with the most pairs crossing nodes for lack of a copy on the source's node.
+                missing = np.array([gpus_per_node[[n for n in range(len(gpus_per_node))
+                                                   if n not in set(node_of_gpu[copies[e]].tolist())]].sum()
+                                    for e in range(num_experts)])
+                pool = [int(e) for e in np.argsort(-load_e * missing)[:3] if missing[e] > 0]
+            for e in pool:
+                held = set(copies[e])
+                for node in range(len(gpus_per_node)):
+                    options = [g for g in topology.gpus_of_node(node) if free[g] and g not in held]
+                    if not options:
+                        continue
+                    receiver = min(options, key=lambda g: load[g])
+                    trial_gpus = np.asarray(copies[e] + [receiver])
+                    new = expert_gpu_loads(load_e[e], trial_gpus, gpu_weight, node_of_gpu)
+                    new_max = (load - contrib[e] + new).max()
+                    kept = 0.0 if node in set(node_of_gpu[copies[e]].tolist()) else load_e[e] * gpus_per_node[node]
+                    ok = new_max < current_max * (1 - 1e-9) if phase == "balance" else (kept > 0 and new_max <= current_max * (1 + 1e-9))
+                    if ok and (best is None or (new_max, -kept) < best[:2]):
+                        best = (new_max, -kept, e, receiver, new)
+        if best is None:
+            break
+        _, _, e, receiver, new = best
+        lists[receiver].append(e)
+        copies[e].append(receiver)
+        contrib[e] = new
+        since_refresh += 1
+        if since_refresh >= REFRESH_EVERY:
+            gpu_weight, contrib = refresh()
+            since_refresh = 0
     primary = [[i < len(gpu_experts[g]) for i in range(len(lists[g]))] for g in range(num_gpus)]
     return lists, primary

@@ -1,0 +1,167 @@
+"""Token exchange for expert parallelism: flat, or hierarchical across nodes.
+
+Every exchange is a `Hop`: rows (token hidden states) go to ranks, each row at most once per rank
+however many of its (token, expert) pairs that rank serves; pairs travel beside the rows as small
+integer records. Results come back the same way, pre-reduced per row on the receiving rank.
+
+flat          one hop: each row goes straight to the GPU holding the chosen copy.
+hierarchical  hop 1 sends a row once per remote node, to the peer GPU with the same local index (and
+              directly to GPUs of its own node); hop 2 fans it out inside that node. The combine runs
+              backwards and sums a token's partial outputs on the node before they cross back.
+Each hop costs one all-to-all of split sizes (the only host synchronisation), then one of rows and
+one of pair records; the combine one more of rows. Works on gloo (CPU) and NCCL (GPU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from grace_ds.topology import Topology
+
+COMM_MODES = ("flat", "hierarchical", "auto")
+# Pair record columns (int64): row index within the sender's chunk for this rank, final GPU, local slot,
+# routing weight (float32 bits).
+_ROW, _TARGET, _SLOT, _WEIGHT = range(4)
+
+
+class _AllToAllRows(torch.autograd.Function):
+    """all_to_all_single with split sizes whose gradient is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
+        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+        out = rows.new_empty((sum(recv_splits),) + tuple(rows.shape[1:]))
+        dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        back = grad.new_empty((sum(ctx.send_splits),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
+        return back, None, None, None
+
+
+def all_to_all_rows(rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
+    return _AllToAllRows.apply(rows, send_splits, recv_splits, group)
+
+
+@dataclass
+class Hop:
+    """One exchange. After `Hop.send`, `rows` [M, H] and `pairs` [Q, 4] are what this rank received;
+    pairs[:, _ROW] indexes `rows`. `return_rows` sends per-received-row results back and gives the
+    sender per-sent-row sums, which `to_source_rows` folds onto the sender's own row indices."""
+
+    rows: torch.Tensor
+    pairs: torch.Tensor
+    sent_row_source: torch.Tensor  # [R_sent]: sender's row index of each sent row (in send order)
+    send_row_splits: list[int]
+    recv_row_splits: list[int]
+    group: object
+
+    @classmethod
+    def send(cls, rows: torch.Tensor, pair_row: torch.Tensor, pair_next: torch.Tensor, pair_target: torch.Tensor,
+             pair_slot: torch.Tensor, pair_weight: torch.Tensor, world: int, group) -> "Hop":
+        """rows [R, H]; per pair: the row it belongs to, the rank it goes to next, its final GPU, the
+        local slot there and its routing weight."""
+        device = rows.device
+        num_rows = rows.shape[0]
+        # One sent row per distinct (row, next rank), grouped by next rank.
+        key = pair_next * max(num_rows, 1) + pair_row
+        unique_keys, pair_to_sent = torch.unique(key, sorted=True, return_inverse=True)
+        sent_next = unique_keys // max(num_rows, 1)
+        sent_source = unique_keys % max(num_rows, 1)
+        row_counts = torch.bincount(sent_next, minlength=world)
+        chunk_start = torch.cumsum(row_counts, 0) - row_counts
+        pair_order = torch.argsort(pair_next, stable=True)
+        pair_counts = torch.bincount(pair_next, minlength=world)
+        records = torch.stack([pair_to_sent - chunk_start[pair_next], pair_target, pair_slot,
+                               pair_weight.float().view(torch.int32).long()], 1)[pair_order]
+        counts = torch.stack([row_counts, pair_counts], 1)
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=group)
+        send_rows, send_pairs = counts.T.tolist()  # the one host synchronisation of this hop
+        recv_rows, recv_pairs = recv_counts.T.tolist()
+        received_rows = all_to_all_rows(rows[sent_source], send_rows, recv_rows, group)
+        received_pairs = records.new_empty((sum(recv_pairs), 4))
+        dist.all_to_all_single(received_pairs, records.contiguous(), recv_pairs, send_pairs, group=group)
+        # Row index within the source's chunk -> index into received_rows.
+        row_offset = torch.cumsum(torch.tensor(recv_rows, device=device), 0) - torch.tensor(recv_rows, device=device)
+        source = torch.repeat_interleave(torch.arange(world, device=device), torch.tensor(recv_pairs, device=device))
+        received_pairs[:, _ROW] += row_offset[source]
+        return cls(received_rows, received_pairs, sent_source, send_rows, recv_rows, group)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return self.pairs[:, _WEIGHT].int().view(torch.float32)
+
+    def return_rows(self, results: torch.Tensor, num_source_rows: int) -> torch.Tensor:
+        """results [M, H] per received row -> [num_source_rows, H] summed per sender row."""
+        back = all_to_all_rows(results, self.recv_row_splits, self.send_row_splits, self.group)
+        out = back.new_zeros((num_source_rows,) + tuple(back.shape[1:]))
+        return out.index_add(0, self.sent_row_source, back)
+
+
+ExpertCompute = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows [M, H], local slot [M]) -> [M, H]
+
+
+def _compute_pairs(rows: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, compute: ExpertCompute) -> torch.Tensor:
+    """Weighted expert outputs of `pairs`, summed per row of `rows`."""
+    out = rows.new_zeros(rows.shape)
+    if pairs.shape[0] == 0:
+        return out + 0.0 * rows.sum()  # keeps the graph connected for backward on idle ranks
+    row = pairs[:, _ROW]
+    expert_out = compute(rows[row], pairs[:, _SLOT])
+    return out.index_add(0, row, (expert_out * weights.unsqueeze(-1).to(expert_out.dtype)).to(out.dtype))
+
+
+def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
+                         slots_per_gpu: int, topology: Topology, rank: int, compute: ExpertCompute,
+                         mode: str = "flat", group=None) -> torch.Tensor:
+    """hidden [N, H] this rank's tokens; slot_ids [N, k] physical slots chosen by the replica router;
+    topk_weights [N, k] the gate's weights. Returns sum_k weight * expert(hidden) per token, [N, H]."""
+    world = topology.num_gpus
+    device = hidden.device
+    num_tokens, top_k = slot_ids.shape
+    pair_row = torch.arange(num_tokens, device=device).repeat_interleave(top_k)
+    flat_slots = slot_ids.reshape(-1)
+    target = flat_slots // slots_per_gpu
+    local_slot = flat_slots % slots_per_gpu
+    weight = topk_weights.reshape(-1)
+    node_of_gpu = topology.node_of_gpu.to(device)
+    if mode == "flat" or topology.num_nodes == 1:
+        hop = Hop.send(hidden, pair_row, target, target, local_slot, weight, world, group)
+        results = _compute_pairs(hop.rows, hop.pairs, hop.weights, compute)
+        return hop.return_rows(results, num_tokens)
+    if mode != "hierarchical":
+        raise ValueError(f"communication mode must be flat or hierarchical here, got {mode!r}")
+    # Hop 1: same-node targets directly, other nodes through the peer with this rank's local index.
+    first_gpu = topology.first_gpu_of_node.to(device)
+    per_node = torch.tensor(topology.gpus_per_node, device=device)
+    my_local = int(topology.local_index_of_gpu[rank])
+    target_node = node_of_gpu[target]
+    peer = first_gpu[target_node] + my_local % per_node[target_node]
+    next_rank = torch.where(target_node == node_of_gpu[rank], target, peer)
+    hop1 = Hop.send(hidden, pair_row, next_rank, target, local_slot, weight, world, group)
+    here = hop1.pairs[:, _TARGET] == rank
+    results = _compute_pairs(hop1.rows, hop1.pairs[here], hop1.weights[here], compute)
+    # Hop 2: fan the rows that came across out to their GPUs inside this node.
+    onward = hop1.pairs[~hop1.pairs[:, _TARGET].eq(rank)]
+    hop2 = Hop.send(hop1.rows, onward[:, _ROW], onward[:, _TARGET], onward[:, _TARGET], onward[:, _SLOT],
+                    onward[:, _WEIGHT].int().view(torch.float32), world, group)
+    results2 = _compute_pairs(hop2.rows, hop2.pairs, hop2.weights, compute)
+    # Pre-reduce on this node: fan-out results join this rank's own before crossing back.
+    results = results + hop2.return_rows(results2, hop1.rows.shape[0])
+    return hop1.return_rows(results, num_tokens)
+
+
+def choose_mode(mode: str, topology: Topology) -> str:
+    """`auto`: hierarchical when there is more than one node and more than one GPU per node (it then
+    cuts cross-node copies, see the simulator); flat otherwise, where it would only add a hop."""
+    if mode not in COMM_MODES:
+        raise ValueError(f"communication mode must be one of {COMM_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "hierarchical" if topology.num_nodes > 1 and max(topology.gpus_per_node) > 1 else "flat"

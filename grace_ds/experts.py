@@ -1,0 +1,63 @@
+"""This rank's expert slots, stored fused like transformers 5.x experts, computed as a grouped GEMM."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+class SlotExperts(nn.Module):
+    """gate_up_proj [U, 2I, H], down_proj [U, H, I] for the U occupied of this rank's S slots;
+    slot_expert [S] the logical expert in each slot (-1: empty, holds no weights).
+    forward(rows [M, H], slot [M]) -> act(rows W_gate) * (rows W_up) W_down per row."""
+
+    def __init__(self, slot_expert: torch.Tensor, hidden_size: int, intermediate_size: int,
+                 act_fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        used = slot_expert >= 0
+        num_slots = int(used.sum())
+        row_of_slot = torch.full_like(slot_expert, -1, dtype=torch.long)
+        row_of_slot[used] = torch.arange(num_slots)
+        self.register_buffer("row_of_slot", row_of_slot.to(device), persistent=False)
+        self.gate_up_proj = nn.Parameter(torch.zeros(num_slots, 2 * intermediate_size, hidden_size, dtype=dtype,
+                                                     device=device))
+        self.down_proj = nn.Parameter(torch.zeros(num_slots, hidden_size, intermediate_size, dtype=dtype, device=device))
+        self.register_buffer("slot_expert", slot_expert.clone().long().to(device), persistent=False)
+        self.act_fn = act_fn
+
+    @classmethod
+    def from_fused(cls, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, slot_expert: torch.Tensor,
+                   act_fn: Callable[[torch.Tensor], torch.Tensor]) -> "SlotExperts":
+        """Copy the slots' experts out of all experts' fused tensors [E, 2I, H] and [E, H, I]."""
+        num_experts, two_i, hidden = gate_up_proj.shape
+        module = cls(slot_expert, hidden, two_i // 2, act_fn, gate_up_proj.dtype, gate_up_proj.device)
+        held = slot_expert[slot_expert >= 0]
+        with torch.no_grad():
+            module.gate_up_proj.copy_(gate_up_proj[held])
+            module.down_proj.copy_(down_proj[held])
+        return module
+
+    def forward(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        num_slots = self.gate_up_proj.shape[0]
+        slot = self.row_of_slot[slot]
+        order = torch.argsort(slot, stable=True)
+        x = rows[order]
+        counts = torch.bincount(slot, minlength=num_slots)
+        if _HAS_GROUPED_MM and x.shape[0] > 0 and x.dtype in (torch.float32, torch.bfloat16):
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            gate, up = F.grouped_mm(x, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            out = F.grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+        else:  # a loop over slots where grouped GEMM is missing
+            out = x.new_empty(x.shape)
+            for s, (start, end) in enumerate(zip((torch.cumsum(counts, 0) - counts).tolist(), torch.cumsum(counts, 0).tolist())):
+                if end > start:
+                    gate, up = F.linear(x[start:end], self.gate_up_proj[s]).chunk(2, dim=-1)
+                    out[start:end] = F.linear(self.act_fn(gate) * up, self.down_proj[s])
+        result = torch.empty_like(out)
+        result[order] = out
+        return result

@@ -1,0 +1,72 @@
+"""Profiling hooks: record per-layer expert load and co-activation during any forward, then reduce
+across ranks into a RoutingProfile. Counting stays on the device (one scatter and one small matmul per
+layer call); nothing leaves the device until `to_profile`."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from grace_ds.profile import DEFAULT_SAMPLE_TOKENS, RoutingProfile
+
+
+class RoutingRecorder:
+    """Accumulates load [L, E], co-activation [L, E, E], token counts [L] and the first sampled top-k sets."""
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, device: torch.device | str = "cpu",
+                 model_name: str = "unknown", layer_names: list[str] | None = None,
+                 sample_tokens: int = DEFAULT_SAMPLE_TOKENS) -> None:
+        self.num_experts, self.top_k, self.model_name = num_experts, top_k, model_name
+        self.layer_names = layer_names or [f"layer_{i}" for i in range(num_layers)]
+        self.load = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
+        self.coactivation = torch.zeros(num_layers, num_experts, num_experts, dtype=torch.float64, device=device)
+        self.tokens = torch.zeros(num_layers, dtype=torch.int64, device=device)
+        self.sample_tokens = sample_tokens
+        self.samples: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self._handles: list = []
+        self.enabled = True
+
+    def observe(self, layer: int, top_k_index: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        ids = top_k_index.detach().reshape(-1, top_k_index.shape[-1]).long()
+        hits = torch.zeros(ids.shape[0], self.num_experts, dtype=torch.float32, device=ids.device)
+        hits.scatter_(1, ids, 1.0)
+        hits = hits.to(self.load.device)
+        self.load[layer] += hits.sum(0).double()
+        self.coactivation[layer] += (hits.T @ hits).double()
+        self.tokens[layer] += ids.shape[0]
+        kept = sum(s.shape[0] for s in self.samples[layer])
+        if kept < self.sample_tokens:
+            self.samples[layer].append(ids[: self.sample_tokens - kept].cpu())
+
+    def attach_to_routers(self, blocks: list[tuple[str, nn.Module]]) -> "RoutingRecorder":
+        """Forward hooks on each transformers MoE block's router, whose output is (logits, weights, index)."""
+        for layer, (_, block) in enumerate(blocks):
+            router = getattr(block, "gate", None) or getattr(block, "router")
+
+            def hook(module, inputs, output, layer=layer):
+                self.observe(layer, output[2])
+
+            self._handles.append(router.register_forward_hook(hook))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def to_profile(self, group=None, reduce: bool = True) -> RoutingProfile:
+        """Sum over all ranks of `group` (with `reduce` and torch.distributed up) into one profile; sampled
+        top-k sets are this rank's."""
+        load, coactivation, tokens = self.load.clone(), self.coactivation.clone(), self.tokens.clone()
+        if reduce and dist.is_available() and dist.is_initialized():
+            for tensor in (load, coactivation, tokens):
+                dist.all_reduce(tensor, group=group)
+        coactivation.diagonal(dim1=1, dim2=2).zero_()
+        depth = min((sum(s.shape[0] for s in layer) for layer in self.samples), default=0)
+        sample = None
+        if depth > 0:
+            sample = torch.stack([torch.cat(layer)[:depth] for layer in self.samples], 1)
+        return RoutingProfile(load.cpu(), coactivation.cpu(), tokens.cpu(), self.top_k, self.model_name,
+                              list(self.layer_names), sample)

@@ -1,0 +1,60 @@
+"""The GRACE expert-parallel MoE computation: logical picks -> physical copies -> exchange -> experts.
+
+`GraceExperts` is a drop-in for the `experts` module of a transformers 5.x sparse MoE block (same call:
+hidden [N, H], top_k_index [N, k], top_k_weights [N, k] -> [N, H]); the block's own gate, shared
+experts and reshapes stay untouched, so outputs equal the unmodified model's up to summation order.
+The DeepSpeed layer (grace_ds.deepspeed_moe) reuses `route_and_compute`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from grace_ds.dispatch import ExpertCompute, choose_mode, exchange_and_compute
+from grace_ds.plan import PlacementPlan
+from grace_ds.routing import ReplicaRouter
+
+RoutingObserver = Callable[[int, torch.Tensor], None]  # (plan layer, top_k_index [N, k]) -> None
+
+
+class GraceRuntime:
+    """What every GRACE layer of one model shares: the plan, this rank, its router and process group."""
+
+    def __init__(self, plan: PlacementPlan, rank: int, group=None, router_policy: str = "tar",
+                 comm_mode: str = "auto", router_sampling: str = "swrr", device: torch.device | str = "cpu") -> None:
+        self.plan, self.rank, self.group = plan, rank, group
+        self.comm_mode = choose_mode(comm_mode, plan.topology)
+        self.router = ReplicaRouter(plan, router_policy, source_gpus=[rank], sampling=router_sampling,
+                                    device=device)
+        self.observers: list[RoutingObserver] = []
+
+    def local_slots(self, layer: int) -> torch.Tensor:
+        """[S] logical expert held in each of this rank's slots of `layer` (-1: empty)."""
+        return self.plan.slot_expert[layer, self.rank]
+
+    def route_and_compute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                          top_k_weights: torch.Tensor, compute: ExpertCompute) -> torch.Tensor:
+        for observe in self.observers:
+            observe(layer, top_k_index)
+        slots = self.router.route(layer, top_k_index, self.rank)
+        return exchange_and_compute(hidden, slots, top_k_weights, self.plan.slots_per_gpu, self.plan.topology,
+                                    self.rank, compute, self.comm_mode, self.group)
+
+
+class GraceExperts(nn.Module):
+    """Replaces a transformers MoE block's `experts`; holds only this rank's slots (replicas included)."""
+
+    def __init__(self, runtime: GraceRuntime, layer: int, slots: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.slots = slots
+        self._runtime = runtime  # shared, not a submodule: nothing of it is a parameter
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return self._runtime.route_and_compute(self.layer, hidden_states, top_k_index, top_k_weights, self.slots)
+
+    def extra_repr(self) -> str:
+        held = self._runtime.local_slots(self.layer)
+        return f"layer={self.layer}, rank={self._runtime.rank}, slots={held[held >= 0].tolist()}"

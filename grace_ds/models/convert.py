@@ -1,0 +1,66 @@
+"""Find the sparse MoE blocks of a transformers 5.x model and give them GRACE experts.
+
+In transformers 5.x every supported family keeps its routed experts fused in `block.experts`
+(`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`) and calls them as experts(hidden, top_k_index,
+top_k_weights); the router (`block.gate`) returns (logits, top_k_weights, top_k_index). Shared experts
+and dense layers are left as they are and stay on every rank.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from grace_ds.errors import GraceInputError
+from grace_ds.experts import SlotExperts
+from grace_ds.layer import GraceExperts, GraceRuntime
+
+# Block class name -> model family, for the families tested here.
+SUPPORTED_BLOCKS = {
+    "MixtralSparseMoeBlock": "mixtral",
+    "Qwen2MoeSparseMoeBlock": "qwen2_moe",
+    "Qwen3MoeSparseMoeBlock": "qwen3_moe",
+    "OlmoeSparseMoeBlock": "olmoe",
+    "DeepseekV2Moe": "deepseek_v2",
+    "DeepseekV3MoE": "deepseek_v3",
+}
+
+
+def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(module name, block) of each sparse MoE block, in model order."""
+    found = []
+    for name, module in model.named_modules():
+        if type(module).__name__ in SUPPORTED_BLOCKS:
+            experts = getattr(module, "experts", None)
+            if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor) or experts.gate_up_proj.dim() != 3:
+                raise GraceInputError(f"{name}: {type(module).__name__} has no fused experts.gate_up_proj [E, 2I, H]; "
+                                      f"transformers 5.x is required")
+            found.append((name, module))
+        elif isinstance(getattr(module, "experts", None), nn.Module) and hasattr(module.experts, "gate_up_proj") \
+                and type(module).__name__ not in SUPPORTED_BLOCKS and not isinstance(module.experts, GraceExperts):
+            raise GraceInputError(f"{name}: MoE block {type(module).__name__} is not supported "
+                                  f"(supported: {sorted(SUPPORTED_BLOCKS)})")
+    return found
+
+
+def top_k_of(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for key in ("num_experts_per_tok", "moe_top_k", "top_k"):
+        if config is not None and isinstance(getattr(config, key, None), int):
+            return int(getattr(config, key))
+    raise GraceInputError("cannot tell the model's top-k from its config (num_experts_per_tok)")
+
+
+def convert_model(model: nn.Module, runtime: GraceRuntime) -> nn.Module:
+    """Replace every MoE block's experts by GraceExperts holding this rank's slots; frees the rest."""
+    blocks = find_moe_blocks(model)
+    plan = runtime.plan
+    if not blocks:
+        raise GraceInputError(f"no supported sparse MoE block found in {type(model).__name__}")
+    num_experts = int(blocks[0][1].experts.gate_up_proj.shape[0])
+    plan.check_matches(num_experts, len(blocks), top_k_of(model), None, "placement plan")
+    for layer, (name, block) in enumerate(blocks):
+        old = block.experts
+        slots = SlotExperts.from_fused(old.gate_up_proj, old.down_proj, runtime.local_slots(layer), old.act_fn)
+        block.experts = GraceExperts(runtime, layer, slots)
+        del old
+    return model

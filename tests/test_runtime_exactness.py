@@ -1,0 +1,47 @@
+"""GRACE layers give the unmodified transformers model's outputs on 1, 2 and 4 gloo ranks (4 also as
+2 logical nodes x 2), for every policy, router and communication mode."""
+import json
+import socket
+
+import pytest
+import torch.multiprocessing as mp
+
+from tests import distributed_worker
+from tests.tiny_models import FAMILIES
+
+POLICIES = ["contiguous", "eplb", "uniform-affinity", "grace"]
+ROUTERS = ["tar", "wrr", "static", "modulo"]
+TOLERANCE = 1e-5  # relative, fp32; only summation order differs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(world: int, nodes: int, checks: dict, tmp_path) -> list[dict]:
+    spec = json.dumps({"families": list(checks), "checks": checks})
+    mp.spawn(distributed_worker.main, args=(world, nodes, free_port(), str(tmp_path), spec), nprocs=world, join=True)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def every_combination(modes):
+    return {"policies": POLICIES, "routers": ROUTERS, "modes": modes}
+
+
+@pytest.mark.parametrize("world, nodes", [(1, 1), (2, 1), (4, 1), (4, 2)], ids=["1rank", "2ranks", "4ranks", "2x2"])
+def test_outputs_match_the_unmodified_model(world, nodes, tmp_path):
+    modes = ["flat", "hierarchical"] if nodes > 1 else ["flat"]
+    # OLMoE gets every policy x router x mode; the other families every policy with tar.
+    checks = {family: ({"policies": POLICIES, "routers": ["tar"], "modes": modes} if family != "olmoe"
+                       else every_combination(modes)) for family in FAMILIES}
+    reports = run(world, nodes, checks, tmp_path)
+    for rank, report in enumerate(reports):
+        for family, result in report.items():
+            worst = max(result["errors"].items(), key=lambda kv: kv[1])
+            assert worst[1] < TOLERANCE, f"rank {rank} {family} {worst[0]}: relative error {worst[1]:.2e}"
+            assert result["expert_params_held"] == result["expert_params_expected"]
+            assert not result["fused_left"], result["fused_left"]
+            if world > 1:
+                assert result["expert_params_held"] < result["full_expert_params"]
