@@ -21,3 +21,10 @@ def tiny_trace(tokens: int = 64, layers: int = 2, experts: int = 8, top_k: int =
     for layer in range(layers):
         out[:, layer] = torch.multinomial(weights.expand(tokens, -1), top_k, generator=gen)
     return out
+
+# Same defaults as scripts/env.sh, for a bare `pytest` too; spawned ranks inherit them.
+import os  # noqa: E402
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -18,7 +18,7 @@ from grace_ds.layer import GraceExperts, GraceRuntime  # noqa: E402
 from grace_ds.models import convert_model, find_moe_blocks  # noqa: E402
 from grace_ds.planners import make_plan  # noqa: E402
 from grace_ds.topology import Topology  # noqa: E402
-from tests.tiny_models import FAMILIES, tiny_model  # noqa: E402
+from tests.tiny_models import tiny_model  # noqa: E402
 
 SEQUENCES_PER_RANK, SEQUENCE_LENGTH = 2, 12
 
@@ -67,8 +67,66 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str, spec: str) 
         topology = Topology.uniform(nodes, world // nodes)
         config = json.loads(spec)
         report = {family: check_family(family, rank, world, topology, **config["checks"][family])
-                  for family in config["families"]}
+                  for family in config.get("families", [])}
+        if "deepspeed" in config:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo")  # wraps the process group made above
+            report["deepspeed"] = check_deepspeed(rank, world, topology, **config["deepspeed"])
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+class ExpertMLP(torch.nn.Module):
+    """A plain expert, as DeepSpeed-MoE users write them."""
+
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(hidden, inner)
+        self.fc2 = torch.nn.Linear(inner, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+def check_deepspeed(rank: int, world: int, topology: Topology, policies, ks) -> dict:
+    """GraceMoE against deepspeed.moe.layer.MoE (drop_tokens=False, no 2nd-expert sampling), same weights."""
+    import deepspeed
+    from deepspeed.moe.layer import MoE
+
+    from grace_ds.deepspeed_moe import GraceMoE
+    from grace_ds.profile import RoutingProfile
+
+    hidden, inner, num_experts = 16, 24, 8
+    torch.manual_seed(3)
+    experts = [ExpertMLP(hidden, inner).state_dict() for _ in range(num_experts)]
+    gate_weight = torch.randn(num_experts, hidden)
+    inputs = torch.randn(world, 2, 10, hidden)  # every rank's batch, so profiles agree everywhere
+    results = {}
+    for k in ks:
+        reference = MoE(hidden, ExpertMLP(hidden, inner), num_experts, ep_size=world, k=k, drop_tokens=False,
+                        top2_2nd_expert_sampling=False).eval()
+        reference.set_deepspeed_parallelism()
+        per_rank = num_experts // world
+        with torch.no_grad():
+            reference.deepspeed_moe.gate.wg.weight.copy_(gate_weight)
+            for local, module in enumerate(reference.deepspeed_moe.experts.deepspeed_experts):
+                module.load_state_dict(experts[rank * per_rank + local])
+            expected = reference(inputs[rank])[0]
+        topk_ids = torch.topk(inputs.reshape(-1, hidden) @ gate_weight.T, k, dim=-1).indices
+        profile = RoutingProfile.from_topk_ids(topk_ids.view(-1, 1, k), num_experts)
+        for policy in policies:
+            for mode in (["flat", "hierarchical"] if topology.num_nodes > 1 else ["flat"]):
+                plan = make_plan(policy, profile, topology, replica_slots=1)
+                layer = GraceMoE(hidden, ExpertMLP(hidden, inner), num_experts, GraceRuntime(plan, rank, None, "tar", mode),
+                                 layer=0, k=k).eval()
+                layer.set_deepspeed_parallelism()
+                with torch.no_grad():
+                    layer.deepspeed_moe.gate.wg.weight.copy_(gate_weight)
+                    layer.deepspeed_moe.load_logical_experts(experts)
+                    out, l_aux, counts = layer(inputs[rank])
+                results[f"k{k}/{policy}/{mode}"] = relative_error(out, expected)
+    deepspeed.comm.barrier()
+    return {"errors": results}

@@ -1,5 +1,6 @@
-"""GRACE layers give the unmodified transformers model's outputs on 1, 2 and 4 gloo ranks (4 also as
-2 logical nodes x 2), for every policy, router and communication mode."""
+"""GRACE layers give the unmodified model's outputs on 1, 2 and 4 gloo ranks (4 also as 2 logical nodes
+x 2), for every policy, router and communication mode: transformers MoE blocks of six families, and
+GraceMoE against DeepSpeed's own MoE layer."""
 import json
 import socket
 
@@ -20,8 +21,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(world: int, nodes: int, checks: dict, tmp_path) -> list[dict]:
-    spec = json.dumps({"families": list(checks), "checks": checks})
+def run(world: int, nodes: int, checks: dict, tmp_path, deepspeed: dict | None = None) -> list[dict]:
+    spec = json.dumps({"families": list(checks), "checks": checks, **({"deepspeed": deepspeed} if deepspeed else {})})
     mp.spawn(distributed_worker.main, args=(world, nodes, free_port(), str(tmp_path), spec), nprocs=world, join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
@@ -36,8 +37,12 @@ def test_outputs_match_the_unmodified_model(world, nodes, tmp_path):
     # OLMoE gets every policy x router x mode; the other families every policy with tar.
     checks = {family: ({"policies": POLICIES, "routers": ["tar"], "modes": modes} if family != "olmoe"
                        else every_combination(modes)) for family in FAMILIES}
-    reports = run(world, nodes, checks, tmp_path)
+    reports = run(world, nodes, checks, tmp_path, deepspeed={"policies": POLICIES, "ks": [1, 2]})
     for rank, report in enumerate(reports):
+        ds_errors = report.pop("deepspeed")["errors"]
+        worst = max(ds_errors.items(), key=lambda kv: kv[1])
+        assert worst[1] < TOLERANCE, f"rank {rank} GraceMoE vs DeepSpeed MoE {worst[0]}: relative error {worst[1]:.2e}"
+        assert len(ds_errors) == 2 * len(POLICIES) * (2 if nodes > 1 else 1)
         for family, result in report.items():
             worst = max(result["errors"].items(), key=lambda kv: kv[1])
             assert worst[1] < TOLERANCE, f"rank {rank} {family} {worst[0]}: relative error {worst[1]:.2e}"
