@@ -61,6 +61,8 @@ def check_family(family: str, rank: int, world: int, topology: Topology, policie
 
 def main(rank: int, world: int, nodes: int, port: int, out_dir: str, spec: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Logical nodes on one host: the topology probe reads this instead of the host name.
+    os.environ["GRACE_HOSTNAME"] = f"node{rank // (world // nodes)}"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -73,6 +75,8 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str, spec: str) 
 
             deepspeed.init_distributed(dist_backend="gloo")  # wraps the process group made above
             report["deepspeed"] = check_deepspeed(rank, world, topology, **config["deepspeed"])
+            if config.get("init_inference"):
+                report["init_inference"] = check_init_inference(rank, world, topology, out_dir)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
         dist.barrier()
     finally:
@@ -130,3 +134,41 @@ def check_deepspeed(rank: int, world: int, topology: Topology, policies, ks) -> 
                 results[f"k{k}/{policy}/{mode}"] = relative_error(out, expected)
     deepspeed.comm.barrier()
     return {"errors": results}
+
+
+def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str) -> dict:
+    """grace_ds.init_inference with a DeepSpeed config dict holding the grace_moe section."""
+    import grace_ds.deepspeed as grace_deepspeed
+    from grace_ds.errors import GraceInputError
+
+    reference = tiny_model("olmoe")
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (world * SEQUENCES_PER_RANK, SEQUENCE_LENGTH))
+    blocks = find_moe_blocks(reference)
+    recorder = RoutingRecorder(len(blocks), 8, 2).attach_to_routers(blocks)
+    with torch.no_grad():
+        ref_logits = reference(ids).logits
+    recorder.detach()
+    plan_path = Path(out_dir, "plan.json")
+    if rank == 0:
+        make_plan("grace", recorder.to_profile(reduce=False), topology, 1).save(plan_path)
+    dist.barrier()
+    config = {"dtype": torch.float32, "replace_with_kernel_inject": False,
+              "grace_moe": {"plan": str(plan_path), "profiling": True}}
+    engine = grace_deepspeed.init_inference(copy.deepcopy(reference), config)
+    mine = slice(rank * SEQUENCES_PER_RANK, (rank + 1) * SEQUENCES_PER_RANK)
+    with torch.no_grad():
+        out = engine(ids[mine]).logits
+    profile_path = grace_deepspeed.save_profile(engine, Path(out_dir, "served.safetensors"))
+    # A plan for another job shape is refused with one clear message.
+    wrong = Path(out_dir, "wrong.json")
+    if rank == 0:
+        make_plan("grace", recorder.to_profile(reduce=False), Topology.uniform(1, 1), 1).save(wrong)
+    dist.barrier()
+    try:
+        grace_deepspeed.init_inference(copy.deepcopy(reference), {"dtype": torch.float32, "grace_moe": {"plan": str(wrong)}})
+        refused = ""
+    except GraceInputError as error:
+        refused = str(error)
+    return {"error": relative_error(out, ref_logits[mine]), "topology": list(engine.grace_runtime.plan.topology.gpus_per_node),
+            "profile": str(profile_path), "refused": refused}

@@ -21,8 +21,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(world: int, nodes: int, checks: dict, tmp_path, deepspeed: dict | None = None) -> list[dict]:
-    spec = json.dumps({"families": list(checks), "checks": checks, **({"deepspeed": deepspeed} if deepspeed else {})})
+def run(world: int, nodes: int, checks: dict, tmp_path, deepspeed: dict | None = None,
+        init_inference: bool = False) -> list[dict]:
+    spec = json.dumps({"families": list(checks), "checks": checks, "init_inference": init_inference,
+                       **({"deepspeed": deepspeed} if deepspeed else {})})
     mp.spawn(distributed_worker.main, args=(world, nodes, free_port(), str(tmp_path), spec), nprocs=world, join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
@@ -37,8 +39,14 @@ def test_outputs_match_the_unmodified_model(world, nodes, tmp_path):
     # OLMoE gets every policy x router x mode; the other families every policy with tar.
     checks = {family: ({"policies": POLICIES, "routers": ["tar"], "modes": modes} if family != "olmoe"
                        else every_combination(modes)) for family in FAMILIES}
-    reports = run(world, nodes, checks, tmp_path, deepspeed={"policies": POLICIES, "ks": [1, 2]})
+    reports = run(world, nodes, checks, tmp_path, deepspeed={"policies": POLICIES, "ks": [1, 2]},
+                  init_inference=True)
     for rank, report in enumerate(reports):
+        served = report.pop("init_inference")
+        assert served["error"] < TOLERANCE
+        assert served["topology"] == [world // nodes] * nodes, "topology found from the ranks' host names"
+        assert "plan is for 1 nodes x 1 GPUs" in served["refused"] or world == 1
+        assert (tmp_path / "served.safetensors").exists()
         ds_errors = report.pop("deepspeed")["errors"]
         worst = max(ds_errors.items(), key=lambda kv: kv[1])
         assert worst[1] < TOLERANCE, f"rank {rank} GraceMoE vs DeepSpeed MoE {worst[0]}: relative error {worst[1]:.2e}"

@@ -26,11 +26,14 @@ SUPPORTED_BLOCKS = {
 
 
 def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(module name, block) of each sparse MoE block, in model order."""
+    """(module name, block) of each sparse MoE block, in model order (converted ones included)."""
     found = []
     for name, module in model.named_modules():
         if type(module).__name__ in SUPPORTED_BLOCKS:
             experts = getattr(module, "experts", None)
+            if isinstance(experts, GraceExperts):  # already converted
+                found.append((name, module))
+                continue
             if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor) or experts.gate_up_proj.dim() != 3:
                 raise GraceInputError(f"{name}: {type(module).__name__} has no fused experts.gate_up_proj [E, 2I, H]; "
                                       f"transformers 5.x is required")
@@ -54,6 +57,8 @@ def convert_model(model: nn.Module, runtime: GraceRuntime) -> nn.Module:
     """Replace every MoE block's experts by GraceExperts holding this rank's slots; frees the rest."""
     blocks = find_moe_blocks(model)
     plan = runtime.plan
+    if any(isinstance(block.experts, GraceExperts) for _, block in blocks):
+        raise GraceInputError("the model is already converted to GRACE experts")
     if not blocks:
         raise GraceInputError(f"no supported sparse MoE block found in {type(model).__name__}")
     num_experts = int(blocks[0][1].experts.gate_up_proj.shape[0])

@@ -1,0 +1,171 @@
+"""DeepSpeed integration: the `"grace_moe"` section of a DeepSpeed JSON, `init_inference` and `initialize`.
+
+    {"dtype": "fp32", "grace_moe": {"plan": "plan.json", "router": "tar", "communication": "auto"}}
+
+`init_inference` pops the section, calls deepspeed.init_inference with the rest (dtype, ...), then gives
+the model's sparse MoE blocks GRACE experts for this rank and wires the process group itself (DeepSpeed
+0.19 leaves MoE groups unset in inference). `initialize` (training) switches the profiling hooks on.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+from pydantic import Field, ValidationError, model_validator
+
+from grace_ds.errors import GraceInputError
+from grace_ds.hooks import RoutingRecorder
+from grace_ds.layer import GraceRuntime
+from grace_ds.models import convert_model, find_moe_blocks
+from grace_ds.models.convert import top_k_of
+from grace_ds.plan import PlacementPlan
+from grace_ds.topology import LinkModel, Topology
+
+SECTION = "grace_moe"
+
+
+class GraceMoEConfig(DeepSpeedConfigModel):
+    """The `grace_moe` section (DeepSpeed conventions: pydantic, unknown keys rejected)."""
+
+    enabled: bool = True
+    plan: str | None = None
+    """Placement plan file (grace-ds plan). Either this or `profile`."""
+    profile: str | None = None
+    """Routing profile to plan from at start-up, with `policy` and `replica_slots`."""
+    policy: Literal["grace", "contiguous", "eplb", "eplb-hierarchical", "uniform-affinity"] = "grace"
+    replica_slots: int = Field(1, ge=0)
+    router: Literal["tar", "wrr", "static", "modulo"] = "tar"
+    router_sampling: Literal["swrr", "random"] = "swrr"
+    communication: Literal["flat", "hierarchical", "auto"] = "auto"
+    inter_node_gbps: float = Field(25.0, gt=0)
+    profiling: bool = False
+    """Record per-layer expert load and co-activation during every forward."""
+    profile_out: str | None = None
+    """Where `save_profile` writes the recorded profile."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "GraceMoEConfig":
+        if self.plan is not None and self.profile is not None:
+            raise ValueError("give either 'plan' or 'profile', not both")
+        return self
+
+
+def split_config(config: dict | str | os.PathLike | None) -> tuple[dict, GraceMoEConfig | None]:
+    """(DeepSpeed config without the section, the validated section or None)."""
+    if config is None:
+        return {}, None
+    if not isinstance(config, dict):
+        path = Path(config)
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise GraceInputError(f"{path}: cannot read the DeepSpeed JSON ({error})") from None
+    rest = dict(config)
+    section = rest.pop(SECTION, None)
+    if section is None:
+        return rest, None
+    if not isinstance(section, dict):
+        raise GraceInputError(f"DeepSpeed config: '{SECTION}' must be an object")
+    try:
+        return rest, GraceMoEConfig(**section)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or SECTION}: {e['msg']}" for e in error.errors())
+        raise GraceInputError(f"DeepSpeed config '{SECTION}': {problems}") from None
+
+
+def job_topology(links: LinkModel | None = None) -> Topology:
+    """The running job's nodes x GPUs (launcher variables, else host names); one rank without distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Topology.uniform(1, 1, links)
+    return Topology.discover(links=links)
+
+
+def load_or_make_plan(section: GraceMoEConfig, topology: Topology) -> PlacementPlan:
+    if section.plan is not None:
+        plan = PlacementPlan.load(section.plan)
+    elif section.profile is not None:
+        from grace_ds.planners import make_plan
+        from grace_ds.profile import RoutingProfile
+
+        plan = make_plan(section.policy, RoutingProfile.load(section.profile), topology, section.replica_slots)
+    else:
+        raise GraceInputError(f"DeepSpeed config '{SECTION}': needs 'plan' or 'profile' to serve with GRACE")
+    if plan.topology.gpus_per_node != topology.gpus_per_node:
+        raise GraceInputError(f"{section.plan or section.profile}: plan is for {plan.topology.describe()}, "
+                              f"this job runs {topology.describe()}")
+    return plan
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | None = None, **kwargs: Any):
+    """deepspeed.init_inference with GRACE-MoE. Returns the InferenceEngine; its module's MoE blocks
+    hold this rank's expert slots. Each rank serves its own tokens (data-parallel attention)."""
+    import deepspeed
+
+    rest, section = split_config(config)
+    tp = (rest.get("tensor_parallel") or {}).get("tp_size", 1) if isinstance(rest.get("tensor_parallel"), dict) else 1
+    if section is not None and section.enabled and tp != 1:
+        raise GraceInputError("grace_moe serves the dense part data-parallel: set tensor_parallel.tp_size to 1")
+    engine = deepspeed.init_inference(model, config=rest, **kwargs)
+    if section is None or not section.enabled:
+        return engine
+    topology = job_topology(LinkModel(inter_node_bandwidth_Gbps=section.inter_node_gbps))
+    plan = load_or_make_plan(section, topology)
+    device = next(engine.module.parameters()).device
+    runtime = GraceRuntime(plan, _rank(), None, section.router, section.communication, section.router_sampling, device)
+    convert_model(engine.module, runtime)
+    engine.grace_runtime, engine.grace_config = runtime, section
+    if section.profiling:
+        engine.grace_recorder = attach_recorder(engine.module, runtime)
+    return engine
+
+
+def attach_recorder(model: torch.nn.Module, runtime: GraceRuntime | None = None) -> RoutingRecorder:
+    """Profiling hooks on a transformers model, plain or converted to GRACE."""
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        raise GraceInputError(f"no supported sparse MoE block in {type(model).__name__} to profile")
+    num_experts = runtime.plan.num_experts if runtime is not None else int(blocks[0][1].experts.gate_up_proj.shape[0])
+    recorder = RoutingRecorder(len(blocks), num_experts, top_k_of(model), model_name=type(model).__name__,
+                               layer_names=[name for name, _ in blocks])
+    if runtime is not None:
+        runtime.observers.append(recorder.observe)
+    else:
+        recorder.attach_to_routers(blocks)
+    return recorder
+
+
+def initialize(model: torch.nn.Module, config: dict | str | os.PathLike | None = None, **kwargs: Any):
+    """deepspeed.initialize with the `grace_moe` section: profiling hooks on during training and eval
+    (the model keeps its own MoE layout). Returns DeepSpeed's tuple; the engine carries `grace_recorder`."""
+    import deepspeed
+
+    rest, section = split_config(config)
+    result = deepspeed.initialize(model=model, config=rest, **kwargs)
+    engine = result[0]
+    if section is not None and section.enabled and section.profiling:
+        engine.grace_recorder = attach_recorder(engine.module)
+        engine.grace_config = section
+    return result
+
+
+def save_profile(engine, path: str | os.PathLike | None = None) -> Path:
+    """Reduce the engine's recorder over all ranks and write the profile (rank 0 writes)."""
+    recorder = getattr(engine, "grace_recorder", None)
+    if recorder is None:
+        raise GraceInputError("profiling is off: set grace_moe.profiling to true")
+    target = path or getattr(getattr(engine, "grace_config", None), "profile_out", None)
+    if target is None:
+        raise GraceInputError("no path for the profile: pass one or set grace_moe.profile_out")
+    profile = recorder.to_profile()
+    if _rank() == 0:
+        profile.save(target)
+    return Path(target)
