@@ -36,6 +36,19 @@ def cmd_profile_trace(args) -> None:
           f"(top-{profile.top_k}) -> {args.out}")
 
 
+def cmd_profile(args) -> None:
+    from grace_ds.profiling import encode_text, load_model, profile_model
+
+    if not args.data.is_file():
+        raise GraceInputError(f"{args.data}: no such text file")
+    model, tokenizer = load_model(args.model)
+    ids = encode_text(args.data.read_text(encoding="utf-8", errors="replace"), tokenizer, model.config.vocab_size)
+    profile = profile_model(model, ids, args.sequence_length, args.batch_size, args.max_tokens)
+    profile.save(args.out)
+    print(f"profile of {int(profile.num_tokens[0])} tokens, {profile.num_layers} MoE layers x "
+          f"{profile.num_experts} experts (top-{profile.top_k}) -> {args.out}")
+
+
 def cmd_profile_load(args) -> None:
     from grace_ds.profile import RoutingProfile
 
@@ -138,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", help="token range A:B of the trace to use (default: all)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_profile_trace)
+
+    p = sub.add_parser("profile", help="routing profile of a transformers MoE model on a text file")
+    p.add_argument("--model", type=Path, required=True, help="transformers checkpoint directory")
+    p.add_argument("--data", type=Path, required=True, help="UTF-8 text file")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--sequence-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("profile-load", help="load-only profile from a {'logical_count': [[...]]} JSON")
     p.add_argument("loads", type=Path)

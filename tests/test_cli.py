@@ -56,3 +56,45 @@ def test_bad_input_is_one_line_exit_2_and_no_partial_output(tmp_path, make_args)
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith("grace-ds: error: ") and done.stderr.count("\n") == 1
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "p.safetensors").exists()
+
+
+def test_profile_refuses_bytes_for_a_small_vocabulary_without_tokenizer(tmp_path):
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("olmoe")
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text("hello " * 200)
+    done = run_cli("profile", "--model", model_dir, "--data", text, "--sequence-length", 64,
+                   "--out", tmp_path / "p.safetensors")
+    assert done.returncode == 2 and "128-token vocabulary" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_profile_counts_every_token(tmp_path):
+    import json as jsonlib
+
+    from grace_ds.profile import RoutingProfile
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("mixtral")
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    # A word-level tokenizer for the 128-token vocabulary, saved beside the model.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(128)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(jsonlib.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 128}" for i in range(700)))
+    done = run_cli("profile", "--model", model_dir, "--data", text, "--sequence-length", 64, "--max-tokens", 650,
+                   "--out", tmp_path / "p.safetensors")
+    assert done.returncode == 0, done.stderr
+    profile = RoutingProfile.load(tmp_path / "p.safetensors")
+    assert profile.num_tokens.tolist() == [640, 640]  # 10 whole sequences of 64
+    assert profile.expert_load.sum(1).tolist() == [640 * 2, 640 * 2]
+    assert profile.coactivation is not None and profile.sample_topk_ids.shape == (640, 2, 2)
