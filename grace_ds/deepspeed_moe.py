@@ -17,6 +17,15 @@ from grace_ds.errors import GraceInputError
 from grace_ds.layer import GraceRuntime
 
 
+class _EmptySlot(nn.Module):
+    """An unused slot: no weights, one zero-size buffer so that DeepSpeed writes (and later finds) a
+    checkpoint file for every slot id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("unused", torch.zeros(0))
+
+
 class GraceMOELayer(nn.Module):
     """Stands where DeepSpeed's MOELayer stands: forward(input, used_token) -> output; sets l_aux, exp_counts."""
 
@@ -26,16 +35,17 @@ class GraceMOELayer(nn.Module):
         self.layer = layer
         self._runtime = runtime
         held = runtime.local_slots(layer)
-        self.register_buffer("slot_expert", held.clone(), persistent=False)
-        row_of_slot = torch.full_like(held, -1)
-        row_of_slot[held >= 0] = torch.arange(int((held >= 0).sum()))
-        self.register_buffer("row_of_slot", row_of_slot, persistent=False)
-        # Named like DeepSpeed's experts so the engine treats them as expert parameters.
-        self.slots = nn.ModuleList([copy.deepcopy(expert) for _ in range(int((held >= 0).sum()))])
-        for module in self.slots:
+        self.held = held.tolist()  # logical expert per slot, -1 empty (a plain list: no state-dict entry)
+        # Keys `experts.deepspeed_experts.<slot>` with <slot> this rank's slot index: DeepSpeed's MoE
+        # checkpointing then files each copy under its physical slot id (rank * slots_per_gpu + slot),
+        # and each rank loads back exactly its own slots. Empty slots hold no weights.
+        self.experts = nn.Module()
+        self.experts.deepspeed_experts = nn.ModuleDict(
+            {str(s): copy.deepcopy(expert) if e >= 0 else _EmptySlot() for s, e in enumerate(self.held)})
+        for module in self.experts.deepspeed_experts.values():
             for param in module.parameters():
                 param.allreduce = False
-                param.group_name = f"grace_ep_{runtime.plan.num_gpus}"
+                param.group_name = f"ep_size_{runtime.plan.num_gpus}"
         self.l_aux = torch.zeros(())
         self.exp_counts = torch.zeros(0)
 
@@ -46,15 +56,16 @@ class GraceMOELayer(nn.Module):
 
     def load_logical_experts(self, state_dicts: list[dict[str, torch.Tensor]]) -> None:
         """Fill each slot from the state dict of the logical expert it holds (state_dicts[e] for expert e)."""
-        for module, expert in zip(self.slots, self.slot_expert[self.slot_expert >= 0].tolist()):
-            module.load_state_dict(state_dicts[expert])
+        for slot, module in self.experts.deepspeed_experts.items():
+            if self.held[int(slot)] >= 0:
+                module.load_state_dict(state_dicts[self.held[int(slot)]])
 
     def _compute(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """A loop over this rank's slots: DeepSpeed experts are arbitrary modules."""
         out = rows.new_empty(rows.shape)
-        rows_of_slot = self.row_of_slot[slot]
-        for index in torch.unique(rows_of_slot).tolist():
-            mask = rows_of_slot == index
-            result = self.slots[index](rows[mask])
+        for index in torch.unique(slot).tolist():
+            mask = slot == index
+            result = self.experts.deepspeed_experts[str(index)](rows[mask])
             out[mask] = result[0] if isinstance(result, tuple) else result
         return out
 
@@ -89,7 +100,9 @@ class GraceMoE(MoE):
         self.ep_size = plan.num_gpus
         self.expert_group_name = f"ep_size_{self.ep_size}"
         self.num_experts = num_experts
-        self.num_local_experts = int((runtime.local_slots(layer) >= 0).sum())
+        # DeepSpeed's checkpoint files number experts rank * num_local_experts + local id: with every
+        # rank counting slots_per_gpu, the file id is the physical slot id.
+        self.num_local_experts = plan.slots_per_gpu
         # drop_tokens=False: dropless, as GRACE sends every pair.
         gate = TopKGate(hidden_size, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
                         noisy_gate_policy, False, True, None, top2_2nd_expert_sampling)

@@ -63,6 +63,7 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str, spec: str) 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Logical nodes on one host: the topology probe reads this instead of the host name.
     os.environ["GRACE_HOSTNAME"] = f"node{rank // (world // nodes)}"
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank % (world // nodes)))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -75,6 +76,8 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str, spec: str) 
 
             deepspeed.init_distributed(dist_backend="gloo")  # wraps the process group made above
             report["deepspeed"] = check_deepspeed(rank, world, topology, **config["deepspeed"])
+            if config.get("checkpoint"):
+                report["checkpoint"] = check_checkpoint(rank, world, topology, out_dir)
             if config.get("init_inference"):
                 report["init_inference"] = check_init_inference(rank, world, topology, out_dir)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
@@ -172,3 +175,45 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
         refused = str(error)
     return {"error": relative_error(out, ref_logits[mine]), "topology": list(engine.grace_runtime.plan.topology.gpus_per_node),
             "profile": str(profile_path), "refused": refused}
+
+
+class TinyGraceNet(torch.nn.Module):
+    def __init__(self, runtime: GraceRuntime, hidden: int = 16, inner: int = 24, seed: int = 0) -> None:
+        from grace_ds.deepspeed_moe import GraceMoE
+
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = torch.nn.Linear(hidden, hidden)
+        self.moe = GraceMoE(hidden, ExpertMLP(hidden, inner), 8, runtime, layer=0, k=2)
+        self.moe.deepspeed_moe.load_logical_experts([ExpertMLP(hidden, inner).state_dict() for _ in range(8)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.moe(self.inp(x))[0]
+
+
+def check_checkpoint(rank: int, world: int, topology: Topology, out_dir: str) -> dict:
+    """A DeepSpeed engine with GraceMoE saves and loads; loading restores identical outputs."""
+    import deepspeed
+
+    from grace_ds.profile import RoutingProfile
+
+    torch.manual_seed(5)
+    profile = RoutingProfile.from_topk_ids(torch.stack([torch.randperm(8)[:2] for _ in range(200)]).view(200, 1, 2), 8)
+    plan = make_plan("grace", profile, topology, replica_slots=1)
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(rank))
+    outputs = []
+    for seed in (0, 1):  # the second model starts from other weights, then loads the first one's checkpoint
+        model = TinyGraceNet(GraceRuntime(plan, rank, None, "tar", "auto"), seed=seed)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                          config=config)
+        if seed == 1:
+            before = engine(x).detach()
+            engine.load_checkpoint(str(Path(out_dir, "ckpt")), tag="t")
+        engine.eval()
+        with torch.no_grad():
+            outputs.append(engine(x))
+        if seed == 0:
+            engine.save_checkpoint(str(Path(out_dir, "ckpt")), tag="t")
+    return {"restored": float((outputs[0] - outputs[1]).abs().max()),
+            "differed_before": float((outputs[0] - before).abs().max())}

@@ -22,8 +22,9 @@ def free_port() -> int:
 
 
 def run(world: int, nodes: int, checks: dict, tmp_path, deepspeed: dict | None = None,
-        init_inference: bool = False) -> list[dict]:
+        init_inference: bool = False, checkpoint: bool = False) -> list[dict]:
     spec = json.dumps({"families": list(checks), "checks": checks, "init_inference": init_inference,
+                       "checkpoint": checkpoint,
                        **({"deepspeed": deepspeed} if deepspeed else {})})
     mp.spawn(distributed_worker.main, args=(world, nodes, free_port(), str(tmp_path), spec), nprocs=world, join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
@@ -40,8 +41,10 @@ def test_outputs_match_the_unmodified_model(world, nodes, tmp_path):
     checks = {family: ({"policies": POLICIES, "routers": ["tar"], "modes": modes} if family != "olmoe"
                        else every_combination(modes)) for family in FAMILIES}
     reports = run(world, nodes, checks, tmp_path, deepspeed={"policies": POLICIES, "ks": [1, 2]},
-                  init_inference=True)
+                  init_inference=True, checkpoint=True)
     for rank, report in enumerate(reports):
+        restored = report.pop("checkpoint")
+        assert restored["differed_before"] > 1e-3 and restored["restored"] == 0.0, restored
         served = report.pop("init_inference")
         assert served["error"] < TOLERANCE
         assert served["topology"] == [world // nodes] * nodes, "topology found from the ranks' host names"
