@@ -21,6 +21,8 @@ from grace_ds.topology import Topology  # noqa: E402
 from tests.tiny_models import tiny_model  # noqa: E402
 
 SEQUENCES_PER_RANK, SEQUENCE_LENGTH = 2, 12
+# GRACE_TEST_DEVICE=cuda runs the same checks over NCCL, one GPU a rank (scripts/gpu_exactness.sh).
+DEVICE = torch.device(os.environ.get("GRACE_TEST_DEVICE", "cpu"))
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -28,9 +30,9 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check_family(family: str, rank: int, world: int, topology: Topology, policies, routers, modes) -> dict:
-    reference = tiny_model(family)
+    reference = tiny_model(family).to(DEVICE)
     torch.manual_seed(1)
-    ids = torch.randint(0, 128, (world * SEQUENCES_PER_RANK, SEQUENCE_LENGTH))
+    ids = torch.randint(0, 128, (world * SEQUENCES_PER_RANK, SEQUENCE_LENGTH)).to(DEVICE)
     blocks = find_moe_blocks(reference)
     recorder = RoutingRecorder(len(blocks), int(blocks[0][1].experts.gate_up_proj.shape[0]),
                                reference.config.num_experts_per_tok).attach_to_routers(blocks)
@@ -45,7 +47,7 @@ def check_family(family: str, rank: int, world: int, topology: Topology, policie
         for router in routers:
             for mode in modes:
                 model = copy.deepcopy(reference)
-                convert_model(model, GraceRuntime(plan, rank, None, router, mode))
+                convert_model(model, GraceRuntime(plan, rank, None, router, mode, device=DEVICE))
                 with torch.no_grad():
                     out = model(ids[mine]).logits
                 results[f"{policy}/{router}/{mode}"] = relative_error(out, ref_logits[mine])
@@ -65,7 +67,12 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str, spec: str) 
     os.environ["GRACE_HOSTNAME"] = f"node{rank // (world // nodes)}"
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank % (world // nodes)))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    backend = "gloo"
+    if DEVICE.type == "cuda":
+        os.environ["NCCL_HOSTID"] = os.environ["GRACE_HOSTNAME"]  # NCCL sees two hosts: no NVLink across
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        backend = "nccl"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         topology = Topology.uniform(nodes, world // nodes)
         config = json.loads(spec)
@@ -74,7 +81,7 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str, spec: str) 
         if "deepspeed" in config:
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend="gloo")  # wraps the process group made above
+            deepspeed.init_distributed(dist_backend=backend)  # wraps the process group made above
             report["deepspeed"] = check_deepspeed(rank, world, topology, **config["deepspeed"])
             if config.get("checkpoint"):
                 report["checkpoint"] = check_checkpoint(rank, world, topology, out_dir)
@@ -110,11 +117,11 @@ def check_deepspeed(rank: int, world: int, topology: Topology, policies, ks) -> 
     torch.manual_seed(3)
     experts = [ExpertMLP(hidden, inner).state_dict() for _ in range(num_experts)]
     gate_weight = torch.randn(num_experts, hidden)
-    inputs = torch.randn(world, 2, 10, hidden)  # every rank's batch, so profiles agree everywhere
+    inputs = torch.randn(world, 2, 10, hidden).to(DEVICE)  # every rank's batch, so profiles agree everywhere
     results = {}
     for k in ks:
         reference = MoE(hidden, ExpertMLP(hidden, inner), num_experts, ep_size=world, k=k, drop_tokens=False,
-                        top2_2nd_expert_sampling=False).eval()
+                        top2_2nd_expert_sampling=False).to(DEVICE).eval()
         reference.set_deepspeed_parallelism()
         per_rank = num_experts // world
         with torch.no_grad():
@@ -122,13 +129,13 @@ def check_deepspeed(rank: int, world: int, topology: Topology, policies, ks) -> 
             for local, module in enumerate(reference.deepspeed_moe.experts.deepspeed_experts):
                 module.load_state_dict(experts[rank * per_rank + local])
             expected = reference(inputs[rank])[0]
-        topk_ids = torch.topk(inputs.reshape(-1, hidden) @ gate_weight.T, k, dim=-1).indices
+        topk_ids = torch.topk(inputs.reshape(-1, hidden).cpu() @ gate_weight.T, k, dim=-1).indices
         profile = RoutingProfile.from_topk_ids(topk_ids.view(-1, 1, k), num_experts)
         for policy in policies:
             for mode in (["flat", "hierarchical"] if topology.num_nodes > 1 else ["flat"]):
                 plan = make_plan(policy, profile, topology, replica_slots=1)
-                layer = GraceMoE(hidden, ExpertMLP(hidden, inner), num_experts, GraceRuntime(plan, rank, None, "tar", mode),
-                                 layer=0, k=k).eval()
+                runtime = GraceRuntime(plan, rank, None, "tar", mode, device=DEVICE)
+                layer = GraceMoE(hidden, ExpertMLP(hidden, inner), num_experts, runtime, layer=0, k=k).to(DEVICE).eval()
                 layer.set_deepspeed_parallelism()
                 with torch.no_grad():
                     layer.deepspeed_moe.gate.wg.weight.copy_(gate_weight)
@@ -144,9 +151,9 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
     import grace_ds.deepspeed as grace_deepspeed
     from grace_ds.errors import GraceInputError
 
-    reference = tiny_model("olmoe")
+    reference = tiny_model("olmoe").to(DEVICE)
     torch.manual_seed(1)
-    ids = torch.randint(0, 128, (world * SEQUENCES_PER_RANK, SEQUENCE_LENGTH))
+    ids = torch.randint(0, 128, (world * SEQUENCES_PER_RANK, SEQUENCE_LENGTH)).to(DEVICE)
     blocks = find_moe_blocks(reference)
     recorder = RoutingRecorder(len(blocks), 8, 2).attach_to_routers(blocks)
     with torch.no_grad():
@@ -201,10 +208,10 @@ def check_checkpoint(rank: int, world: int, topology: Topology, out_dir: str) ->
     profile = RoutingProfile.from_topk_ids(torch.stack([torch.randperm(8)[:2] for _ in range(200)]).view(200, 1, 2), 8)
     plan = make_plan("grace", profile, topology, replica_slots=1)
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
-    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(rank))
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(rank)).to(DEVICE)
     outputs = []
     for seed in (0, 1):  # the second model starts from other weights, then loads the first one's checkpoint
-        model = TinyGraceNet(GraceRuntime(plan, rank, None, "tar", "auto"), seed=seed)
+        model = TinyGraceNet(GraceRuntime(plan, rank, None, "tar", "auto", device=DEVICE), seed=seed).to(DEVICE)
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                           config=config)
         if seed == 1:
