@@ -61,6 +61,10 @@ class RoutingRecorder:
         top-k sets are this rank's."""
         load, coactivation, tokens = self.load.clone(), self.coactivation.clone(), self.tokens.clone()
         if reduce and dist.is_available() and dist.is_initialized():
+            # NCCL reduces only device tensors, gloo only host ones.
+            device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
+                      else torch.device("cpu"))
+            load, coactivation, tokens = (t.to(device) for t in (load, coactivation, tokens))
             for tensor in (load, coactivation, tokens):
                 dist.all_reduce(tensor, group=group)
         coactivation.diagonal(dim1=1, dim2=2).zero_()

@@ -70,7 +70,11 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str, spec: str) 
     backend = "gloo"
     if DEVICE.type == "cuda":
         os.environ["NCCL_HOSTID"] = os.environ["GRACE_HOSTNAME"]  # NCCL sees two hosts: no NVLink across
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        # Each logical node sees its own GPUs, numbered from 0 like a real node (DeepSpeed uses LOCAL_RANK).
+        per_node = world // nodes
+        first = (rank // per_node) * per_node
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(per_node))
+        torch.cuda.set_device(rank % per_node)
         backend = "nccl"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
