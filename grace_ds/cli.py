@@ -84,6 +84,10 @@ def cmd_plan(args) -> None:
     plan = make_plan(args.policy, profile, topology, args.replica_slots, **options)
     if bar is not None:
         bar.close()
+    if profile.sample_topk_ids is not None:
+        from grace_ds.simulate import modeled_times_by_mode
+
+        plan.options["modeled_layer_time_us"] = modeled_times_by_mode(plan, profile.sample_topk_ids)
     plan.save(args.out)
     load = plan.predicted_gpu_load
     ratio = float((load.max(1).values / load.mean(1)).mean())

@@ -157,11 +157,15 @@ def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weig
     return hop1.return_rows(results, num_tokens)
 
 
-def choose_mode(mode: str, topology: Topology) -> str:
-    """`auto`: hierarchical when there is more than one node and more than one GPU per node (it then
-    cuts cross-node copies, see the simulator); flat otherwise, where it would only add a hop."""
+def choose_mode(mode: str, topology: Topology, modeled_us: dict[str, float] | None = None) -> str:
+    """`auto`: the mode with the lower modeled layer time (the simulator's cost model on the profile's
+    sampled routings, stored in the plan by `grace-ds plan`); without those figures, hierarchical when
+    there is more than one node and more than one GPU per node, where it never sends more cross-node
+    copies than flat, and flat otherwise, where it would only add a hop."""
     if mode not in COMM_MODES:
         raise ValueError(f"communication mode must be one of {COMM_MODES}, got {mode!r}")
     if mode != "auto":
         return mode
+    if modeled_us and {"flat", "hierarchical"} <= set(modeled_us):
+        return min(("flat", "hierarchical"), key=lambda m: modeled_us[m])
     return "hierarchical" if topology.num_nodes > 1 and max(topology.gpus_per_node) > 1 else "flat"

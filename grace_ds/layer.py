@@ -25,7 +25,7 @@ class GraceRuntime:
     def __init__(self, plan: PlacementPlan, rank: int, group=None, router_policy: str = "tar",
                  comm_mode: str = "auto", router_sampling: str = "swrr", device: torch.device | str = "cpu") -> None:
         self.plan, self.rank, self.group = plan, rank, group
-        self.comm_mode = choose_mode(comm_mode, plan.topology)
+        self.comm_mode = choose_mode(comm_mode, plan.topology, plan.options.get("modeled_layer_time_us"))
         self.router = ReplicaRouter(plan, router_policy, source_gpus=[rank], sampling=router_sampling,
                                     device=device)
         self.observers: list[RoutingObserver] = []

@@ -169,3 +169,11 @@ def summarize(layers: list[LayerMetrics]) -> dict[str, float]:
     """Every figure averaged over layers (bytes and times are per layer, per forward of the trace)."""
     rows = [asdict(m) for m in layers]
     return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "layer"}
+
+
+def modeled_times_by_mode(plan: PlacementPlan, topk_ids: torch.Tensor, router_policy: str = "tar",
+                          cost: CostSettings | None = None) -> dict[str, float]:
+    """Mean modeled layer time of each communication mode on sampled routings topk_ids [S, L, k]; the
+    runtime's `auto` mode picks the faster one from these (stored in plan.options)."""
+    summary = summarize(simulate_trace(plan, topk_ids, router_policy, cost))
+    return {"flat": summary["modeled_layer_time_us_flat"], "hierarchical": summary["modeled_layer_time_us"]}
