@@ -85,9 +85,9 @@ def cmd_plan(args) -> None:
     if bar is not None:
         bar.close()
     if profile.sample_topk_ids is not None:
-        from grace_ds.simulate import modeled_times_by_mode
+        from grace_ds.simulate import MODE_SAMPLE_TOKENS, modeled_times_by_mode
 
-        plan.options["modeled_layer_time_us"] = modeled_times_by_mode(plan, profile.sample_topk_ids)
+        plan.options["modeled_layer_time_us"] = modeled_times_by_mode(plan, profile.sample_topk_ids[:MODE_SAMPLE_TOKENS])
     plan.save(args.out)
     load = plan.predicted_gpu_load
     ratio = float((load.max(1).values / load.mean(1)).mean())

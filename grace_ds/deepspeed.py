@@ -92,12 +92,12 @@ def load_or_make_plan(section: GraceMoEConfig, topology: Topology) -> PlacementP
         from grace_ds.planners import make_plan
         from grace_ds.profile import RoutingProfile
 
-        from grace_ds.simulate import modeled_times_by_mode
+        from grace_ds.simulate import MODE_SAMPLE_TOKENS, modeled_times_by_mode
 
         profile = RoutingProfile.load(section.profile)
         plan = make_plan(section.policy, profile, topology, section.replica_slots)
         if profile.sample_topk_ids is not None:
-            plan.options["modeled_layer_time_us"] = modeled_times_by_mode(plan, profile.sample_topk_ids)
+            plan.options["modeled_layer_time_us"] = modeled_times_by_mode(plan, profile.sample_topk_ids[:MODE_SAMPLE_TOKENS])
     else:
         raise GraceInputError(f"DeepSpeed config '{SECTION}': needs 'plan' or 'profile' to serve with GRACE")
     if plan.topology.gpus_per_node != topology.gpus_per_node:

@@ -171,6 +171,9 @@ def summarize(layers: list[LayerMetrics]) -> dict[str, float]:
     return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "layer"}
 
 
+MODE_SAMPLE_TOKENS = 2048  # enough sampled tokens to tell two communication modes apart
+
+
 def modeled_times_by_mode(plan: PlacementPlan, topk_ids: torch.Tensor, router_policy: str = "tar",
                           cost: CostSettings | None = None) -> dict[str, float]:
     """Mean modeled layer time of each communication mode on sampled routings topk_ids [S, L, k]; the

@@ -1,7 +1,9 @@
 """Planner run time at the Qwen3-30B-A3B shape (48 MoE layers x 128 experts, top-8) on 8 nodes x 8 GPUs.
 
 Routing is synthetic here (Zipf-skewed expert popularity with topical clusters): this measures time
-only, never placement quality. Usage: python scripts/bench_planner.py [--layers 48 --experts 128 ...]
+only, never placement quality. Times `make_plan` per policy, then (with --cli N) the whole
+`grace-ds plan` command N times, start-up included, as a user runs it.
+Usage: python scripts/bench_planner.py [--layers 48 --experts 128 ... --no-tune --cli 3]
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--no-tune", action="store_true", help="grace without per-layer candidate scoring")
+    parser.add_argument("--cli", type=int, default=0, help="also time the grace-ds plan command this many times")
     args = parser.parse_args()
     trace = synthetic_topk_ids(args.tokens, args.layers, args.experts, args.top_k)
     profile = RoutingProfile.from_topk_ids(trace, args.experts, "synthetic-qwen3-30b-a3b-shape")
@@ -52,7 +55,23 @@ def main() -> None:
         make_plan(policy, profile, topology, 1, **options)
         results[policy] = round(time.perf_counter() - start, 2)
         print(f"{policy:18s} {results[policy]:7.2f} s", flush=True)
-    print(json.dumps({"layers": args.layers, "experts": args.experts, "topology": topology.describe(),
+    cli_seconds = []
+    if args.cli:
+        import subprocess
+        import sys
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            profile.save(f"{tmp}/profile.safetensors")
+            command = [sys.executable, "-m", "grace_ds.cli", "plan", "--profile", f"{tmp}/profile.safetensors",
+                       "--nodes", str(args.nodes), "--gpus-per-node", str(args.gpus_per_node), "--out", f"{tmp}/plan.json"]
+            command += ["--no-tune"] if args.no_tune else []
+            for _ in range(args.cli):
+                start = time.perf_counter()
+                subprocess.run(command, check=True, capture_output=True)
+                cli_seconds.append(round(time.perf_counter() - start, 2))
+        print(f"grace-ds plan (whole command): {cli_seconds} s", flush=True)
+    print(json.dumps({"cli_seconds": cli_seconds, "layers": args.layers, "experts": args.experts, "topology": topology.describe(),
                       "grace_tuned": not args.no_tune,
                       "plan_seconds": results, "torch_threads": torch.get_num_threads()}))
 
