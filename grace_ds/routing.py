@@ -166,6 +166,7 @@ class ReplicaRouter:
             if self.policy != "modulo":
                 weights = candidate_weights(copies, self.policy, self.source_gpus, self._node_of_gpu)
                 tables["weights"] = weights
+            if self.policy != "modulo" and (self.sampling == "swrr" or self.policy == "static"):
                 pick = swrr_schedule(weights)  # [sources, E, L] copy index
                 slots = torch.gather(copies.copy_slot.unsqueeze(0).expand(weights.shape[0], -1, -1), 2, pick)
                 # Stagger sources so that they do not all start on the same copy.

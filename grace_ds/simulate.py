@@ -178,5 +178,6 @@ def modeled_times_by_mode(plan: PlacementPlan, topk_ids: torch.Tensor, router_po
                           cost: CostSettings | None = None) -> dict[str, float]:
     """Mean modeled layer time of each communication mode on sampled routings topk_ids [S, L, k]; the
     runtime's `auto` mode picks the faster one from these (stored in plan.options)."""
-    summary = summarize(simulate_trace(plan, topk_ids, router_policy, cost))
+    # Seeded sampling by the same weights: the same traffic in expectation, without building schedules.
+    summary = summarize(simulate_trace(plan, topk_ids, router_policy, cost, sampling="random"))
     return {"flat": summary["modeled_layer_time_us_flat"], "hierarchical": summary["modeled_layer_time_us"]}

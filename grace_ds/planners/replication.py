@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from grace_ds.planners.assemble import predict_loads
+from grace_ds.routing import LayerCopies, expected_copy_loads
 from grace_ds.topology import Topology
 
 RECEIVER_CHOICES = ("least-loaded", "spread-nodes")
@@ -84,20 +85,22 @@ def replicate_hot_experts(gpu_experts: list[list[int]], expert_load: torch.Tenso
 
 def expert_gpu_loads(expert_load: float, copy_gpus: np.ndarray, gpu_weight: np.ndarray,
                      node_of_gpu: np.ndarray) -> np.ndarray:
-    """[P]: pairs of one expert each GPU serves under the locality-aware router, tokens arriving evenly
-    from every GPU (the same rule as routing.candidate_weights, for one expert, in numpy)."""
+    """[..., P]: pairs of one expert each GPU serves under the locality-aware router, tokens arriving
+    evenly from every GPU, for copy sets copy_gpus [..., R] (the rule of routing.candidate_weights, for
+    one expert and many candidate copy sets at once, in numpy)."""
     num_gpus = node_of_gpu.shape[0]
-    sources = np.arange(num_gpus)
-    weight = gpu_weight[copy_gpus]  # [R]
-    local = sources[:, None] == copy_gpus[None, :]  # [P, R]
-    same_node = node_of_gpu[:, None] == node_of_gpu[copy_gpus][None, :]
-    allowed = np.where(local.any(1, keepdims=True), local,
-                       np.where(same_node.any(1, keepdims=True), same_node, True))
-    share = allowed * weight[None, :]
-    share /= share.sum(1, keepdims=True)
-    out = np.zeros(num_gpus)
-    np.add.at(out, copy_gpus, share.sum(0) * expert_load / num_gpus)
-    return out
+    sets = np.atleast_2d(copy_gpus)  # [M, R]
+    sources = np.arange(num_gpus)[None, :, None]
+    weight = gpu_weight[sets][:, None, :]  # [M, 1, R]
+    local = sources == sets[:, None, :]  # [M, P, R]
+    same_node = node_of_gpu[None, :, None] == node_of_gpu[sets][:, None, :]
+    allowed = np.where(local.any(2, keepdims=True), local, np.where(same_node.any(2, keepdims=True), same_node, True))
+    share = allowed * weight
+    per_copy = (share / share.sum(2, keepdims=True)).sum(1) * expert_load / num_gpus  # [M, R]
+    out = np.zeros((sets.shape[0], num_gpus))
+    for r in range(sets.shape[1]):  # copies of one expert sit on distinct GPUs: no collisions per column
+        out[np.arange(sets.shape[0]), sets[:, r]] += per_copy[:, r]
+    return out.reshape(np.shape(copy_gpus)[:-1] + (num_gpus,))
 
 
 def replicate_greedy(gpu_experts: list[list[int]], expert_load: torch.Tensor, topology: Topology,
@@ -120,13 +123,22 @@ def replicate_greedy(gpu_experts: list[list[int]], expert_load: torch.Tensor, to
             copies[e].append(gpu)
 
     def refresh() -> tuple[np.ndarray, np.ndarray]:
+        """Weights from a full prediction, then every expert's per-GPU load [E, P] in one pass."""
         _, predicted = predict_loads(expert_load, lists, topology, iterations=SEARCH_ITERATIONS + 1)
         predicted = predicted.numpy()
         weight = 1.0 / np.maximum(predicted, max(predicted.mean() * 1e-3, 1e-12))
-        contrib = np.stack([expert_gpu_loads(load_e[e], np.asarray(copies[e]), weight, node_of_gpu)
-                            for e in range(num_experts)])  # [E, P]
-        return weight, contrib
+        width = max(len(c) for c in copies)
+        copy_gpu = torch.tensor([c + [-1] * (width - len(c)) for c in copies])
+        valid = copy_gpu >= 0
+        layer = LayerCopies(copy_slot=torch.where(valid, copy_gpu, -1), copy_gpu=copy_gpu,
+                            copy_weight=torch.where(valid, torch.from_numpy(weight)[copy_gpu.clamp(min=0)], 0.0),
+                            copy_count=valid.sum(1))
+        per_copy, _ = expected_copy_loads(layer, expert_load, "tar", topology.node_of_gpu)
+        contrib = torch.zeros(num_experts, num_gpus, dtype=torch.float64)
+        contrib.scatter_add_(1, copy_gpu.clamp(min=0), torch.where(valid, per_copy, 0.0))
+        return weight, contrib.numpy()
 
+    node_gpus = [topology.gpus_of_node(n) for n in range(topology.num_nodes)]
     gpu_weight, contrib = refresh()
     since_refresh = 0
     while True:
@@ -150,18 +162,24 @@ def replicate_greedy(gpu_experts: list[list[int]], expert_load: torch.Tensor, to
                 pool = [int(e) for e in np.argsort(-load_e * missing)[:3] if missing[e] > 0]
             for e in pool:
                 held = set(copies[e])
-                for node in range(len(gpus_per_node)):
-                    options = [g for g in topology.gpus_of_node(node) if free[g] and g not in held]
-                    if not options:
-                        continue
-                    receiver = min(options, key=lambda g: load[g])
-                    trial_gpus = np.asarray(copies[e] + [receiver])
-                    new = expert_gpu_loads(load_e[e], trial_gpus, gpu_weight, node_of_gpu)
-                    new_max = (load - contrib[e] + new).max()
-                    kept = 0.0 if node in set(node_of_gpu[copies[e]].tolist()) else load_e[e] * gpus_per_node[node]
-                    ok = new_max < current_max * (1 - 1e-9) if phase == "balance" else (kept > 0 and new_max <= current_max * (1 + 1e-9))
-                    if ok and (best is None or (new_max, -kept) < best[:2]):
-                        best = (new_max, -kept, e, receiver, new)
+                nodes_held = set(node_of_gpu[copies[e]].tolist())
+                receivers = []
+                for gpus in node_gpus:  # the least-loaded free GPU of each node that lacks this expert
+                    options = [g for g in gpus if free[g] and g not in held]
+                    if options:
+                        receivers.append(min(options, key=lambda g: load[g]))
+                if not receivers:
+                    continue
+                trial = np.array([copies[e] + [r] for r in receivers])
+                new = expert_gpu_loads(load_e[e], trial, gpu_weight, node_of_gpu)  # [M, P]
+                new_max = (load - contrib[e] + new).max(1)
+                for i, receiver in enumerate(receivers):
+                    node = node_of_gpu[receiver]
+                    kept = 0.0 if node in nodes_held else load_e[e] * gpus_per_node[node]
+                    ok = (new_max[i] < current_max * (1 - 1e-9) if phase == "balance"
+                          else kept > 0 and new_max[i] <= current_max * (1 + 1e-9))
+                    if ok and (best is None or (new_max[i], -kept) < best[:2]):
+                        best = (new_max[i], -kept, e, receiver, new[i])
         if best is None:
             break
         _, _, e, receiver, new = best
