@@ -134,17 +134,41 @@ def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | No
 
 
 def attach_recorder(model: torch.nn.Module, runtime: GraceRuntime | None = None) -> RoutingRecorder:
-    """Profiling hooks on a transformers model, plain or converted to GRACE."""
+    """Profiling hooks on a model's MoE layers: transformers sparse MoE blocks (plain or converted to
+    GRACE), or deepspeed.moe.layer.MoE layers (GraceMoE layers report through their runtime)."""
+    from deepspeed.moe.layer import MoE
+
+    from grace_ds.deepspeed_moe import GraceMoE
+
     blocks = find_moe_blocks(model)
-    if not blocks:
-        raise GraceInputError(f"no supported sparse MoE block in {type(model).__name__} to profile")
-    num_experts = runtime.plan.num_experts if runtime is not None else int(blocks[0][1].experts.gate_up_proj.shape[0])
-    recorder = RoutingRecorder(len(blocks), num_experts, top_k_of(model), model_name=type(model).__name__,
-                               layer_names=[name for name, _ in blocks])
-    if runtime is not None:
-        runtime.observers.append(recorder.observe)
-    else:
-        recorder.attach_to_routers(blocks)
+    if blocks:
+        num_experts = (runtime.plan.num_experts if runtime is not None
+                       else int(blocks[0][1].experts.gate_up_proj.shape[0]))
+        recorder = RoutingRecorder(len(blocks), num_experts, top_k_of(model), model_name=type(model).__name__,
+                                   layer_names=[name for name, _ in blocks])
+        if runtime is not None:
+            runtime.observers.append(recorder.observe)
+        else:
+            recorder.attach_to_routers(blocks)
+        return recorder
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+    if not layers:
+        raise GraceInputError(f"no supported MoE layer in {type(model).__name__} to profile")
+    first = layers[0][1]
+    recorder = RoutingRecorder(len(layers), first.num_experts, first.deepspeed_moe.gate.k,
+                               model_name=type(model).__name__, layer_names=[name for name, _ in layers])
+    native = [m for _, m in layers if not isinstance(m, GraceMoE)]
+    if len(native) not in (0, len(layers)):
+        raise GraceInputError("profiling a model that mixes GraceMoE and DeepSpeed MoE layers is not supported")
+    if native:
+        recorder.attach_to_deepspeed_gates(native)
+        return recorder
+    # GraceMoE layers report (plan layer, picks) through their runtimes; map plan layers to our order.
+    index_of = {(id(m.deepspeed_moe._runtime), m.deepspeed_moe.layer): i for i, (_, m) in enumerate(layers)}
+    for runtime_of_layer in {id(m.deepspeed_moe._runtime): m.deepspeed_moe._runtime for _, m in layers}.values():
+        key = id(runtime_of_layer)
+        runtime_of_layer.observers.append(
+            lambda plan_layer, ids, key=key: recorder.observe(index_of[(key, plan_layer)], ids))
     return recorder
 
 

@@ -51,6 +51,23 @@ class RoutingRecorder:
             self._handles.append(router.register_forward_hook(hook))
         return self
 
+    def attach_to_deepspeed_gates(self, layers: list[nn.Module]) -> "RoutingRecorder":
+        """Forward hooks on the TopKGate of each deepspeed.moe.layer.MoE; DeepSpeed 0.19 calls it with
+        sparse routes, whose 4th output is indices [k, S] (-1 for a dropped route)."""
+        for layer, moe in enumerate(layers):
+            def hook(module, inputs, output, layer=layer):
+                indices = output[3].T.long()
+                if (indices >= 0).all():
+                    self.observe(layer, indices)
+                else:  # dropped routes: count each token's surviving picks only
+                    for k in range(1, indices.shape[1] + 1):
+                        kept = (indices >= 0).sum(1) == k
+                        if kept.any():
+                            self.observe(layer, indices[kept].sort(1, descending=True).values[:, :k])
+
+            self._handles.append(moe.deepspeed_moe.gate.register_forward_hook(hook))
+        return self
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -89,6 +89,7 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str, spec: str) 
             report["deepspeed"] = check_deepspeed(rank, world, topology, **config["deepspeed"])
             if config.get("checkpoint"):
                 report["checkpoint"] = check_checkpoint(rank, world, topology, out_dir)
+                report["training_profile"] = check_training_profile(rank, world, topology, out_dir)
             if config.get("init_inference"):
                 report["init_inference"] = check_init_inference(rank, world, topology, out_dir)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
@@ -226,5 +227,51 @@ def check_checkpoint(rank: int, world: int, topology: Topology, out_dir: str) ->
             outputs.append(engine(x))
         if seed == 0:
             engine.save_checkpoint(str(Path(out_dir, "ckpt")), tag="t")
+            from grace_ds.deepspeed import attach_recorder
+
+            recorder = attach_recorder(model)  # GraceMoE layers report through their runtime
+            with torch.no_grad():
+                engine(x)
+            profiled_tokens = recorder.to_profile().num_tokens.tolist()
     return {"restored": float((outputs[0] - outputs[1]).abs().max()),
-            "differed_before": float((outputs[0] - before).abs().max())}
+            "differed_before": float((outputs[0] - before).abs().max()),
+            "profiled_tokens": profiled_tokens, "expected_tokens": [x.shape[0] * x.shape[1] * world]}
+
+
+def check_training_profile(rank: int, world: int, topology: Topology, out_dir: str) -> dict:
+    """grace_ds.deepspeed.initialize with profiling on: a few training steps of a DeepSpeed-MoE model,
+    then the profile reduced over all ranks."""
+    import deepspeed
+    from deepspeed.moe.layer import MoE
+
+    import grace_ds.deepspeed as grace_deepspeed
+    from grace_ds.profile import RoutingProfile
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.moe = MoE(16, ExpertMLP(16, 24), 8, ep_size=world, k=2, drop_tokens=False,
+                           top2_2nd_expert_sampling=False)
+
+        def forward(self, x):
+            out, l_aux, _ = self.moe(x)
+            return out.pow(2).mean() + 0.01 * l_aux
+
+    torch.manual_seed(0)
+    model = Net().to(DEVICE)
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0},
+              "grace_moe": {"profiling": True, "profile_out": str(Path(out_dir, "trained.safetensors"))}}
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "p"})
+    engine, *_ = grace_deepspeed.initialize(model, config, optimizer=torch.optim.SGD(groups, lr=0.01))
+    steps, tokens_per_step = 3, 4 * 10
+    for step in range(steps):
+        loss = engine(torch.randn(4, 10, 16, generator=torch.Generator().manual_seed(rank * 10 + step)).to(DEVICE))
+        engine.backward(loss)
+        engine.step()
+    path = grace_deepspeed.save_profile(engine)
+    dist.barrier()
+    profile = RoutingProfile.load(path)
+    return {"tokens": profile.num_tokens.tolist(), "expected_tokens": steps * tokens_per_step * world,
+            "pairs": profile.expert_load.sum().item(), "top_k": profile.top_k}

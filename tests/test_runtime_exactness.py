@@ -52,8 +52,12 @@ def test_outputs_match_the_unmodified_model(world, nodes, tmp_path):
     reports = run(world, nodes, checks, tmp_path, deepspeed={"policies": POLICIES, "ks": [1, 2]},
                   init_inference=True, checkpoint=True)
     for rank, report in enumerate(reports):
+        trained = report.pop("training_profile")
+        assert trained["tokens"] == [trained["expected_tokens"]], "profile summed over every rank's steps"
+        assert trained["pairs"] == trained["expected_tokens"] * 2 and trained["top_k"] == 2
         restored = report.pop("checkpoint")
         assert restored["differed_before"] > 1e-3 and restored["restored"] == 0.0, restored
+        assert restored["profiled_tokens"] == restored["expected_tokens"]
         served = report.pop("init_inference")
         assert served["error"] < TOLERANCE
         assert served["topology"] == [world // nodes] * nodes, "topology found from the ranks' host names"
