@@ -27,6 +27,7 @@ from grace_ds.plan import PlacementPlan
 from grace_ds.topology import LinkModel, Topology
 
 SECTION = "grace_moe"
+MONITOR_SECTIONS = ("wandb", "tensorboard", "csv_monitor", "comet")
 
 
 class GraceMoEConfig(DeepSpeedConfigModel):
@@ -119,6 +120,8 @@ def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | No
     tp = (rest.get("tensor_parallel") or {}).get("tp_size", 1) if isinstance(rest.get("tensor_parallel"), dict) else 1
     if section is not None and section.enabled and tp != 1:
         raise GraceInputError("grace_moe serves the dense part data-parallel: set tensor_parallel.tp_size to 1")
+    # Monitor sections (wandb, ...) belong to training configs; the inference config rejects them.
+    rest = {k: v for k, v in rest.items() if k not in MONITOR_SECTIONS}
     engine = deepspeed.init_inference(model, config=rest, **kwargs)
     if section is None or not section.enabled:
         return engine

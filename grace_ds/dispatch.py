@@ -107,6 +107,25 @@ class Hop:
 ExpertCompute = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows [M, H], local slot [M]) -> [M, H]
 
 
+@dataclass
+class Traffic:
+    """What this rank sent (dispatch and combine) and computed; filled by exchange_and_compute."""
+
+    cross_node_bytes: int = 0
+    intra_node_bytes: int = 0
+    pairs_computed: int = 0
+
+    def add_hop(self, hop: "Hop", rank: int, node_of_gpu: list[int], row_bytes: int) -> None:
+        for other, (sent, returned) in enumerate(zip(hop.send_row_splits, hop.recv_row_splits)):
+            if other == rank:
+                continue
+            moved = (sent + returned) * row_bytes  # rows out, and results back for the rows received
+            if node_of_gpu[other] == node_of_gpu[rank]:
+                self.intra_node_bytes += moved
+            else:
+                self.cross_node_bytes += moved
+
+
 def _compute_pairs(rows: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, compute: ExpertCompute) -> torch.Tensor:
     """Weighted expert outputs of `pairs`, summed per row of `rows`."""
     out = rows.new_zeros(rows.shape)
@@ -119,9 +138,10 @@ def _compute_pairs(rows: torch.Tensor, pairs: torch.Tensor, weights: torch.Tenso
 
 def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
                          slots_per_gpu: int, topology: Topology, rank: int, compute: ExpertCompute,
-                         mode: str = "flat", group=None) -> torch.Tensor:
+                         mode: str = "flat", group=None, traffic: Traffic | None = None) -> torch.Tensor:
     """hidden [N, H] this rank's tokens; slot_ids [N, k] physical slots chosen by the replica router;
-    topk_weights [N, k] the gate's weights. Returns sum_k weight * expert(hidden) per token, [N, H]."""
+    topk_weights [N, k] the gate's weights. Returns sum_k weight * expert(hidden) per token, [N, H].
+    `traffic`, when given, accumulates this rank's bytes sent and pairs computed."""
     world = topology.num_gpus
     device = hidden.device
     num_tokens, top_k = slot_ids.shape
@@ -133,6 +153,9 @@ def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weig
     node_of_gpu = topology.node_of_gpu.to(device)
     if mode == "flat" or topology.num_nodes == 1:
         hop = Hop.send(hidden, pair_row, target, target, local_slot, weight, world, group)
+        if traffic is not None:
+            traffic.add_hop(hop, rank, topology.node_of_gpu.tolist(), hidden.shape[1] * hidden.element_size())
+            traffic.pairs_computed += hop.pairs.shape[0]
         results = _compute_pairs(hop.rows, hop.pairs, hop.weights, compute)
         return hop.return_rows(results, num_tokens)
     if mode != "hierarchical":
@@ -152,6 +175,10 @@ def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weig
     hop2 = Hop.send(hop1.rows, onward[:, _ROW], onward[:, _TARGET], onward[:, _TARGET], onward[:, _SLOT],
                     onward[:, _WEIGHT].int().view(torch.float32), world, group)
     results2 = _compute_pairs(hop2.rows, hop2.pairs, hop2.weights, compute)
+    if traffic is not None:
+        for hop in (hop1, hop2):
+            traffic.add_hop(hop, rank, topology.node_of_gpu.tolist(), hidden.shape[1] * hidden.element_size())
+        traffic.pairs_computed += int(here.sum()) + hop2.pairs.shape[0]
     # Pre-reduce on this node: fan-out results join this rank's own before crossing back.
     results = results + hop2.return_rows(results2, hop1.rows.shape[0])
     return hop1.return_rows(results, num_tokens)

@@ -7,16 +7,22 @@ The DeepSpeed layer (grace_ds.deepspeed_moe) reuses `route_and_compute`.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
 from torch import nn
 
-from grace_ds.dispatch import ExpertCompute, choose_mode, exchange_and_compute
+from grace_ds.dispatch import ExpertCompute, Traffic, choose_mode, exchange_and_compute
 from grace_ds.plan import PlacementPlan
 from grace_ds.routing import ReplicaRouter
 
 RoutingObserver = Callable[[int, torch.Tensor], None]  # (plan layer, top_k_index [N, k]) -> None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class GraceRuntime:
@@ -29,6 +35,10 @@ class GraceRuntime:
         self.router = ReplicaRouter(plan, router_policy, source_gpus=[rank], sampling=router_sampling,
                                     device=device)
         self.observers: list[RoutingObserver] = []
+        # Per plan layer: bytes this rank sent and pairs it computed, and seconds in the MoE layer.
+        self.traffic = [Traffic() for _ in range(plan.num_layers)]
+        self.seconds = [0.0] * plan.num_layers
+        self.measure = False  # timing synchronises the device: off unless asked for
 
     def local_slots(self, layer: int) -> torch.Tensor:
         """[S] logical expert held in each of this rank's slots of `layer` (-1: empty)."""
@@ -38,9 +48,17 @@ class GraceRuntime:
                           top_k_weights: torch.Tensor, compute: ExpertCompute) -> torch.Tensor:
         for observe in self.observers:
             observe(layer, top_k_index)
+        if self.measure:
+            _synchronize(hidden.device)
+            start = time.perf_counter()
         slots = self.router.route(layer, top_k_index, self.rank)
-        return exchange_and_compute(hidden, slots, top_k_weights, self.plan.slots_per_gpu, self.plan.topology,
-                                    self.rank, compute, self.comm_mode, self.group)
+        out = exchange_and_compute(hidden, slots, top_k_weights, self.plan.slots_per_gpu, self.plan.topology,
+                                   self.rank, compute, self.comm_mode, self.group,
+                                   self.traffic[layer] if self.measure else None)
+        if self.measure:
+            _synchronize(hidden.device)
+            self.seconds[layer] += time.perf_counter() - start
+        return out
 
 
 class GraceExperts(nn.Module):

@@ -241,7 +241,6 @@ def check_checkpoint(rank: int, world: int, topology: Topology, out_dir: str) ->
 def check_training_profile(rank: int, world: int, topology: Topology, out_dir: str) -> dict:
     """grace_ds.deepspeed.initialize with profiling on: a few training steps of a DeepSpeed-MoE model,
     then the profile reduced over all ranks."""
-    import deepspeed
     from deepspeed.moe.layer import MoE
 
     import grace_ds.deepspeed as grace_deepspeed

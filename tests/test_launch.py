@@ -16,7 +16,7 @@ from tests.tiny_models import tiny_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_two_emulated_nodes_under_the_deepspeed_launcher(tmp_path):
+def test_two_emulated_nodes_under_the_deepspeed_launcher(tmp_path, monkeypatch):
     per_node = int(os.environ.get("GRACE_TEST_LAUNCH_GPUS_PER_NODE", "2"))
     model = tiny_model("qwen3_moe")
     model.save_pretrained(tmp_path / "model")
@@ -30,7 +30,8 @@ def test_two_emulated_nodes_under_the_deepspeed_launcher(tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps(config))
     done = subprocess.run(["bash", str(ROOT / "scripts" / "launch.sh"), "--emulate-nodes", "2", "--num-gpus", str(per_node),
                            "--master-port", str(free_port()), "--", str(ROOT / "scripts" / "serve.py"),
-                           "--model", str(tmp_path / "model"), "--config", str(tmp_path / "ds.json"), "--check"],
+                           "--model", str(tmp_path / "model"), "--config", str(tmp_path / "ds.json"), "--check",
+                           "--new-tokens", "3", "--report", str(tmp_path / "report.json")],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     lines = [json.loads(line.split("GRACE_SERVE ", 1)[1]) for line in done.stdout.splitlines() if "GRACE_SERVE " in line]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -38,4 +39,21 @@ def test_two_emulated_nodes_under_the_deepspeed_launcher(tmp_path):
     for line in lines:
         assert line["topology"] == f"2 nodes x {per_node} GPUs"
         assert line["comm"] == ("hierarchical" if per_node > 1 else "flat")
-        assert line["relative"] < 1e-5
+        assert line["relative"] < 1e-5 and line["text_equal"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["generated_text_equal"] and report["prefill_tokens"] == 2 * per_node * 2 * 32
+    assert len(report["pairs_per_gpu_per_layer"]) == 2 and sum(map(sum, report["pairs_per_gpu_per_layer"])) > 0
+    # The main job's report renders from such reports: table rows, three plots, an offline W&B run.
+    from grace_ds.plan import PlacementPlan
+    from grace_ds.report import log_wandb, plots, table
+
+    rows = table(report, report)
+    assert any(name.startswith("cross-node bytes") for name, *_ in rows)
+    paths = plots(report, report, recorder.to_profile(reduce=False), PlacementPlan.load(tmp_path / "plan.json"),
+                  tmp_path / "out")
+    assert sorted(paths) == ["coactivation", "gpu_load", "traffic"] and all(p.stat().st_size > 0 for p in paths.values())
+    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert "offline" in log_wandb(report, report, paths, {"wandb": {"enabled": True, "project": "t"}}, tmp_path / "out")

@@ -1,0 +1,153 @@
+"""The main job's report: DeepSpeed's native layout against GRACE, from two serve.py reports.
+
+Prints a table, writes PNG plots (co-activation with the GRACE groups, per-GPU load before and after
+replication, traffic per layer) and logs every figure and plot to Weights & Biases (offline unless
+WANDB_MODE / WANDB_API_KEY say otherwise; a `wandb` section of the DeepSpeed JSON is honoured).
+Usage: python -m grace_ds.report --native N.json --grace G.json --profile P --plan PLAN [--ds-config C]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from grace_ds.plan import PlacementPlan
+from grace_ds.profile import RoutingProfile
+
+
+def table(native: dict, grace: dict) -> list[tuple[str, str, str, str]]:
+    def ratio(a: float, b: float) -> str:
+        return f"{b / a:.2f}x" if a else "-"
+
+    rows = []
+    for name, key, scale, unit in [
+        ("prefill tokens/s", "prefill_tokens_per_s", 1, ""), ("decode tokens/s", "decode_tokens_per_s", 1, ""),
+    ]:
+        if native.get(key) is not None:
+            rows.append((name, f"{native[key] * scale:,.0f}{unit}", f"{grace[key] * scale:,.0f}{unit}",
+                         ratio(native[key], grace[key])))
+    for name, key, scale, unit in [("MoE-layer time, all layers (prefill)", "moe_seconds_per_layer", 1e3, " ms"),
+                                   ("cross-node bytes (prefill)", "cross_node_bytes_per_layer", 1e-6, " MB"),
+                                   ("intra-node bytes (prefill)", "intra_node_bytes_per_layer", 1e-6, " MB")]:
+        a, b = sum(native[key]) * scale, sum(grace[key]) * scale
+        rows.append((name, f"{a:,.2f}{unit}", f"{b:,.2f}{unit}", ratio(a, b)))
+    a = sum(native["max_over_mean_gpu_load_per_layer"]) / len(native["max_over_mean_gpu_load_per_layer"])
+    b = sum(grace["max_over_mean_gpu_load_per_layer"]) / len(grace["max_over_mean_gpu_load_per_layer"])
+    rows.append(("max/mean GPU load (mean over layers)", f"{a:.3f}", f"{b:.3f}", ratio(a, b)))
+    rows.append(("max |logit - unmodified|", f"{native['max_abs_logit_diff']:.2e}", f"{grace['max_abs_logit_diff']:.2e}", ""))
+    rows.append(("generated text equal to unmodified", str(native["generated_text_equal"]),
+                 str(grace["generated_text_equal"]), ""))
+    return rows
+
+
+def plots(native: dict, grace: dict, profile: RoutingProfile, plan: PlacementPlan, out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    # 1. Co-activation of the most skewed layer, experts ordered by the GPU holding their primary.
+    layer = int((profile.expert_load.max(1).values / profile.expert_load.mean(1)).argmax())
+    home = plan.gpu_of_expert_primary()[layer]
+    order = torch.argsort(home * profile.num_experts + torch.arange(profile.num_experts))
+    co = profile.coactivation[layer][order][:, order] if profile.coactivation is not None else None
+    if co is not None:
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        ax.imshow(co.numpy(), cmap="viridis")
+        bounds = torch.cumsum(torch.bincount(home, minlength=plan.num_gpus), 0)[:-1].tolist()
+        for b in bounds:
+            ax.axhline(b - 0.5, color="white", linewidth=0.8)
+            ax.axvline(b - 0.5, color="white", linewidth=0.8)
+        ax.set(title=f"co-activation, {profile.layer_names[layer]}, grouped by GRACE GPU", xlabel="expert", ylabel="expert")
+        fig.tight_layout()
+        paths["coactivation"] = out / "coactivation.png"
+        fig.savefig(paths["coactivation"], dpi=110)
+        plt.close(fig)
+    # 2. Per-GPU load (pairs computed, measured) per layer: native layout vs GRACE.
+    n_layers = len(native["pairs_per_gpu_per_layer"])
+    fig, axes = plt.subplots(1, n_layers, figsize=(3 * n_layers, 3), sharey=True, squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        a, b = native["pairs_per_gpu_per_layer"][i], grace["pairs_per_gpu_per_layer"][i]
+        x = torch.arange(len(a)).float()
+        ax.bar(x - 0.2, a, 0.4, label="native layout")
+        ax.bar(x + 0.2, b, 0.4, label="GRACE")
+        ax.set(title=f"layer {i}", xlabel="GPU")
+    axes[0][0].set_ylabel("(token, expert) pairs")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("per-GPU load, measured (prefill)")
+    fig.tight_layout()
+    paths["gpu_load"] = out / "gpu_load.png"
+    fig.savefig(paths["gpu_load"], dpi=110)
+    plt.close(fig)
+    # 3. Traffic per layer.
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    x = torch.arange(n_layers).float()
+    for offset, report, name in ((-0.2, native, "native layout"), (0.2, grace, "GRACE")):
+        ax.bar(x + offset, [v / 1e6 for v in report["cross_node_bytes_per_layer"]], 0.4, label=f"{name}, cross-node")
+        ax.bar(x + offset, [v / 1e6 for v in report["intra_node_bytes_per_layer"]], 0.4,
+               bottom=[v / 1e6 for v in report["cross_node_bytes_per_layer"]], alpha=0.4, label=f"{name}, intra-node")
+    ax.set(xlabel="MoE layer", ylabel="MB sent (all ranks)", title="traffic per layer (prefill)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths["traffic"] = out / "traffic.png"
+    fig.savefig(paths["traffic"], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def log_wandb(native: dict, grace: dict, paths: dict[str, Path], ds_config: dict, out: Path) -> str:
+    import wandb
+
+    section = ds_config.get("wandb", {}) if isinstance(ds_config.get("wandb"), dict) else {}
+    if section and not section.get("enabled", False):
+        return "W&B: disabled by the DeepSpeed config"
+    os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
+    run = wandb.init(project=section.get("project", "grace_ds"), group=section.get("group"),
+                     entity=section.get("team"), dir=str(out), job_type="main-job",
+                     config={"native": {k: v for k, v in native.items() if not isinstance(v, list)},
+                             "grace": {k: v for k, v in grace.items() if not isinstance(v, list)}})
+    for label, report in (("native", native), ("grace", grace)):
+        for key, value in report.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                run.summary[f"{label}/{key}"] = value
+        for i, (cross, intra, ratio) in enumerate(zip(report["cross_node_bytes_per_layer"],
+                                                      report["intra_node_bytes_per_layer"],
+                                                      report["max_over_mean_gpu_load_per_layer"])):
+            run.log({f"{label}/cross_node_bytes": cross, f"{label}/intra_node_bytes": intra,
+                     f"{label}/max_over_mean_gpu_load": ratio, "layer": i})
+    run.log({name: wandb.Image(str(path)) for name, path in paths.items()})
+    where = run.dir
+    run.finish()
+    return f"W&B run ({os.environ['WANDB_MODE']}): {where}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--native", required=True)
+    parser.add_argument("--grace", required=True)
+    parser.add_argument("--profile", required=True)
+    parser.add_argument("--plan", required=True)
+    parser.add_argument("--ds-config")
+    parser.add_argument("--out", default="outputs")
+    args = parser.parse_args()
+    native, grace = (json.loads(Path(p).read_text()) for p in (args.native, args.grace))
+    rows = table(native, grace)
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'':{width}}  {'native layout':>16}  {'GRACE':>16}  {'GRACE/native':>12}")
+    print(f"{'':{width}}  {native['topology'] + ', ' + native['comm']:>16}  {grace['comm'] + ', ' + grace['router']:>16}")
+    for name, a, b, r in rows:
+        print(f"{name:{width}}  {a:>16}  {b:>16}  {r:>12}")
+    out = Path(args.out)
+    paths = plots(native, grace, RoutingProfile.load(args.profile), PlacementPlan.load(args.plan), out)
+    print("plots: " + ", ".join(str(p) for p in paths.values()))
+    ds_config = json.loads(Path(args.ds_config).read_text()) if args.ds_config else {}
+    print(log_wandb(native, grace, paths, ds_config, out))
+
+
+if __name__ == "__main__":
+    main()
