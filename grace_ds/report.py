@@ -37,7 +37,7 @@ def table(native: dict, grace: dict) -> list[tuple[str, str, str, str]]:
     a = sum(native["max_over_mean_gpu_load_per_layer"]) / len(native["max_over_mean_gpu_load_per_layer"])
     b = sum(grace["max_over_mean_gpu_load_per_layer"]) / len(grace["max_over_mean_gpu_load_per_layer"])
     rows.append(("max/mean GPU load (mean over layers)", f"{a:.3f}", f"{b:.3f}", ratio(a, b)))
-    rows.append(("max |logit - unmodified|", f"{native['max_abs_logit_diff']:.2e}", f"{grace['max_abs_logit_diff']:.2e}", ""))
+    rows.append(("max abs logit difference to unmodified", f"{native['max_abs_logit_diff']:.2e}", f"{grace['max_abs_logit_diff']:.2e}", ""))
     rows.append(("generated text equal to unmodified", str(native["generated_text_equal"]),
                  str(grace["generated_text_equal"]), ""))
     return rows
@@ -137,6 +137,10 @@ def main() -> None:
     args = parser.parse_args()
     native, grace = (json.loads(Path(p).read_text()) for p in (args.native, args.grace))
     rows = table(native, grace)
+    markdown = [f"| {native['topology']} | native layout ({native['comm']}) | GRACE ({grace['comm']}, {grace['router']}) "
+                "| GRACE / native |", "|---|---|---|---|"] + [f"| {n} | {a} | {b} | {r} |" for n, a, b, r in rows]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "report.md").write_text("\n".join(markdown) + "\n")
     width = max(len(r[0]) for r in rows)
     print(f"\n{'':{width}}  {'native layout':>16}  {'GRACE':>16}  {'GRACE/native':>12}")
     print(f"{'':{width}}  {native['topology'] + ', ' + native['comm']:>16}  {grace['comm'] + ', ' + grace['router']:>16}")

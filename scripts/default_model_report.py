@@ -38,7 +38,7 @@ def main() -> None:
     random_ids = torch.stack([torch.rand(tokens, experts, generator=generator).topk(k, dim=1).indices
                               for _ in range(trained.num_layers)], 1)
     uniform = RoutingProfile.from_topk_ids(random_ids, experts)
-    lines = [f"# Routing of the embedded default model\n",
+    lines = ["# Routing of the embedded default model\n",
              f"Measured by `python scripts/default_model_report.py --tokens {args.tokens}` on {datetime.date.today()}: "
              f"{tokens} held-out bytes (the standard library's held-out sources), {experts} experts, top-{k}. "
              "The uniform column is a uniform-random top-k router on as many tokens.\n",

@@ -107,7 +107,6 @@ def main() -> int:
 
 def write_report(args, runtime, line, prefill_seconds, decode_seconds, mine, text, world, rank, device) -> None:
     """Gather every rank's per-layer figures; rank 0 writes the job's report."""
-    layers = runtime.plan.num_layers
     mine_stats = torch.tensor([[t.cross_node_bytes, t.intra_node_bytes, t.pairs_computed, s]
                                for t, s in zip(runtime.traffic, runtime.seconds)], dtype=torch.float64, device=device)
     scalars = torch.tensor([prefill_seconds, decode_seconds, line.get("max_abs_diff", float("nan")),
