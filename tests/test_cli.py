@@ -98,3 +98,20 @@ def test_profile_counts_every_token(tmp_path):
     assert profile.num_tokens.tolist() == [640, 640]  # 10 whole sequences of 64
     assert profile.expert_load.sum(1).tolist() == [640 * 2, 640 * 2]
     assert profile.coactivation is not None and profile.sample_topk_ids.shape == (640, 2, 2)
+
+
+@pytest.mark.parametrize("flags", [["--paper"], ["--no-tune"], ["--r", "0.3"]])
+def test_grace_plan_modes(shared_data, tmp_path, flags):
+    trace = shared_data / "routing" / "olmoe_arxiv.safetensors"
+    assert run_cli("profile-trace", trace, "--tokens", ":4096", "--out", tmp_path / "p.safetensors").returncode == 0
+    done = run_cli("plan", "--profile", tmp_path / "p.safetensors", "--policy", "grace", *flags, "--out", tmp_path / "plan.json")
+    assert done.returncode == 0, done.stderr
+    options = json.loads((tmp_path / "plan.json").read_text())["options"]
+    settings = options["layer_settings"]
+    assert {"flat", "hierarchical"} == set(options["modeled_layer_time_us"])
+    if flags == ["--paper"]:
+        assert all(s["replication"] == "paper" and s["gpu_grouping"] == "spectral" for s in settings)
+        assert all(0.0 <= s["r"] <= 0.5 for s in settings)  # the knee of S(r) vs U(r) on the grid
+    if flags == ["--r", "0.3"]:
+        assert all(s["r"] == 0.3 for s in settings)
+    assert options["tuned"] is False
