@@ -64,8 +64,10 @@ def split_config(config: dict | str | os.PathLike | None) -> tuple[dict, GraceMo
         path = Path(config)
         try:
             config = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
             raise GraceInputError(f"{path}: cannot read the DeepSpeed JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise GraceInputError("DeepSpeed config: must be a JSON object")
     rest = dict(config)
     section = rest.pop(SECTION, None)
     if section is None:

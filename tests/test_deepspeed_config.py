@@ -36,6 +36,9 @@ def test_unreadable_json_names_the_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(GraceInputError, match="ds.json"):
         split_config(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(GraceInputError, match="JSON object"):
+        split_config(path)
     path.write_text(json.dumps({"grace_moe": {"policy": "magic"}}))
     with pytest.raises(GraceInputError, match="policy"):
         split_config(path)
