@@ -1,6 +1,7 @@
 """The deepspeed launcher runs a GRACE-served model as 2 emulated nodes x 2 ranks (scripts/launch.sh)."""
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def test_two_emulated_nodes_under_the_deepspeed_launcher(tmp_path, monkeypatch):
                            "--model", str(tmp_path / "model"), "--config", str(tmp_path / "ds.json"), "--check",
                            "--new-tokens", "3", "--report", str(tmp_path / "report.json")],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
-    lines = [json.loads(line.split("GRACE_SERVE ", 1)[1]) for line in done.stdout.splitlines() if "GRACE_SERVE " in line]
+    # Two launchers share the pipe: their lines may interleave, so pick the flat JSON objects out directly.
+    lines = [json.loads(found) for found in re.findall(r"GRACE_SERVE (\{[^{}]*\})", done.stdout)]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(line["rank"] for line in lines) == list(range(2 * per_node))
     for line in lines:
