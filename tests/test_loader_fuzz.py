@@ -3,7 +3,6 @@ never another exception, never a partial write."""
 import json
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
