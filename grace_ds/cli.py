@@ -43,7 +43,16 @@ def cmd_profile(args) -> None:
         raise GraceInputError(f"{args.data}: no such text file")
     model, tokenizer = load_model(args.model)
     ids = encode_text(args.data.read_text(encoding="utf-8", errors="replace"), tokenizer, model.config.vocab_size)
-    profile = profile_model(model, ids, args.sequence_length, args.batch_size, args.max_tokens)
+    profile = profile_model(model, ids, args.sequence_length, args.batch_size, args.max_tokens,
+                            sample_tokens=ids.numel() if args.trace_out else None)
+    if args.trace_out:
+        from grace_ds.profile import DEFAULT_SAMPLE_TOKENS
+        from grace_ds.trace import RoutingTrace
+
+        trace = RoutingTrace(profile.sample_topk_ids, profile.num_experts, profile.layer_names, profile.model_name)
+        trace.save(args.trace_out)
+        print(f"routing trace of {trace.num_tokens} tokens -> {args.trace_out}")
+        profile.sample_topk_ids = profile.sample_topk_ids[:DEFAULT_SAMPLE_TOKENS].clone()
     profile.save(args.out)
     print(f"profile of {int(profile.num_tokens[0])} tokens, {profile.num_layers} MoE layers x "
           f"{profile.num_experts} experts (top-{profile.top_k}) -> {args.out}")
@@ -163,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--trace-out", type=Path, help="also write every token's top-k ([T, L, k] routing trace)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("profile-load", help="load-only profile from a {'logical_count': [[...]]} JSON")

@@ -13,6 +13,7 @@ one of pair records; the combine one more of rows. Works on gloo (CPU) and NCCL 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -60,48 +61,72 @@ class Hop:
     send_row_splits: list[int]
     recv_row_splits: list[int]
     group: object
+    num_final_pairs: int = 0  # received pairs whose final GPU is this rank
+
+    def split_final(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pairs computed here, pairs to forward), without a host synchronisation."""
+        onward = self.pairs[:, _TARGET] != rank
+        order = torch.argsort(onward.to(torch.uint8), stable=True)
+        return self.pairs[order[:self.num_final_pairs]], self.pairs[order[self.num_final_pairs:]]
 
     @classmethod
     def send(cls, rows: torch.Tensor, pair_row: torch.Tensor, pair_next: torch.Tensor, pair_target: torch.Tensor,
              pair_slot: torch.Tensor, pair_weight: torch.Tensor, world: int, group) -> "Hop":
         """rows [R, H]; per pair: the row it belongs to, the rank it goes to next, its final GPU, the
-        local slot there and its routing weight."""
+        local slot there and its routing weight. Every size is computed on the device and crosses to
+        the host once, with the split-size exchange: on a GPU nothing else waits for the stream."""
         device = rows.device
-        num_rows = rows.shape[0]
-        # One sent row per distinct (row, next rank), grouped by next rank.
-        key = pair_next * max(num_rows, 1) + pair_row
-        unique_keys, pair_to_sent = torch.unique(key, sorted=True, return_inverse=True)
-        sent_next = unique_keys // max(num_rows, 1)
-        sent_source = unique_keys % max(num_rows, 1)
-        row_counts = torch.bincount(sent_next, minlength=world)
+        stride = max(rows.shape[0], 1)
+        # One sent row per distinct (next rank, row); sorting the keys groups them by next rank.
+        key = pair_next * stride + pair_row
+        key_order = torch.argsort(key)
+        sorted_key = key[key_order]
+        is_first = torch.ones_like(sorted_key, dtype=torch.bool)
+        is_first[1:] = sorted_key[1:] != sorted_key[:-1]
+        sent_of_sorted = torch.cumsum(is_first, 0) - 1
+        pair_to_sent = torch.empty_like(sent_of_sorted)
+        pair_to_sent[key_order] = sent_of_sorted
+        zeros = torch.zeros(world, dtype=torch.long, device=device)
+        row_counts = zeros.scatter_add(0, sorted_key // stride, is_first.long())
+        pair_counts = zeros.scatter_add(0, pair_next, torch.ones_like(pair_next))
+        final_counts = zeros.scatter_add(0, pair_next, (pair_target == pair_next).long())
         chunk_start = torch.cumsum(row_counts, 0) - row_counts
         pair_order = torch.argsort(pair_next, stable=True)
-        pair_counts = torch.bincount(pair_next, minlength=world)
         records = torch.stack([pair_to_sent - chunk_start[pair_next], pair_target, pair_slot,
                                pair_weight.float().view(torch.int32).long()], 1)[pair_order]
-        counts = torch.stack([row_counts, pair_counts], 1)
+        counts = torch.stack([row_counts, pair_counts, final_counts], 1)
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=group)
-        send_rows, send_pairs = counts.T.tolist()  # the one host synchronisation of this hop
-        recv_rows, recv_pairs = recv_counts.T.tolist()
+        both = torch.cat([counts, recv_counts], 1).T.tolist()  # the one host synchronisation of this hop
+        send_rows, send_pairs, _, recv_rows, recv_pairs, recv_finals = both
+        num_sent = sum(send_rows)
+        # Source row of each sent row, scattered into place; pairs that repeat a row write a spare entry.
+        sent_source = rows.new_empty(num_sent + 1, dtype=torch.long)
+        sent_source.scatter_(0, torch.where(is_first, sent_of_sorted, num_sent), sorted_key % stride)
+        sent_source = sent_source[:num_sent]
         received_rows = all_to_all_rows(rows[sent_source], send_rows, recv_rows, group)
         received_pairs = records.new_empty((sum(recv_pairs), 4))
         dist.all_to_all_single(received_pairs, records.contiguous(), recv_pairs, send_pairs, group=group)
         # Row index within the source's chunk -> index into received_rows.
-        row_offset = torch.cumsum(torch.tensor(recv_rows, device=device), 0) - torch.tensor(recv_rows, device=device)
-        source = torch.repeat_interleave(torch.arange(world, device=device), torch.tensor(recv_pairs, device=device))
+        row_offset = torch.cumsum(recv_counts[:, 0], 0) - recv_counts[:, 0]
+        source = torch.repeat_interleave(torch.arange(world, device=device), recv_counts[:, 1],
+                                         output_size=received_pairs.shape[0])
         received_pairs[:, _ROW] += row_offset[source]
-        return cls(received_rows, received_pairs, sent_source, send_rows, recv_rows, group)
+        return cls(received_rows, received_pairs, sent_source, send_rows, recv_rows, group, sum(recv_finals))
 
     @property
     def weights(self) -> torch.Tensor:
-        return self.pairs[:, _WEIGHT].int().view(torch.float32)
+        return _weights_of(self.pairs)
 
     def return_rows(self, results: torch.Tensor, num_source_rows: int) -> torch.Tensor:
         """results [M, H] per received row -> [num_source_rows, H] summed per sender row."""
         back = all_to_all_rows(results, self.recv_row_splits, self.send_row_splits, self.group)
         out = back.new_zeros((num_source_rows,) + tuple(back.shape[1:]))
         return out.index_add(0, self.sent_row_source, back)
+
+
+def _weights_of(pairs: torch.Tensor) -> torch.Tensor:
+    return pairs[:, _WEIGHT].int().view(torch.float32)
 
 
 ExpertCompute = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows [M, H], local slot [M]) -> [M, H]
@@ -136,6 +161,14 @@ def _compute_pairs(rows: torch.Tensor, pairs: torch.Tensor, weights: torch.Tenso
     return out.index_add(0, row, (expert_out * weights.unsqueeze(-1).to(expert_out.dtype)).to(out.dtype))
 
 
+@functools.lru_cache(maxsize=16)
+def _device_tables(topology: Topology, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """node of each GPU, first GPU of each node, GPUs per node, on `device`; copied once, since a copy
+    from host memory to a GPU waits for its stream."""
+    return (topology.node_of_gpu.to(device), topology.first_gpu_of_node.to(device),
+            torch.tensor(topology.gpus_per_node, device=device))
+
+
 def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
                          slots_per_gpu: int, topology: Topology, rank: int, compute: ExpertCompute,
                          mode: str = "flat", group=None, traffic: Traffic | None = None) -> torch.Tensor:
@@ -150,7 +183,7 @@ def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weig
     target = flat_slots // slots_per_gpu
     local_slot = flat_slots % slots_per_gpu
     weight = topk_weights.reshape(-1)
-    node_of_gpu = topology.node_of_gpu.to(device)
+    node_of_gpu, first_gpu, per_node = _device_tables(topology, device)
     if mode == "flat" or topology.num_nodes == 1:
         hop = Hop.send(hidden, pair_row, target, target, local_slot, weight, world, group)
         if traffic is not None:
@@ -161,24 +194,21 @@ def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weig
     if mode != "hierarchical":
         raise ValueError(f"communication mode must be flat or hierarchical here, got {mode!r}")
     # Hop 1: same-node targets directly, other nodes through the peer with this rank's local index.
-    first_gpu = topology.first_gpu_of_node.to(device)
-    per_node = torch.tensor(topology.gpus_per_node, device=device)
     my_local = int(topology.local_index_of_gpu[rank])
     target_node = node_of_gpu[target]
     peer = first_gpu[target_node] + my_local % per_node[target_node]
     next_rank = torch.where(target_node == node_of_gpu[rank], target, peer)
     hop1 = Hop.send(hidden, pair_row, next_rank, target, local_slot, weight, world, group)
-    here = hop1.pairs[:, _TARGET] == rank
-    results = _compute_pairs(hop1.rows, hop1.pairs[here], hop1.weights[here], compute)
+    final, onward = hop1.split_final(rank)
+    results = _compute_pairs(hop1.rows, final, _weights_of(final), compute)
     # Hop 2: fan the rows that came across out to their GPUs inside this node.
-    onward = hop1.pairs[~hop1.pairs[:, _TARGET].eq(rank)]
     hop2 = Hop.send(hop1.rows, onward[:, _ROW], onward[:, _TARGET], onward[:, _TARGET], onward[:, _SLOT],
-                    onward[:, _WEIGHT].int().view(torch.float32), world, group)
+                    _weights_of(onward), world, group)
     results2 = _compute_pairs(hop2.rows, hop2.pairs, hop2.weights, compute)
     if traffic is not None:
         for hop in (hop1, hop2):
             traffic.add_hop(hop, rank, topology.node_of_gpu.tolist(), hidden.shape[1] * hidden.element_size())
-        traffic.pairs_computed += int(here.sum()) + hop2.pairs.shape[0]
+        traffic.pairs_computed += final.shape[0] + hop2.pairs.shape[0]
     # Pre-reduce on this node: fan-out results join this rank's own before crossing back.
     results = results + hop2.return_rows(results2, hop1.rows.shape[0])
     return hop1.return_rows(results, num_tokens)

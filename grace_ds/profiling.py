@@ -38,7 +38,9 @@ def encode_text(text: str, tokenizer, vocab_size: int) -> torch.Tensor:
 
 
 def profile_model(model: torch.nn.Module, token_ids: torch.Tensor, sequence_length: int = 256, batch_size: int = 4,
-                  max_tokens: int | None = None, show_progress: bool = True) -> RoutingProfile:
+                  max_tokens: int | None = None, show_progress: bool = True,
+                  sample_tokens: int | None = None) -> RoutingProfile:
+    """`sample_tokens`: how many tokens' top-k sets the profile keeps (every token's: a routing trace)."""
     from tqdm import tqdm
 
     from grace_ds.deepspeed import attach_recorder
@@ -50,6 +52,8 @@ def profile_model(model: torch.nn.Module, token_ids: torch.Tensor, sequence_leng
         raise GraceInputError(f"the text has {token_ids.numel()} tokens, fewer than one sequence of {sequence_length}")
     sequences = token_ids[:usable].view(-1, sequence_length)
     recorder = attach_recorder(model)
+    if sample_tokens is not None:
+        recorder.sample_tokens = sample_tokens
     device = next(model.parameters()).device
     try:
         with torch.no_grad(), tqdm(total=usable, unit="tok", desc="profiling", disable=not show_progress) as bar:

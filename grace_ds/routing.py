@@ -154,6 +154,7 @@ class ReplicaRouter:
         self.source_gpus = sources
         self._row_of_source = torch.full((plan.num_gpus,), -1, dtype=torch.int64)
         self._row_of_source[sources] = torch.arange(sources.numel())
+        self._row_of_source_host = self._row_of_source  # int lookups without waiting for the device
         self._row_of_source = self._row_of_source.to(self.device)
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
         self._layers: dict[int, dict[str, torch.Tensor]] = {}
@@ -186,11 +187,14 @@ class ReplicaRouter:
             which = position % tables["copy_count"][experts]
             return tables["copy_slot"][experts, which]
         if isinstance(source_gpu, int):
-            rows = torch.full((num_tokens, top_k), int(self._row_of_source[source_gpu]), device=experts.device)
+            row = int(self._row_of_source_host[source_gpu])
+            if row < 0:
+                raise GraceInputError(f"router was built without tables for source GPU {source_gpu}")
+            rows = torch.full((num_tokens, top_k), row, device=experts.device)
         else:
             rows = self._row_of_source[source_gpu.long()].view(-1, 1).expand(-1, top_k)
-        if (rows < 0).any():
-            raise GraceInputError("router was built without tables for this source GPU")
+            if (rows < 0).any():
+                raise GraceInputError("router was built without tables for this source GPU")
         if self.sampling == "random" and self.policy != "static":
             probs = tables["weights"][rows.reshape(-1), experts.reshape(-1)]
             which = torch.multinomial(probs.cpu().float(), 1, generator=self._generator).view(num_tokens, top_k)

@@ -28,7 +28,8 @@ Modeled MoE-layer time (per layer, microseconds), alpha-beta links + expert GEMM
   compute          = max over GPUs of pairs(g) * flops_per_pair / expert_tflops
   combine          = dispatch (partial outputs return the way tokens came; the hierarchical combine
                      pre-reduces a token's outputs on the destination node, so it crosses once too)
-  layer time       = dispatch + compute + combine
+  layer time       = dispatch + compute + combine + layer_overhead (+ hop_overhead, hierarchical):
+                     the fixed cost measured with one token per GPU, 0 unless calibrated
 """
 
 
@@ -125,8 +126,8 @@ def layer_traffic(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Top
         "cross_node_bytes_flat": 2 * float(inter_flat.sum()) * bytes_per_copy,
         "intra_node_bytes": 2 * float(local_matrix.sum() + fanout.sum()) * bytes_per_copy,
         "intra_node_bytes_flat": 2 * float(intra_flat.sum()) * bytes_per_copy,
-        "modeled_layer_time_us": float(2 * dispatch_h + compute),
-        "modeled_layer_time_us_flat": float(2 * dispatch_flat + compute),
+        "modeled_layer_time_us": float(2 * dispatch_h + compute) + links.layer_overhead_us + links.hop_overhead_us,
+        "modeled_layer_time_us_flat": float(2 * dispatch_flat + compute) + links.layer_overhead_us,
         "modeled_compute_us": float(compute),
     }
 

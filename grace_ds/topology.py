@@ -21,11 +21,16 @@ class LinkModel:
     intra_node_latency_us: float = 8.0  # per all-to-all stage inside a node
     inter_node_latency_us: float = 30.0  # per all-to-all stage across nodes
     expert_tflops: float = 250.0  # achieved bf16 expert GEMM rate per GPU
+    # Fixed cost of one MoE layer whatever its traffic (kernel launches, host syncs, every collective's
+    # start-up): what one token per GPU takes; measured by scripts/bench_gpu.py, 0 when unknown.
+    layer_overhead_us: float = 0.0
+    hop_overhead_us: float = 0.0  # what the hierarchical mode's second hop adds to that fixed cost
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not (isinstance(value, (int, float)) and value > 0 and value == value):
+            may_be_zero = f.name in ("layer_overhead_us", "hop_overhead_us")
+            if not (isinstance(value, (int, float)) and value == value and (value > 0 or (may_be_zero and value == 0))):
                 raise GraceInputError(f"link model: {f.name} must be a positive number, got {value!r}")
 
 

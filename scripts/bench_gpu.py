@@ -1,0 +1,431 @@
+"""GPU benchmark: one MoE layer (and a small full model) across logical nodes, DeepSpeed's native MoE
+against the GRACE layer under every plan and communication mode, with routing replayed from real traces.
+
+    python scripts/bench_gpu.py --traces DIR --out DIR            (one call of scripts/bench_gpu.sh)
+    python scripts/bench_gpu.py --device cpu --tiny --out DIR     (the same code on gloo, small shapes)
+
+Per rank (one GPU a rank; ranks split into `--nodes` logical nodes told apart by NCCL_HOSTID, so traffic
+between them takes NCCL's socket path): link and GEMM figures are measured first, then every (shape,
+batch, variant) is timed: median over `--iters` forwards after `--warmup`, CUDA events, the slowest rank
+per iteration. Plans are built in the parent from the first half of each trace; the second half is
+replayed. The parent then adds the simulator's modeled time (calibrated with the measured figures) and
+the floor, writes bench_gpu.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_model  # noqa: E402
+from bench_layers import (GraceLayer, LayerShape, Stopwatch, deepspeed_layer, keep, release, replay_bias,  # noqa: E402
+                          slowest_rank, summed, timed)
+from grace_ds.dispatch import Traffic  # noqa: E402
+from grace_ds.layer import GraceRuntime  # noqa: E402
+from grace_ds.plan import PlacementPlan  # noqa: E402
+from grace_ds.planners import make_plan  # noqa: E402
+from grace_ds.profile import RoutingProfile  # noqa: E402
+from grace_ds.simulate import CostSettings, simulate_trace  # noqa: E402
+from grace_ds.topology import LinkModel, Topology  # noqa: E402
+from grace_ds.trace import RoutingTrace  # noqa: E402
+
+# The paper's three models' MoE layers (bf16). DeepSeek-V2-Lite's two shared experts run as one
+# SwiGLU of twice the width, beside the routed ones, in every variant alike.
+SHAPES = {
+    "olmoe": LayerShape("olmoe", 2048, 1024, 64, 8),
+    "qwen3": LayerShape("qwen3", 2048, 768, 128, 8),
+    "dsv2lite": LayerShape("dsv2lite", 2048, 1408, 64, 6, shared_inter=2 * 1408),
+}
+TINY_SHAPES = {name: LayerShape(name, 64, 32, s.num_experts, s.top_k, s.shared_inter and 64)
+               for name, s in SHAPES.items()}
+# Which recorded routing each shape replays (file, layer index in it, how ids are mapped).
+REPLAYS = {
+    "olmoe": [("olmoe_arxiv.safetensors", 1, "as-is"), ("embedded_heldout.safetensors", 2, "as-is")],
+    "qwen3": [("olmoe_wikipedia.safetensors", 1, "split-2")],
+    "dsv2lite": [("olmoe_arxiv.safetensors", 2, "first-6")],
+}
+# Tokens in the whole job per forward: prefill 256 x 128 = 512 x 64 = 32768 tokens reach a MoE layer
+# alike; decode steps of 256 and 512 sequences.
+BATCHES = {"prefill-32768": 32768, "decode-256": 256, "decode-512": 512}
+POLICIES = ("contiguous", "eplb", "uniform-affinity", "grace")
+E2E_TRACE = "olmoe_arxiv.safetensors"
+
+
+def map_ids(ids: torch.Tensor, mapping: str) -> torch.Tensor:
+    """ids [T, k] of a 64-expert trace -> the shape's experts.
+    split-2: expert e becomes 2e or 2e+1 by a hash of (token, e): 128 experts keeping the trace's skew
+             and co-activation structure (no recorded 128-expert trace exists in ../shared/data);
+    first-6: the first 6 of the 8 recorded experts (top-6)."""
+    if mapping == "as-is":
+        return ids
+    if mapping == "first-6":
+        return ids[:, :6]
+    if mapping == "split-2":
+        token = torch.arange(ids.shape[0]).view(-1, 1)
+        half = ((token * 2654435761 + ids * 40503) >> 11) & 1
+        return 2 * ids + half
+    raise ValueError(mapping)
+
+
+def prepare(args, topology: Topology, work: Path) -> list[dict]:
+    """Plans (from the first half of each trace) and replayed ids (second half) for every case."""
+    shapes = TINY_SHAPES if args.tiny else SHAPES
+    cases = []
+    for name in args.shapes:
+        shape = shapes[name]
+        for file, layer, mapping in REPLAYS[name]:
+            path = Path(args.traces, file)
+            if not path.is_file():
+                print(f"skipping {name} x {file}: {path} not found", flush=True)
+                continue
+            trace = RoutingTrace.load(path)
+            ids = map_ids(trace.topk_ids[:, layer].long(), mapping)
+            half = ids.shape[0] // 2
+            profile = RoutingProfile.from_topk_ids(ids[:half, None, :], shape.num_experts, model_name=file)
+            case = f"{name}/{Path(file).stem}/L{layer}"
+            plan_files = {}
+            for policy in POLICIES:
+                plan = make_plan(policy, profile, topology, args.replica_slots)
+                plan_files[policy] = str(work / f"{case.replace('/', '_')}_{policy}.json")
+                plan.save(plan_files[policy])
+            replay_file = work / f"{case.replace('/', '_')}_replay.pt"
+            torch.save(ids[half:].to(torch.int32).contiguous(), replay_file)
+            cases.append({"case": case, "shape": name, "trace": file, "trace_layer": layer, "mapping": mapping,
+                          "plans": plan_files, "replay": str(replay_file)})
+            print(f"prepared {case}: plans {', '.join(POLICIES)}", flush=True)
+    return cases
+
+
+def prepare_model(args, topology: Topology, work: Path) -> dict | None:
+    """Plans for the end-to-end model from the first half of the OLMoE arxiv trace (trace layer l for
+    model layer l), and the second half to replay."""
+    path = Path(args.traces, E2E_TRACE)
+    if not args.e2e or not path.is_file():
+        return None
+    ids = RoutingTrace.load(path).topk_ids[:, :bench_model.LAYERS].long()
+    half = ids.shape[0] // 2
+    profile = RoutingProfile.from_topk_ids(ids[:half], 64, model_name=E2E_TRACE)
+    plans = {}
+    for policy in POLICIES:
+        plans[policy] = str(work / f"model_{policy}.json")
+        make_plan(policy, profile, topology, args.replica_slots).save(plans[policy])
+    replay = work / "model_replay.pt"
+    torch.save(ids[half:].to(torch.int32).contiguous(), replay)
+    return {"plans": plans, "replay": str(replay), "trace": E2E_TRACE}
+
+
+# ---- inside every rank -------------------------------------------------------------------------------
+
+def measure_links(topology: Topology, rank: int, device: torch.device, dtype: torch.dtype, big_bytes: int) -> dict:
+    """Cross-node (and same-node) all-to-all throughput and latency; bf16 GEMM rate."""
+    world = topology.num_gpus
+    node = topology.node_of_gpu.tolist()
+    out = {}
+
+    def exchange(per_peer_bytes: int, same_node: bool, repeats: int) -> float:
+        rows = max(per_peer_bytes // 2, 1)
+        splits = [rows if (node[p] == node[rank]) == same_node and p != rank else 0 for p in range(world)]
+        recv = [rows if (node[p] == node[rank]) == same_node and p != rank else 0 for p in range(world)]
+        send = torch.ones(sum(splits), dtype=dtype, device=device)
+        buf = torch.empty(sum(recv), dtype=dtype, device=device)
+        times = []
+        watch = Stopwatch(device)
+        for _ in range(repeats + 2):
+            dist.barrier()
+            started = watch.start()
+            dist.all_to_all_single(buf, send, recv, splits)
+            watch.stop(started)
+        times = slowest_rank(watch.milliseconds()[2:], device)
+        return statistics.median(times), min(times)
+
+    if topology.num_nodes > 1:
+        ms, best_ms = exchange(big_bytes, False, 5)
+        # Bytes leaving one node per second: its GPUs' sends to every GPU of other nodes (all nodes
+        # send at once, as in a dispatch). The median feeds the cost model, the best the floor.
+        node_out = big_bytes * sum(1 for p in range(world) if node[p] != node[rank]) * topology.gpus_per_node[node[rank]]
+        out["inter_node_GBps"] = node_out / (ms * 1e-3) / 1e9
+        out["inter_node_peak_GBps"] = node_out / (best_ms * 1e-3) / 1e9
+        out["inter_node_latency_us"] = exchange(1024, False, 20)[0] * 1e3
+    if max(topology.gpus_per_node) > 1:
+        ms = exchange(big_bytes, True, 5)[0]
+        peers = sum(1 for p in range(world) if node[p] == node[rank] and p != rank)
+        out["intra_node_GBps"] = big_bytes * max(peers, 1) / (ms * 1e-3) / 1e9
+        out["intra_node_latency_us"] = exchange(1024, True, 20)[0] * 1e3
+    # bf16 GEMM rate at an expert's shape: [tokens, H] x [H, 2I].
+    a = torch.randn(8192, 2048, dtype=dtype, device=device)
+    b = torch.randn(2048, 2048, dtype=dtype, device=device)
+    watch = Stopwatch(device)
+    for _ in range(12):
+        started = watch.start()
+        a @ b
+        watch.stop(started)
+    ms = statistics.median(watch.milliseconds()[2:])
+    out["gemm_tflops"] = 2 * a.shape[0] * a.shape[1] * b.shape[1] / (ms * 1e-3) / 1e12
+    # Every rank uses the same (slowest) figures.
+    keys = sorted(out)
+    values = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return dict(zip(keys, values.tolist()))
+
+
+def run_case(case: dict, args, topology: Topology, rank: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    shape = (TINY_SHAPES if args.tiny else SHAPES)[case["shape"]]
+    world = topology.num_gpus
+    replay = torch.load(case["replay"], weights_only=True).long()
+    modes = ["flat", "hierarchical"] if topology.num_nodes > 1 and max(topology.gpus_per_node) > 1 else ["flat"]
+    variants = [("deepspeed-native", None, None)] + [(f"grace-layer/{p}/{m}", p, m) for p in POLICIES for m in modes]
+    batches = []
+    for batch_name, total_tokens in BATCHES.items():
+        if args.tiny:
+            total_tokens = max(total_tokens // 64, 2 * world)
+        per_rank = total_tokens // world
+        ids = replay[rank * per_rank:(rank + 1) * per_rank].to(device)
+        torch.manual_seed(1000 + rank)
+        x = torch.randn(per_rank, shape.hidden, dtype=dtype, device=device)
+        batches.append((batch_name, per_rank * world, x, replay_bias(ids, shape.num_experts)))
+    results = []
+    for variant, policy, mode in variants:
+        busy = Stopwatch(device)
+        layer, runtime = make_layer(case, shape, policy, mode, topology, rank, device, dtype, busy)
+        for batch_name, tokens, x, bias in batches:
+            layer.bias = bias
+            record = {"case": case["case"], "shape": shape.name, "batch": batch_name, "tokens": tokens,
+                      "variant": variant, "policy": policy, "mode": mode}
+            # One untimed pass for traffic, then the timed ones.
+            with torch.no_grad():
+                if policy is not None:
+                    runtime.traffic[0] = Traffic()
+                    runtime.measure = True
+                    layer(x)
+                    runtime.measure = False
+                    traffic = runtime.traffic[0]
+                    sent = [traffic.cross_node_bytes, traffic.intra_node_bytes, traffic.pairs_computed]
+                else:
+                    layer(x)
+                    sent = deepspeed_traffic(layer.capacity, shape, topology, rank, dtype) + [0]
+            busy.milliseconds()
+            times = slowest_rank(timed(layer, x, args.iters, args.warmup, device), device)
+            busy_per_iter = sum(busy.milliseconds()) / (args.iters + args.warmup)  # warm-up forwards included
+            busy_all = torch.tensor([busy_per_iter], dtype=torch.float64, device=device)
+            gathered = [torch.zeros_like(busy_all) for _ in range(world)]
+            dist.all_gather(gathered, busy_all)
+            totals = summed(sent, device)
+            median = statistics.median(times)
+            record.update({
+                "median_ms": median, "p10_ms": sorted(times)[len(times) // 10], "iters": len(times),
+                "cross_node_bytes": totals[0], "intra_node_bytes": totals[1],
+                "pairs_computed": totals[2] if policy is not None else None,
+                "gpu_busy_ms": [float(g) for g in torch.cat(gathered).tolist()],
+                "capacity": layer.capacity if policy is None else None,
+            })
+            record["idle_fraction"] = [max(0.0, 1 - b / median) for b in record["gpu_busy_ms"]]
+            keep(results, record, rank, f"{case['case']:<40} {batch_name:<14} {variant}")
+        del layer
+        release(device)
+    return results
+
+
+def make_layer(case: dict, shape: LayerShape, policy: str | None, mode: str | None, topology: Topology, rank: int,
+               device: torch.device, dtype: torch.dtype, busy: Stopwatch):
+    """(layer, GRACE runtime or None): DeepSpeed's native MoE for policy None, else the GRACE layer."""
+    torch.manual_seed(7)
+    if policy is None:
+        return deepspeed_layer(shape, topology.num_gpus, device, dtype, busy).eval(), None
+    runtime = GraceRuntime(PlacementPlan.load(case["plans"][policy]), rank, None, "tar", mode, device=device)
+    return GraceLayer(shape, runtime, device, dtype, busy).to(device).eval(), runtime
+
+
+def measure_overheads(case: dict, args, topology: Topology, rank: int, device: torch.device,
+                      dtype: torch.dtype) -> dict:
+    """Fixed cost of a layer (one token per GPU): GRACE flat, what hierarchical adds, DeepSpeed's."""
+    shape = (TINY_SHAPES if args.tiny else SHAPES)[case["shape"]]
+    replay = torch.load(case["replay"], weights_only=True).long()
+    ids = replay[rank:rank + 1].to(device)
+    x = torch.randn(1, shape.hidden, dtype=dtype, device=device)
+    out = {}
+    variants = [("deepspeed_overhead_us", None, None), ("layer_overhead_us", "contiguous", "flat")]
+    if topology.num_nodes > 1 and max(topology.gpus_per_node) > 1:
+        variants.append(("hierarchical_overhead_us", "contiguous", "hierarchical"))
+    for key, policy, mode in variants:
+        layer, _ = make_layer(case, shape, policy, mode, topology, rank, device, dtype, Stopwatch(device))
+        layer.bias = replay_bias(ids, shape.num_experts)
+        out[key] = statistics.median(slowest_rank(timed(layer, x, args.iters, args.warmup, device), device)) * 1e3
+        del layer
+    if "hierarchical_overhead_us" in out:
+        out["hop_overhead_us"] = max(out.pop("hierarchical_overhead_us") - out["layer_overhead_us"], 0.0)
+    return out
+
+
+def deepspeed_traffic(capacity: int, shape: LayerShape, topology: Topology, rank: int, dtype: torch.dtype) -> list[float]:
+    """Bytes this rank sends in DeepSpeed's dispatch and combine: [E/W, C, H] to every other rank each way."""
+    world = topology.num_gpus
+    node = topology.node_of_gpu.tolist()
+    block = shape.num_experts // world * capacity * shape.hidden * torch.finfo(dtype).bits // 8
+    cross = sum(2 * block for p in range(world) if node[p] != node[rank])
+    intra = sum(2 * block for p in range(world) if node[p] == node[rank] and p != rank)
+    return [float(cross), float(intra)]
+
+
+def worker(rank: int, world: int, args, cases: list[dict], model_case: dict | None, port: int,
+           result_file: str) -> None:
+    nodes = args.nodes
+    per_node = world // nodes
+    hostname = f"node{rank // per_node}"
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank % per_node),
+                      LOCAL_SIZE=str(per_node), CROSS_SIZE=str(nodes), GRACE_HOSTNAME=hostname,
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if args.device == "cuda":
+        os.environ["NCCL_HOSTID"] = hostname  # two logical hosts: traffic between them leaves NVLink
+        # Each logical node sees its own GPUs, numbered from 0 as on a real node (DeepSpeed uses LOCAL_RANK).
+        first = (rank // per_node) * per_node
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(per_node))
+        torch.cuda.set_device(rank % per_node)
+        device, backend, dtype = torch.device("cuda", rank % per_node), "nccl", torch.bfloat16
+    else:
+        torch.set_num_threads(1)
+        device, backend, dtype = torch.device("cpu"), "gloo", torch.bfloat16
+    dist.init_process_group(backend, rank=rank, world_size=world,
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend)
+    try:
+        topology = Topology.uniform(nodes, per_node)
+        links = measure_links(topology, rank, device, dtype, args.link_bytes)
+        if cases:
+            links.update(measure_overheads(cases[0], args, topology, rank, device, dtype))
+        if rank == 0:
+            print(f"measured: {json.dumps(links)}", flush=True)
+        results = []
+        for case in cases:
+            results += run_case(case, args, topology, rank, device, dtype)
+        model_results = []
+        if model_case is not None:
+            replay = torch.load(model_case["replay"], weights_only=True).long()
+            model_results = bench_model.run_model(model_case["plans"], replay, args, rank, world, device, dtype)
+        if rank == 0:
+            Path(result_file).write_text(json.dumps({"links": links, "results": results, "model": model_results,
+                                                     "model_trace": model_case and model_case["trace"]}))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- after the run: model, floor, table -------------------------------------------------------------
+
+def calibrated_links(links: dict) -> LinkModel:
+    defaults = LinkModel()
+    return LinkModel(
+        intra_node_bandwidth_GBps=links.get("intra_node_GBps", defaults.intra_node_bandwidth_GBps),
+        inter_node_bandwidth_Gbps=links.get("inter_node_GBps", defaults.inter_node_bandwidth_Gbps / 8) * 8,
+        intra_node_latency_us=links.get("intra_node_latency_us", defaults.intra_node_latency_us),
+        inter_node_latency_us=links.get("inter_node_latency_us", defaults.inter_node_latency_us),
+        expert_tflops=links["gemm_tflops"], layer_overhead_us=links.get("layer_overhead_us", 0.0),
+        hop_overhead_us=links.get("hop_overhead_us", 0.0))
+
+
+def add_model_and_floor(report: dict, cases: list[dict], topology: Topology, args) -> None:
+    """modeled_ms: the simulator with the measured figures (DeepSpeed: the same alpha-beta terms on its
+    capacity-padded exchange and padded expert rows). floor_ms: cross-node bytes through one node's
+    link at the best measured rate (dispatch, then combine) + the busiest GPU's expert FLOPs."""
+    links = calibrated_links(report["links"])
+    calibrated = Topology(topology.gpus_per_node, links)
+    shapes = TINY_SHAPES if args.tiny else SHAPES
+    replays = {c["case"]: torch.load(c["replay"], weights_only=True).long() for c in cases}
+    plans = {(c["case"], p): PlacementPlan.load(f) for c in cases for p, f in c["plans"].items()}
+    inter_Bpus = links.inter_node_bandwidth_Gbps * 1e3 / 8
+    peak_Bpus = report["links"].get("inter_node_peak_GBps", links.inter_node_bandwidth_Gbps / 8) * 1e3
+    flops_rate = links.expert_tflops * 1e6  # flop per microsecond
+    for r in report["results"]:
+        shape = shapes[r["shape"]]
+        flops_per_pair = 6.0 * shape.hidden * shape.inter
+        ids = replays[r["case"]][:r["tokens"]]
+        world = topology.num_gpus
+        node_bytes = r["cross_node_bytes"] / max(topology.num_nodes, 1)  # through one node's link, both phases
+        if r["policy"] is not None:
+            plan = dataclasses.replace(plans[(r["case"], r["policy"])], topology=calibrated)
+            metrics = simulate_trace(plan, ids[:, None, :], "tar", CostSettings(shape.hidden, shape.inter, 2))[0]
+            r["modeled_ms"] = (metrics.modeled_layer_time_us if r["mode"] == "hierarchical"
+                               else metrics.modeled_layer_time_us_flat) / 1e3
+            max_pairs = r["pairs_computed"] / world * metrics.max_over_mean_gpu_load
+        else:  # DeepSpeed: every rank computes E/W experts x W ranks x C padded rows
+            max_pairs = shape.num_experts // world * world * r["capacity"]
+            exchange = node_bytes / inter_Bpus + 2 * links.inter_node_latency_us if topology.num_nodes > 1 else 0.0
+            r["modeled_ms"] = (exchange + max_pairs * flops_per_pair / flops_rate
+                               + report["links"].get("deepspeed_overhead_us", 0.0)) / 1e3
+        r["floor_ms"] = (node_bytes / peak_Bpus + max_pairs * flops_per_pair / flops_rate) / 1e3
+        r["achieved_cross_node_GBps"] = node_bytes / (r["median_ms"] * 1e-3) / 1e9 if r["median_ms"] else 0.0
+        r["model_error"] = r["modeled_ms"] / r["median_ms"] - 1
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{'case':<38} {'batch':<14} {'variant':<34} {'ms':>9} {'model':>9} {'floor':>9} {'xnode MB':>9}")
+    for r in report["results"]:
+        print(f"{r['case']:<38} {r['batch']:<14} {r['variant']:<34} {r['median_ms']:9.3f} {r['modeled_ms']:9.3f} "
+              f"{r['floor_ms']:9.3f} {r['cross_node_bytes'] / 1e6:9.1f}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--traces", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/routing",
+                   help="folder with the routing traces (../shared/data/routing and the embedded model's)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--gpus", type=int, help="ranks (default: every GPU; 4 on the CPU)")
+    p.add_argument("--nodes", type=int, default=2, help="logical nodes the ranks are split into")
+    p.add_argument("--shapes", default="olmoe,qwen3,dsv2lite")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--replica-slots", type=int, default=1)
+    p.add_argument("--link-bytes", type=int, default=64 << 20, help="bytes per peer when measuring links")
+    p.add_argument("--tiny", action="store_true", help="small shapes and batches (CPU smoke run)")
+    p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the whole-model prefill/decode runs")
+    args = p.parse_args()
+    args.shapes = args.shapes.split(",")
+    unknown = set(args.shapes) - set(SHAPES)
+    if unknown:
+        p.error(f"unknown shapes {sorted(unknown)}; choose from {sorted(SHAPES)}")
+    world = args.gpus or (torch.cuda.device_count() if args.device == "cuda" else 4)
+    if world < args.nodes or world % args.nodes:
+        args.nodes = 1
+    topology = Topology.uniform(args.nodes, world // args.nodes)
+    args.e2e_modes = ["flat", "hierarchical"] if args.nodes > 1 and world // args.nodes > 1 else ["flat"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"{world} ranks as {args.nodes} logical node(s) x {world // args.nodes}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = prepare(args, topology, Path(tmp))
+        model_case = prepare_model(args, topology, Path(tmp))
+        result_file = str(Path(tmp, "results.json"))
+        mp.spawn(worker, args=(world, args, cases, model_case, free_port(), result_file), nprocs=world, join=True)
+        report = json.loads(Path(result_file).read_text())
+        add_model_and_floor(report, cases, topology, args)
+    report["setting"] = {"date": time.strftime("%Y-%m-%d"), "ranks": world, "nodes": args.nodes, "gpus_per_node": world // args.nodes,
+                         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+                         "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup,
+                         "replica_slots": args.replica_slots, "tiny": args.tiny, "batches": BATCHES}
+    (args.out / "bench_gpu.json").write_text(json.dumps(report, indent=1))
+    print_table(report)
+
+
+if __name__ == "__main__":
+    main()

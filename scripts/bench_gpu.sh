@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# On the GPU test machine, in one call: install the carried wheels (.whl), then run the GPU benchmark
+# on every GPU as 2 logical nodes (NCCL_HOSTID) with the traces carried in .bench_data (see
+# docs/benchmarks.md for how both are prepared). Results land in $OUT (or bench-out/).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH="/tmp/site:$ROOT" PATH="/tmp/site/bin:$PATH"
+mkdir -p "${OUT:-bench-out}"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 scripts/bench_gpu.py --traces .bench_data --out "${OUT:-bench-out}" "$@" 2>&1 | tee "${OUT:-bench-out}/bench_gpu.log"

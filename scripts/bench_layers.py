@@ -1,0 +1,213 @@
+"""The MoE layers the GPU benchmark compares, all fed the same replayed routing.
+
+Every variant computes gate -> top-k -> routed experts (+ shared experts) on this rank's tokens. The gate
+is a real [E, H] linear layer whose logits get a large bias on the recorded experts, so the recorded
+top-k is what DeepSpeed's TopKGate and GRACE's top-k both pick, through their own code.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from grace_ds.experts import SlotExperts
+from grace_ds.layer import GraceRuntime
+
+REPLAY_BIAS = 30.0  # logits gap that makes the recorded experts the top-k whatever the random gate says
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    name: str
+    hidden: int
+    inter: int  # per routed expert (SwiGLU)
+    num_experts: int
+    top_k: int
+    shared_inter: int = 0  # shared experts fused into one SwiGLU MLP of this width (0: none)
+
+
+class Stopwatch:
+    """Intervals on the device's own clock: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.intervals: list[tuple] = []
+
+    def start(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, started) -> None:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.intervals.append((started, event))
+        else:
+            self.intervals.append((started, time.perf_counter()))
+
+    def milliseconds(self) -> list[float]:
+        """Every interval so far, then forgets them; waits for the device."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            out = [a.elapsed_time(b) for a, b in self.intervals]
+        else:
+            out = [(b - a) * 1e3 for a, b in self.intervals]
+        self.intervals = []
+        return out
+
+
+class SwiGLU(nn.Module):
+    """One expert as DeepSpeed users write it (also the fused shared experts)."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(hidden, 2 * inter, bias=False)
+        self.down = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def timed(forward, x, iters: int, warmup: int, device: torch.device, after=None) -> list[float]:
+    """Per-iteration time in ms of forward(x) on this rank, each iteration started together on all
+    ranks; `after()` runs between iterations, untimed."""
+    watch = Stopwatch(device)
+    with torch.no_grad():
+        for i in range(warmup + iters):
+            dist.barrier()
+            started = watch.start()
+            forward(x)
+            watch.stop(started)
+            if after is not None:
+                after()
+            if i < warmup:
+                watch.milliseconds()
+    return watch.milliseconds()
+
+
+def slowest_rank(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise max over ranks (an iteration ends when its slowest rank does)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def summed(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def keep(results: list[dict], record: dict, rank: int, label: str) -> None:
+    """Adds a result; rank 0 prints it as it comes (long runs show progress)."""
+    results.append(record)
+    if rank == 0:
+        print(f"{label:<90} {record['median_ms']:9.3f} ms", flush=True)
+
+
+def release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the next variant's weights get the memory back
+
+
+def replay_bias(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[N, E] float32: REPLAY_BIAS on each token's recorded experts, 0 elsewhere."""
+    bias = torch.zeros(topk_ids.shape[0], num_experts, device=topk_ids.device)
+    return bias.scatter_(1, topk_ids.long(), REPLAY_BIAS)
+
+
+class GraceLayer(nn.Module):
+    """Gate + GRACE routed experts (grouped GEMM over this rank's slots) + shared experts."""
+
+    def __init__(self, shape: LayerShape, runtime: GraceRuntime, device: torch.device, dtype: torch.dtype,
+                 busy: Stopwatch) -> None:
+        super().__init__()
+        self.shape, self.runtime, self.busy = shape, runtime, busy
+        self.gate = nn.Linear(shape.hidden, shape.num_experts, bias=False, device=device)  # fp32, as DeepSpeed's
+        self.slots = SlotExperts(runtime.local_slots(0), shape.hidden, shape.inter, F.silu, dtype, device)
+        with torch.no_grad():
+            self.slots.gate_up_proj.normal_(0, shape.hidden ** -0.5)
+            self.slots.down_proj.normal_(0, shape.inter ** -0.5)
+        self.shared = SwiGLU(shape.hidden, shape.shared_inter).to(device, dtype) if shape.shared_inter else None
+        self.bias: torch.Tensor | None = None
+
+    def _experts(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        started = self.busy.start()
+        out = self.slots(rows, slot)
+        self.busy.stop(started)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x.float(), self.gate.weight) + self.bias
+        weights, ids = torch.topk(logits.softmax(-1), self.shape.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        out = self.runtime.route_and_compute(0, x, ids, weights, self._experts)
+        return out + self.shared(x) if self.shared is not None else out
+
+
+def deepspeed_layer(shape: LayerShape, ep_size: int, device: torch.device, dtype: torch.dtype,
+                    busy: Stopwatch) -> nn.Module:
+    """deepspeed.moe.layer.MoE, dropless, with the replayed gate; shared experts beside it."""
+    from deepspeed.moe.layer import MoE
+    from deepspeed.moe.sharded_moe import TopKGate
+
+    class ReplayTopKGate(TopKGate):
+        """TopKGate whose logits carry the replay bias; the rest is DeepSpeed's own gating."""
+
+        def forward(self, input, used_token=None, sparse_routes=False, use_tutel=False):
+            from deepspeed.moe import sharded_moe
+
+            logits = F.linear(input.float(), self.wg.weight.float()) + self.replay_bias
+            if self.k == 1:
+                return sharded_moe.top1gating(logits, self.eval_capacity_factor, self.min_capacity, used_token, None,
+                                              self.drop_tokens, self.use_rts, self.ep_group, sparse_routes, use_tutel)
+            if self.k == 2:
+                return sharded_moe.top2gating(logits, self.eval_capacity_factor, self.min_capacity, self.drop_tokens,
+                                              self.ep_group, self.top2_2nd_expert_sampling, sparse_routes)
+            return sharded_moe.topkgating(logits, self.k, self.eval_capacity_factor, self.min_capacity,
+                                          self.drop_tokens, self.ep_group, sparse_routes=sparse_routes)
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.moe = MoE(shape.hidden, SwiGLU(shape.hidden, shape.inter), shape.num_experts, ep_size=ep_size,
+                           k=shape.top_k, drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
+            self.moe.deepspeed_moe.gate.__class__ = ReplayTopKGate
+            self.shared = SwiGLU(shape.hidden, shape.shared_inter) if shape.shared_inter else None
+            self.capacity = 0
+            experts = self.moe.deepspeed_moe.experts
+            experts.register_forward_pre_hook(lambda module, args: setattr(self, "_busy_start", busy.start()))
+            experts.register_forward_hook(lambda module, args, out: busy.stop(self._busy_start))
+            # The padded capacity DeepSpeed chose: combine_weights [S, E, C], or the capacity itself
+            # when the gate returns sparse routes.
+            self.moe.deepspeed_moe.gate.register_forward_hook(
+                lambda module, args, out: setattr(self, "capacity", int(out[1].shape[-1]) if out[1].dim() == 3
+                                                  else int(out[1])))
+
+        @property
+        def bias(self):
+            return self.moe.deepspeed_moe.gate.replay_bias
+
+        @bias.setter
+        def bias(self, value):
+            self.moe.deepspeed_moe.gate.replay_bias = value
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.moe(x)[0]
+            return out + self.shared(x) if self.shared is not None else out
+
+    layer = Layer()
+    gate_weight = layer.moe.deepspeed_moe.gate.wg.weight.data.clone()
+    layer.to(device, dtype)
+    layer.moe.deepspeed_moe.gate.wg.weight.data = gate_weight.to(device)  # the gate stays fp32
+    layer.moe.set_deepspeed_parallelism()
+    layer.bias = None
+    return layer

@@ -1,0 +1,110 @@
+"""End-to-end number for the GPU benchmark: a whole transformers OLMoE model at the paper's shape (attention
++ MoE, `LAYERS` layers, random bf16 weights), converted to GRACE layers under each plan, with its routers'
+top-k replayed from a trace (one trace layer per model layer). Prefill of 256 x 128 and 512 x 64 tokens
+and one decode step of 256 and 512 sequences after a 128-token prompt, split over the ranks."""
+from __future__ import annotations
+
+import functools
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from bench_layers import REPLAY_BIAS, keep, release, slowest_rank, timed
+from grace_ds.layer import GraceRuntime
+from grace_ds.models import convert_model, find_moe_blocks
+from grace_ds.plan import PlacementPlan
+
+LAYERS = 2
+PREFILLS = {"prefill-256x128": (256, 128), "prefill-512x64": (512, 64)}
+DECODES = {"decode-256": 256, "decode-512": 512}
+PROMPT = 128
+
+
+def olmoe_model(device: torch.device, dtype: torch.dtype, tiny: bool):
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    size = dict(hidden_size=64, intermediate_size=32, num_attention_heads=4, num_key_value_heads=4) if tiny else \
+        dict(hidden_size=2048, intermediate_size=1024, num_attention_heads=16, num_key_value_heads=16)
+    config = OlmoeConfig(vocab_size=50304, num_hidden_layers=LAYERS, num_experts=64, num_experts_per_tok=8,
+                         max_position_embeddings=4096, **size)
+    torch.manual_seed(0)  # every rank builds the same model
+    with torch.device(device):
+        model = OlmoeForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def replay_routers(model, holder: dict) -> None:
+    """Each router's logits get REPLAY_BIAS on the recorded experts of holder['bias'][layer] [N, E]."""
+    for layer, (_, block) in enumerate(find_moe_blocks(model)):
+        router = block.gate
+
+        def forward(hidden_states, router=router, layer=layer):
+            hidden_states = hidden_states.reshape(-1, router.hidden_dim)
+            logits = F.linear(hidden_states, router.weight)
+            probs = torch.softmax(logits.float() + holder["bias"][layer], dim=-1)
+            top, index = torch.topk(probs, router.top_k, dim=-1)
+            if router.norm_topk_prob:
+                top = top / top.sum(-1, keepdim=True)
+            return logits, top.to(logits.dtype), index
+
+        router.forward = forward
+
+
+def bias_for(ids: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
+    """ids [N, L, k] -> per layer [N, E] replay bias."""
+    out = []
+    for layer in range(ids.shape[1]):
+        bias = torch.zeros(ids.shape[0], num_experts, device=ids.device)
+        out.append(bias.scatter_(1, ids[:, layer].long(), REPLAY_BIAS))
+    return out
+
+
+def run_model(plans: dict[str, str], replay: torch.Tensor, args, rank: int, world: int, device: torch.device,
+              dtype: torch.dtype) -> list[dict]:
+    """replay [T, LAYERS, k]; one record per (plan, batch) with the median forward time in ms."""
+    from transformers import DynamicCache
+
+    results = []
+    modes = args.e2e_modes
+    for policy, path in plans.items():
+        for mode in modes:
+            plan = PlacementPlan.load(path)
+            model = olmoe_model(device, dtype, args.tiny)
+            runtime = GraceRuntime(plan, rank, None, "tar", mode, device=device)
+            convert_model(model, runtime)
+            holder: dict = {}
+            replay_routers(model, holder)
+            batches = []
+            for name, (sequences, length) in PREFILLS.items():
+                if args.tiny:
+                    sequences, length = max(sequences // 64, world), max(length // 8, 2)
+                per_rank = sequences // world
+                tokens = per_rank * length
+                ids = replay[rank * tokens:(rank + 1) * tokens].to(device)
+                batches.append((name, torch.randint(0, 50304, (per_rank, length), device=device), ids, None))
+            for name, sequences in DECODES.items():
+                if args.tiny:
+                    sequences = max(sequences // 64, world)
+                per_rank = sequences // world
+                ids = replay[rank * per_rank:(rank + 1) * per_rank].to(device)
+                batches.append((name, torch.randint(0, 50304, (per_rank, 1), device=device), ids,
+                                PROMPT if not args.tiny else 4))
+            for name, input_ids, ids, prompt in batches:
+                with torch.no_grad():
+                    cache = None
+                    if prompt:  # build the prompt's cache once; every timed step starts from it
+                        holder["bias"] = bias_for(replay[:input_ids.shape[0] * prompt].to(device), 64)
+                        cache = DynamicCache(config=model.config)
+                        model(torch.randint(0, 50304, (input_ids.shape[0], prompt), device=device), past_key_values=cache)
+                    holder["bias"] = bias_for(ids, 64)
+                    # serving keeps the last position's logits; decode steps restart from the prompt's cache
+                    step = functools.partial(model, past_key_values=cache, logits_to_keep=1)
+                    back = functools.partial(cache.crop, -input_ids.shape[1]) if cache is not None else None
+                    times = slowest_rank(timed(step, input_ids, args.iters, args.warmup, device, back), device)
+                record = {"policy": policy, "mode": mode, "batch": name, "layers": LAYERS,
+                          "median_ms": statistics.median(times)}
+                keep(results, record, rank, f"model/{policy}/{mode:<12} {name}")
+            del model
+            release(device)
+    return results

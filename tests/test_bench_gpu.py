@@ -1,0 +1,58 @@
+"""The GPU benchmark's code path, run small on gloo: every variant times, traffic and model are filled in."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from grace_ds.planners import make_plan
+from grace_ds.simulate import simulate_trace
+from grace_ds.profile import RoutingProfile
+from grace_ds.topology import LinkModel, Topology
+from tests.conftest import tiny_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_gpu_runs_every_variant_on_cpu(shared_data, tmp_path):
+    out = tmp_path / "bench"
+    subprocess.run([sys.executable, str(ROOT / "scripts/bench_gpu.py"), "--device", "cpu", "--tiny", "--gpus", "2",
+                    "--nodes", "2", "--shapes", "olmoe", "--iters", "2", "--warmup", "1",
+                    "--traces", str(shared_data / "routing"), "--out", str(out)], check=True, cwd=ROOT, timeout=600)
+    report = json.loads((out / "bench_gpu.json").read_text())
+    results = report["results"]
+    variants = {r["variant"] for r in results}
+    assert variants == {"deepspeed-native"} | {f"grace-layer/{p}/flat" for p in
+                                                ("contiguous", "eplb", "uniform-affinity", "grace")}
+    assert {r["batch"] for r in results} == {"prefill-32768", "decode-256", "decode-512"}
+    for r in results:
+        assert r["median_ms"] > 0 and r["floor_ms"] > 0 and r["modeled_ms"] > 0 and r["iters"] == 2
+        assert r["cross_node_bytes"] > 0 and len(r["gpu_busy_ms"]) == 2
+    for batch in ("prefill-32768", "decode-256"):
+        native = next(r for r in results if r["batch"] == batch and r["policy"] is None)
+        grace = next(r for r in results if r["batch"] == batch and r["policy"] == "grace")
+        # DeepSpeed pads every expert to the largest count: it never moves fewer bytes than a dropless exchange.
+        assert native["capacity"] > 0 and native["cross_node_bytes"] >= grace["cross_node_bytes"]
+    assert {"inter_node_GBps", "gemm_tflops", "layer_overhead_us"} <= set(report["links"])
+    model = report["model"]
+    assert {(r["policy"], r["batch"]) for r in model} == {
+        (p, b) for p in ("contiguous", "eplb", "uniform-affinity", "grace")
+        for b in ("prefill-256x128", "prefill-512x64", "decode-256", "decode-512")}
+    # The docs page renders from it.
+    subprocess.run([sys.executable, str(ROOT / "scripts/benchmark_report.py"), str(out / "bench_gpu.json"),
+                    "--out", str(tmp_path / "benchmarks.md")], check=True, cwd=ROOT, timeout=120)
+    assert "## Findings" in (tmp_path / "benchmarks.md").read_text()
+
+
+def test_layer_overhead_adds_to_the_modeled_time():
+    trace = tiny_trace()
+    profile = RoutingProfile.from_topk_ids(trace, 8)
+    times = []
+    for links in (LinkModel(), LinkModel(layer_overhead_us=100.0, hop_overhead_us=40.0)):
+        plan = make_plan("contiguous", profile, Topology.uniform(2, 2, links))
+        times.append(simulate_trace(plan, trace)[0])
+    assert times[1].modeled_layer_time_us_flat == pytest.approx(times[0].modeled_layer_time_us_flat + 100.0)
+    assert times[1].modeled_layer_time_us == pytest.approx(times[0].modeled_layer_time_us + 140.0)
+    with pytest.raises(Exception, match="layer_overhead_us"):
+        LinkModel(layer_overhead_us=-1.0)
