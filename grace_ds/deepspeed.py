@@ -8,6 +8,7 @@ the model's sparse MoE blocks GRACE experts for this rank and wires the process 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 from pydantic import Field, ValidationError, model_validator
 
+from grace_ds import faults
 from grace_ds.errors import GraceInputError
 from grace_ds.hooks import RoutingRecorder
 from grace_ds.layer import GraceRuntime
@@ -48,6 +50,8 @@ class GraceMoEConfig(DeepSpeedConfigModel):
     """Record per-layer expert load and co-activation during every forward."""
     profile_out: str | None = None
     """Where `save_profile` writes the recorded profile."""
+    fault_timeout_s: float = Field(faults.DEFAULT_TIMEOUT_S, gt=0)
+    """A rank that dies or stalls makes the others stop after this many seconds, naming it and the phase."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "GraceMoEConfig":
@@ -81,11 +85,11 @@ def split_config(config: dict | str | os.PathLike | None) -> tuple[dict, GraceMo
         raise GraceInputError(f"DeepSpeed config '{SECTION}': {problems}") from None
 
 
-def job_topology(links: LinkModel | None = None) -> Topology:
+def job_topology(links: LinkModel | None = None, group=None) -> Topology:
     """The running job's nodes x GPUs (launcher variables, else host names); one rank without distributed."""
     if not (dist.is_available() and dist.is_initialized()):
         return Topology.uniform(1, 1, links)
-    return Topology.discover(links=links)
+    return Topology.discover(group, links=links)
 
 
 def load_or_make_plan(section: GraceMoEConfig, topology: Topology) -> PlacementPlan:
@@ -109,6 +113,22 @@ def load_or_make_plan(section: GraceMoEConfig, topology: Topology) -> PlacementP
     return plan
 
 
+def agree_on_plan(plan: PlacementPlan, source: str, group=None) -> None:
+    """Every rank must serve the same plan: an all-gather of its digest (phase 'plan loading'), so a
+    rank that failed to load, stalls, or read another file stops the job with one message."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    digest = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).digest()[:8]
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
+              else torch.device("cpu"))
+    mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64, device=device)
+    everyone = faults.all_gather_tensor(mine, f"plan loading ({source})", group).flatten().tolist()
+    differ = [r for r, d in enumerate(everyone) if d != everyone[0]]
+    if differ:
+        raise GraceInputError(f"{source}: ranks {differ} hold a different plan than rank 0; give every rank the "
+                              "same plan file")
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -127,12 +147,14 @@ def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | No
     engine = deepspeed.init_inference(model, config=rest, **kwargs)
     if section is None or not section.enabled:
         return engine
-    topology = job_topology(LinkModel(inter_node_bandwidth_Gbps=section.inter_node_gbps))
+    group = faults.fault_group(section.fault_timeout_s) if dist.is_available() and dist.is_initialized() else None
+    topology = job_topology(LinkModel(inter_node_bandwidth_Gbps=section.inter_node_gbps), group)
     plan = load_or_make_plan(section, topology)
+    agree_on_plan(plan, str(section.plan or section.profile), group)
     device = next(engine.module.parameters()).device
-    runtime = GraceRuntime(plan, _rank(), None, section.router, section.communication, section.router_sampling, device)
+    runtime = GraceRuntime(plan, _rank(), group, section.router, section.communication, section.router_sampling, device)
     convert_model(engine.module, runtime)
-    engine.grace_runtime, engine.grace_config = runtime, section
+    engine.grace_runtime, engine.grace_config, engine.grace_group = runtime, section, group
     if section.profiling:
         engine.grace_recorder = attach_recorder(engine.module, runtime)
     return engine
@@ -188,6 +210,7 @@ def initialize(model: torch.nn.Module, config: dict | str | os.PathLike | None =
     if section is not None and section.enabled and section.profiling:
         engine.grace_recorder = attach_recorder(engine.module)
         engine.grace_config = section
+        engine.grace_group = faults.fault_group(section.fault_timeout_s) if dist.is_initialized() else None
     return result
 
 
@@ -199,7 +222,7 @@ def save_profile(engine, path: str | os.PathLike | None = None) -> Path:
     target = path or getattr(getattr(engine, "grace_config", None), "profile_out", None)
     if target is None:
         raise GraceInputError("no path for the profile: pass one or set grace_moe.profile_out")
-    profile = recorder.to_profile()
+    profile = recorder.to_profile(getattr(engine, "grace_group", None))
     if _rank() == 0:
         profile.save(target)
     return Path(target)

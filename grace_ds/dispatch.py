@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from grace_ds.faults import guarded
 from grace_ds.topology import Topology
 
 COMM_MODES = ("flat", "hierarchical", "auto")
@@ -32,21 +33,23 @@ class _AllToAllRows(torch.autograd.Function):
     """all_to_all_single with split sizes whose gradient is the reverse exchange."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
-        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+    def forward(ctx, rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group, phase: str) -> torch.Tensor:
+        ctx.send_splits, ctx.recv_splits, ctx.group, ctx.phase = send_splits, recv_splits, group, phase
         out = rows.new_empty((sum(recv_splits),) + tuple(rows.shape[1:]))
-        dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
+        guarded(phase, group, dist.all_to_all_single, out, rows.contiguous(), recv_splits, send_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         back = grad.new_empty((sum(ctx.send_splits),) + tuple(grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
-        return back, None, None, None
+        guarded(f"backward of {ctx.phase}", ctx.group, dist.all_to_all_single, back, grad.contiguous(),
+                ctx.send_splits, ctx.recv_splits, group=ctx.group)
+        return back, None, None, None, None
 
 
-def all_to_all_rows(rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
-    return _AllToAllRows.apply(rows, send_splits, recv_splits, group)
+def all_to_all_rows(rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group,
+                    phase: str = "dispatch") -> torch.Tensor:
+    return _AllToAllRows.apply(rows, send_splits, recv_splits, group, phase)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Hop:
     recv_row_splits: list[int]
     group: object
     num_final_pairs: int = 0  # received pairs whose final GPU is this rank
+    where: str = ""  # names the layer in fault messages
 
     def split_final(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(pairs computed here, pairs to forward), without a host synchronisation."""
@@ -71,7 +75,7 @@ class Hop:
 
     @classmethod
     def send(cls, rows: torch.Tensor, pair_row: torch.Tensor, pair_next: torch.Tensor, pair_target: torch.Tensor,
-             pair_slot: torch.Tensor, pair_weight: torch.Tensor, world: int, group) -> "Hop":
+             pair_slot: torch.Tensor, pair_weight: torch.Tensor, world: int, group, where: str = "") -> "Hop":
         """rows [R, H]; per pair: the row it belongs to, the rank it goes to next, its final GPU, the
         local slot there and its routing weight. Every size is computed on the device and crosses to
         the host once, with the split-size exchange: on a GPU nothing else waits for the stream."""
@@ -96,7 +100,8 @@ class Hop:
                                pair_weight.float().view(torch.int32).long()], 1)[pair_order]
         counts = torch.stack([row_counts, pair_counts, final_counts], 1)
         recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=group)
+        phase = f"dispatch{where}"
+        guarded(phase, group, dist.all_to_all_single, recv_counts, counts, group=group)
         both = torch.cat([counts, recv_counts], 1).T.tolist()  # the one host synchronisation of this hop
         send_rows, send_pairs, _, recv_rows, recv_pairs, recv_finals = both
         num_sent = sum(send_rows)
@@ -104,15 +109,16 @@ class Hop:
         sent_source = rows.new_empty(num_sent + 1, dtype=torch.long)
         sent_source.scatter_(0, torch.where(is_first, sent_of_sorted, num_sent), sorted_key % stride)
         sent_source = sent_source[:num_sent]
-        received_rows = all_to_all_rows(rows[sent_source], send_rows, recv_rows, group)
+        received_rows = all_to_all_rows(rows[sent_source], send_rows, recv_rows, group, phase)
         received_pairs = records.new_empty((sum(recv_pairs), 4))
-        dist.all_to_all_single(received_pairs, records.contiguous(), recv_pairs, send_pairs, group=group)
+        guarded(phase, group, dist.all_to_all_single, received_pairs, records.contiguous(), recv_pairs, send_pairs,
+                group=group)
         # Row index within the source's chunk -> index into received_rows.
         row_offset = torch.cumsum(recv_counts[:, 0], 0) - recv_counts[:, 0]
         source = torch.repeat_interleave(torch.arange(world, device=device), recv_counts[:, 1],
                                          output_size=received_pairs.shape[0])
         received_pairs[:, _ROW] += row_offset[source]
-        return cls(received_rows, received_pairs, sent_source, send_rows, recv_rows, group, sum(recv_finals))
+        return cls(received_rows, received_pairs, sent_source, send_rows, recv_rows, group, sum(recv_finals), where)
 
     @property
     def weights(self) -> torch.Tensor:
@@ -120,7 +126,7 @@ class Hop:
 
     def return_rows(self, results: torch.Tensor, num_source_rows: int) -> torch.Tensor:
         """results [M, H] per received row -> [num_source_rows, H] summed per sender row."""
-        back = all_to_all_rows(results, self.recv_row_splits, self.send_row_splits, self.group)
+        back = all_to_all_rows(results, self.recv_row_splits, self.send_row_splits, self.group, f"combine{self.where}")
         out = back.new_zeros((num_source_rows,) + tuple(back.shape[1:]))
         return out.index_add(0, self.sent_row_source, back)
 
@@ -171,10 +177,11 @@ def _device_tables(topology: Topology, device: torch.device) -> tuple[torch.Tens
 
 def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
                          slots_per_gpu: int, topology: Topology, rank: int, compute: ExpertCompute,
-                         mode: str = "flat", group=None, traffic: Traffic | None = None) -> torch.Tensor:
+                         mode: str = "flat", group=None, traffic: Traffic | None = None, where: str = "") -> torch.Tensor:
     """hidden [N, H] this rank's tokens; slot_ids [N, k] physical slots chosen by the replica router;
     topk_weights [N, k] the gate's weights. Returns sum_k weight * expert(hidden) per token, [N, H].
-    `traffic`, when given, accumulates this rank's bytes sent and pairs computed."""
+    `traffic`, when given, accumulates this rank's bytes sent and pairs computed; `where` (" of layer 3")
+    goes into fault messages."""
     world = topology.num_gpus
     device = hidden.device
     num_tokens, top_k = slot_ids.shape
@@ -185,7 +192,7 @@ def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weig
     weight = topk_weights.reshape(-1)
     node_of_gpu, first_gpu, per_node = _device_tables(topology, device)
     if mode == "flat" or topology.num_nodes == 1:
-        hop = Hop.send(hidden, pair_row, target, target, local_slot, weight, world, group)
+        hop = Hop.send(hidden, pair_row, target, target, local_slot, weight, world, group, where)
         if traffic is not None:
             traffic.add_hop(hop, rank, topology.node_of_gpu.tolist(), hidden.shape[1] * hidden.element_size())
             traffic.pairs_computed += hop.pairs.shape[0]
@@ -198,12 +205,12 @@ def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weig
     target_node = node_of_gpu[target]
     peer = first_gpu[target_node] + my_local % per_node[target_node]
     next_rank = torch.where(target_node == node_of_gpu[rank], target, peer)
-    hop1 = Hop.send(hidden, pair_row, next_rank, target, local_slot, weight, world, group)
+    hop1 = Hop.send(hidden, pair_row, next_rank, target, local_slot, weight, world, group, where)
     final, onward = hop1.split_final(rank)
     results = _compute_pairs(hop1.rows, final, _weights_of(final), compute)
     # Hop 2: fan the rows that came across out to their GPUs inside this node.
     hop2 = Hop.send(hop1.rows, onward[:, _ROW], onward[:, _TARGET], onward[:, _TARGET], onward[:, _SLOT],
-                    _weights_of(onward), world, group)
+                    _weights_of(onward), world, group, f"{where}, fan-out in the node")
     results2 = _compute_pairs(hop2.rows, hop2.pairs, hop2.weights, compute)
     if traffic is not None:
         for hop in (hop1, hop2):

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from grace_ds import faults
 from grace_ds.profile import DEFAULT_SAMPLE_TOKENS, RoutingProfile
 
 
@@ -83,7 +84,7 @@ class RoutingRecorder:
                       else torch.device("cpu"))
             load, coactivation, tokens = (t.to(device) for t in (load, coactivation, tokens))
             for tensor in (load, coactivation, tokens):
-                dist.all_reduce(tensor, group=group)
+                faults.all_reduce(tensor, "profiling (summing routing statistics over ranks)", group)
         coactivation.diagonal(dim1=1, dim2=2).zero_()
         depth = min((sum(s.shape[0] for s in layer) for layer in self.samples), default=0)
         sample = None

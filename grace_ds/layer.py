@@ -54,7 +54,7 @@ class GraceRuntime:
         slots = self.router.route(layer, top_k_index, self.rank)
         out = exchange_and_compute(hidden, slots, top_k_weights, self.plan.slots_per_gpu, self.plan.topology,
                                    self.rank, compute, self.comm_mode, self.group,
-                                   self.traffic[layer] if self.measure else None)
+                                   self.traffic[layer] if self.measure else None, f" of layer {layer}")
         if self.measure:
             _synchronize(hidden.device)
             self.seconds[layer] += time.perf_counter() - start

@@ -142,7 +142,8 @@ class Topology:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
         mine = torch.zeros(256, dtype=torch.uint8, device=device)
         mine[: len(name)] = torch.tensor(list(name), dtype=torch.uint8)
-        everyone = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(everyone, mine, group=group)
+        from grace_ds.faults import all_gather_tensor
+
+        everyone = all_gather_tensor(mine, "topology discovery (host names)", group)
         names = [bytes(t.cpu().tolist()).rstrip(b"\0").decode(errors="replace") for t in everyone]
         return cls.from_hostnames(names, links)

@@ -1,0 +1,113 @@
+"""Distributed faults: no GRACE job hangs on a dead or stalled rank.
+
+Every collective GRACE issues runs under a phase name (profiling, plan loading, dispatch, combine) on a
+process group with a finite timeout. When one fails (a peer died) or times out (a peer stalled), each
+surviving rank takes a roll call through the job's key-value store and raises one
+`GraceDistributedError` naming the phase and the ranks that did not answer. The fault timeout
+(`grace_moe.fault_timeout_s`) is split: collectives give up after 40% of it, the roll call waits the
+other 60% (survivors notice a fault at different moments, at most one collective timeout apart, so
+the roll call outlasts that spread), and every survivor stops within the fault timeout of the fault.
+Nothing is added to the hot path.
+
+On NCCL a timed-out collective is also caught by NCCL's own watchdog, which may end the process with its
+message (naming the collective) before the roll call completes.
+"""
+from __future__ import annotations
+
+import datetime
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 300.0
+COLLECTIVE_SHARE = 0.4  # of the fault timeout; the roll call gets the rest
+
+
+class GraceDistributedError(RuntimeError):
+    """A GRACE collective could not complete; the message names the phase and the missing ranks."""
+
+
+# Groups made by fault_group: their timeout and a generation number that every rank assigns alike
+# (groups are created in the same order everywhere), so roll calls of different groups never mix.
+_GROUPS: dict[Any, tuple[float, int]] = {}
+_incidents: dict[int, int] = {}
+
+
+def fault_group(timeout_s: float = DEFAULT_TIMEOUT_S, ranks: list[int] | None = None):
+    """A process group over `ranks` (default: all) on which a fault stops every survivor within
+    timeout_s seconds. Collective: every rank of the job must call it, in the same order."""
+    if not timeout_s > 0:
+        raise ValueError(f"fault timeout must be > 0 seconds, got {timeout_s!r}")
+    group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s * COLLECTIVE_SHARE))
+    _GROUPS[group] = (float(timeout_s), len(_GROUPS) + 1)
+    return group
+
+
+def guarded(phase: str, process_group, call: Callable, /, *args, **kwargs):
+    """call(*args, **kwargs), a collective of `process_group`; its failure becomes a GraceDistributedError."""
+    try:
+        return call(*args, **kwargs)
+    except (RuntimeError, ConnectionError, TimeoutError) as error:
+        if isinstance(error, GraceDistributedError):
+            raise
+        raise roll_call(phase, process_group, error) from None
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, AttributeError, ValueError):
+        return None
+
+
+def _group_ranks(group) -> list[int]:
+    return dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+
+
+def roll_call(phase: str, group, cause: BaseException) -> GraceDistributedError:
+    """Each survivor posts itself in the job's store and waits the roll call's share of the fault
+    timeout for the others; the ranks that never post are named."""
+    rank = dist.get_rank()
+    timeout_s, generation = _GROUPS.get(group, (None, 0))
+    ranks = _group_ranks(group)
+    incident = _incidents.get(generation, 0)
+    _incidents[generation] = incident + 1
+    text = str(cause).strip()
+    reason = text.splitlines()[0].split(". This is typically")[0][:300] if text else type(cause).__name__
+    waited = f" (fault timeout {timeout_s:g} s)" if timeout_s else ""
+    store = _store()
+    if store is None:
+        return GraceDistributedError(f"rank {rank}: GRACE {phase} stopped{waited}; no store to ask which rank "
+                                     f"failed. Cause here: {reason}")
+    prefix = f"grace_fault/g{generation}/i{incident}/"
+    try:
+        store.set(prefix + str(rank), phase)
+        deadline = time.monotonic() + (timeout_s or DEFAULT_TIMEOUT_S) * (1 - COLLECTIVE_SHARE)
+        present = {rank}
+        while time.monotonic() < deadline and len(present) < len(ranks):
+            present |= {r for r in ranks if r not in present and store.check([prefix + str(r)])}
+            time.sleep(0.05)
+    except (RuntimeError, ConnectionError, TimeoutError) as error:
+        return GraceDistributedError(f"rank {rank}: GRACE {phase} stopped{waited}; the job's store (on the "
+                                     f"first rank's host) is unreachable too ({error}), so that rank is likely "
+                                     f"gone. Cause here: {reason}")
+    missing = [r for r in ranks if r not in present]
+    if missing:
+        who = ", ".join(map(str, missing))
+        return GraceDistributedError(f"rank {rank}: GRACE {phase} stopped{waited}: rank{'s' if len(missing) > 1 else ''} "
+                                     f"{who} did not answer (dead or stalled). Cause here: {reason}")
+    return GraceDistributedError(f"rank {rank}: GRACE {phase} failed{waited}: every other rank had already "
+                                 f"stopped on a fault (their messages name it). Cause here: {reason}")
+
+
+def all_reduce(tensor: torch.Tensor, phase: str, group=None) -> None:
+    guarded(phase, group, dist.all_reduce, tensor, group=group)
+
+
+def all_gather_tensor(tensor: torch.Tensor, phase: str, group=None) -> torch.Tensor:
+    """[world, *tensor.shape]: every rank's tensor."""
+    out = [torch.empty_like(tensor) for _ in _group_ranks(group)]
+    guarded(phase, group, dist.all_gather, out, tensor, group=group)
+    return torch.stack(out)

@@ -1,0 +1,38 @@
+"""Distributed faults (scripts/fault_drill.py): 4 gloo ranks as 2 nodes x 2; rank 2 stalls or dies at each
+phase; every other rank must stop within the fault timeout with an error naming rank 2 and the phase."""
+import sys
+from pathlib import Path
+
+import pytest
+
+from grace_ds.deepspeed import split_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import fault_drill  # noqa: E402
+
+TIMEOUT_S = 3.0
+SLACK_S = 3.0  # process scheduling and gloo's lazy connection set-up on a busy 2-core machine
+
+
+def test_every_survivor_names_the_faulty_rank_and_phase():
+    outcomes = fault_drill.drill(TIMEOUT_S)
+    seen = set()
+    for o in outcomes:
+        if o["rank"] == fault_drill.FAULTY:
+            continue  # a stalled rank wakes to find the others gone: its own error, after the fact
+        seen.add((o["fault"], o["phase"]))
+        error = o["error"]
+        assert error is not None, o
+        assert f"rank {o['rank']}: GRACE {o['phase']}" in error, error
+        assert f"rank {fault_drill.FAULTY} did not answer" in error, error
+        assert o["seconds"] <= TIMEOUT_S + SLACK_S, o
+    assert seen == {(f, p) for f in ("stall", "die") for p in fault_drill.PHASES}
+    survivors = [o for o in outcomes if o["rank"] != fault_drill.FAULTY]
+    assert len(survivors) == 2 * len(fault_drill.PHASES) * (fault_drill.WORLD - 1)
+
+
+def test_fault_timeout_is_a_positive_number_of_seconds():
+    _, section = split_config({"grace_moe": {"plan": "p.json", "fault_timeout_s": 30}})
+    assert section.fault_timeout_s == 30
+    with pytest.raises(Exception, match="fault_timeout_s"):
+        split_config({"grace_moe": {"plan": "p.json", "fault_timeout_s": 0}})
