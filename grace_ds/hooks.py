@@ -82,9 +82,13 @@ class RoutingRecorder:
             # NCCL reduces only device tensors, gloo only host ones.
             device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
                       else torch.device("cpu"))
-            load, coactivation, tokens = (t.to(device) for t in (load, coactivation, tokens))
-            for tensor in (load, coactivation, tokens):
-                faults.all_reduce(tensor, "profiling (summing routing statistics over ranks)", group)
+            # One collective for all three (token counts are exact in float64 far beyond any trace).
+            flat = torch.cat([load.flatten(), coactivation.flatten(), tokens.double()]).to(device)
+            faults.all_reduce(flat, "profiling (summing routing statistics over ranks)", group)
+            flat = flat.cpu()
+            load = flat[:load.numel()].view_as(load)
+            coactivation = flat[load.numel():load.numel() + coactivation.numel()].view_as(coactivation)
+            tokens = flat[-tokens.numel():].round().long()
         coactivation.diagonal(dim1=1, dim2=2).zero_()
         depth = min((sum(s.shape[0] for s in layer) for layer in self.samples), default=0)
         sample = None

@@ -17,10 +17,13 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise GraceInputError(f"{path}: not a transformers checkpoint directory (no config.json)")
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
-    except (OSError, ValueError) as error:
-        raise GraceInputError(f"{path}: cannot load the model ({error})") from None
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
+        # Corrupt or truncated weights, a broken config, shapes that do not fit the config.
+        raise GraceInputError(f"{path}: cannot load the model ({str(error).splitlines()[0][:300]})") from None
     tokenizer = None
     if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -80,6 +80,10 @@ def _worker(rank: int, scenarios: list[dict], port: int, timeout_s: float, out_d
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     plan, runtime, recorder, ids = _setup(rank)
+    # A job's first collectives (topology discovery, plan agreement) pay gloo's start-up once; do that
+    # here so each scenario times the fault handling alone.
+    dist.all_reduce(torch.zeros(1), group=faults.fault_group(timeout_s))
+    dist.barrier()
     hold_s = timeout_s + 1.0  # past the others' timeout and roll call
     for index, scenario in enumerate(scenarios):
         group = faults.fault_group(timeout_s)

@@ -1,6 +1,7 @@
 """Every loader meets random and mutated bytes with a GraceInputError naming the file, or a valid object;
 never another exception, never a partial write."""
 import json
+import shutil
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,6 +15,7 @@ from grace_ds.profile import RoutingProfile
 from grace_ds.topology import Topology
 from grace_ds.trace import RoutingTrace
 from tests.conftest import tiny_trace
+from tests.tiny_models import tiny_model
 
 
 def _valid_files(directory):
@@ -23,6 +25,19 @@ def _valid_files(directory):
     RoutingTrace(tiny_trace(tokens=40), 8, ["a", "b"]).save(directory / "trace.safetensors")
     (directory / "loads.json").write_text(json.dumps({"logical_count": [[3, 1, 2, 5], [1, 1, 1, 1]]}))
     (directory / "ds.json").write_text(json.dumps({"dtype": "fp32", "grace_moe": {"plan": "p.json"}}))
+    tiny_model("olmoe").save_pretrained(directory / "checkpoint")
+    shutil.copy(directory / "checkpoint" / "model.safetensors", directory / "model.safetensors")
+
+
+def load_checkpoint_weights(path):
+    """A transformers checkpoint whose weights file is `path` (its config: the tiny OLMoE's)."""
+    from grace_ds.profiling import load_model
+
+    checkpoint = path.parent / "checkpoint_under_test"
+    checkpoint.mkdir(exist_ok=True)
+    (checkpoint / "config.json").write_text(tiny_model("olmoe").config.to_json_string())
+    shutil.copy(path, checkpoint / "model.safetensors")
+    return load_model(checkpoint)
 
 
 LOADERS = {
@@ -31,6 +46,7 @@ LOADERS = {
     "trace.safetensors": RoutingTrace.load,
     "loads.json": lambda path: RoutingProfile.from_logical_counts(path, top_k=2),
     "ds.json": split_config,
+    "model.safetensors": load_checkpoint_weights,
 }
 
 
@@ -58,7 +74,8 @@ def test_mutated_files_are_refused_cleanly(originals, tmp_path, name, edits, cut
     try:
         LOADERS[name](path)
     except GraceInputError as error:
-        assert name in str(error) or name == "ds.json" and "grace_moe" in str(error)
+        assert (name in str(error) or name == "ds.json" and "grace_moe" in str(error)
+                or name == "model.safetensors" and "cannot load the model" in str(error))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
