@@ -69,6 +69,18 @@ class RoutingRecorder:
             self._handles.append(moe.deepspeed_moe.gate.register_forward_hook(hook))
         return self
 
+    def attach_to_megatron_routers(self, layers: list[nn.Module]) -> "RoutingRecorder":
+        """Forward hooks on the router of each megatron-core MoELayer (output: probs, routing_map [T, E])."""
+        from grace_ds.megatron import top_k_from_routing
+
+        for layer, moe in enumerate(layers):
+            def hook(module, inputs, output, layer=layer):
+                probs, routing_map = output[0], output[1]
+                self.observe(layer, top_k_from_routing(probs, routing_map, self.top_k)[0])
+
+            self._handles.append(moe.router.register_forward_hook(hook))
+        return self
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()

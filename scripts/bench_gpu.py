@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import socket
@@ -32,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_model  # noqa: E402
-from bench_layers import (GraceLayer, LayerShape, Stopwatch, deepspeed_layer, keep, release, replay_bias,  # noqa: E402
-                          slowest_rank, summed, timed)
+from bench_layers import (GraceLayer, LayerShape, Stopwatch, deepspeed_layer, keep, megatron_layer,  # noqa: E402
+                          pairs_traffic, release, replay_bias, slowest_rank, summed, timed)
 from grace_ds.dispatch import Traffic  # noqa: E402
 from grace_ds.layer import GraceRuntime  # noqa: E402
 from grace_ds.plan import PlacementPlan  # noqa: E402
@@ -62,6 +63,7 @@ REPLAYS = {
 # alike; decode steps of 256 and 512 sequences.
 BATCHES = {"prefill-32768": 32768, "decode-256": 256, "decode-512": 512}
 POLICIES = ("contiguous", "eplb", "uniform-affinity", "grace")
+HAVE_MEGATRON = importlib.util.find_spec("megatron") is not None
 E2E_TRACE = "olmoe_arxiv.safetensors"
 
 
@@ -187,7 +189,10 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
     world = topology.num_gpus
     replay = torch.load(case["replay"], weights_only=True).long()
     modes = ["flat", "hierarchical"] if topology.num_nodes > 1 and max(topology.gpus_per_node) > 1 else ["flat"]
-    variants = [("deepspeed-native", None, None)] + [(f"grace-layer/{p}/{m}", p, m) for p in POLICIES for m in modes]
+    variants = [("deepspeed-native", "deepspeed", None)]
+    if HAVE_MEGATRON:
+        variants.append(("megatron-alltoall", "megatron", None))
+    variants += [(f"grace-layer/{p}/{m}", p, m) for p in POLICIES for m in modes]
     batches = []
     for batch_name, total_tokens in BATCHES.items():
         if args.tiny:
@@ -196,41 +201,48 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
         ids = replay[rank * per_rank:(rank + 1) * per_rank].to(device)
         torch.manual_seed(1000 + rank)
         x = torch.randn(per_rank, shape.hidden, dtype=dtype, device=device)
-        batches.append((batch_name, per_rank * world, x, replay_bias(ids, shape.num_experts)))
+        batches.append((batch_name, per_rank * world, x, ids))
+    row_bytes = shape.hidden * torch.finfo(dtype).bits // 8
     results = []
-    for variant, policy, mode in variants:
+    for variant, kind, mode in variants:
         busy = Stopwatch(device)
-        layer, runtime = make_layer(case, shape, policy, mode, topology, rank, device, dtype, busy)
-        for batch_name, tokens, x, bias in batches:
-            layer.bias = bias
+        layer, runtime = make_layer(case, shape, kind, mode, topology, rank, device, dtype, busy)
+        for batch_name, tokens, x, ids in batches:
+            layer.bias = replay_bias(ids, shape.num_experts)
             record = {"case": case["case"], "shape": shape.name, "batch": batch_name, "tokens": tokens,
-                      "variant": variant, "policy": policy, "mode": mode}
+                      "variant": variant, "policy": kind if runtime is not None else None, "mode": mode}
             # One untimed pass for traffic, then the timed ones.
             with torch.no_grad():
-                if policy is not None:
+                if runtime is not None:
                     runtime.traffic[0] = Traffic()
                     runtime.measure = True
                     layer(x)
                     runtime.measure = False
                     traffic = runtime.traffic[0]
-                    sent = [traffic.cross_node_bytes, traffic.intra_node_bytes, traffic.pairs_computed]
+                    sent = [traffic.cross_node_bytes, traffic.intra_node_bytes]
+                    per_gpu = torch.zeros(world, dtype=torch.float64)
+                    per_gpu[rank] = traffic.pairs_computed
+                elif kind == "megatron":
+                    layer(x)
+                    sent, per_gpu = pairs_traffic(ids, shape.num_experts, topology, rank, row_bytes)
                 else:
                     layer(x)
-                    sent = deepspeed_traffic(layer.capacity, shape, topology, rank, dtype) + [0]
+                    sent = deepspeed_traffic(layer.capacity, shape, topology, rank, dtype)
+                    per_gpu = torch.zeros(world, dtype=torch.float64)
             busy.milliseconds()
             times = slowest_rank(timed(layer, x, args.iters, args.warmup, device), device)
             busy_per_iter = sum(busy.milliseconds()) / (args.iters + args.warmup)  # warm-up forwards included
             busy_all = torch.tensor([busy_per_iter], dtype=torch.float64, device=device)
             gathered = [torch.zeros_like(busy_all) for _ in range(world)]
             dist.all_gather(gathered, busy_all)
-            totals = summed(sent, device)
+            totals = summed(sent + per_gpu.tolist(), device)
             median = statistics.median(times)
             record.update({
                 "median_ms": median, "p10_ms": sorted(times)[len(times) // 10], "iters": len(times),
                 "cross_node_bytes": totals[0], "intra_node_bytes": totals[1],
-                "pairs_computed": totals[2] if policy is not None else None,
+                "pairs_per_gpu": totals[2:] if kind != "deepspeed" else None,
                 "gpu_busy_ms": [float(g) for g in torch.cat(gathered).tolist()],
-                "capacity": layer.capacity if policy is None else None,
+                "capacity": layer.capacity if kind == "deepspeed" else None,
             })
             record["idle_fraction"] = [max(0.0, 1 - b / median) for b in record["gpu_busy_ms"]]
             keep(results, record, rank, f"{case['case']:<40} {batch_name:<14} {variant}")
@@ -239,13 +251,16 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
     return results
 
 
-def make_layer(case: dict, shape: LayerShape, policy: str | None, mode: str | None, topology: Topology, rank: int,
+def make_layer(case: dict, shape: LayerShape, kind: str, mode: str | None, topology: Topology, rank: int,
                device: torch.device, dtype: torch.dtype, busy: Stopwatch):
-    """(layer, GRACE runtime or None): DeepSpeed's native MoE for policy None, else the GRACE layer."""
+    """(layer, GRACE runtime or None): DeepSpeed's native MoE, megatron-core's, or the GRACE layer
+    under the plan of policy `kind`."""
     torch.manual_seed(7)
-    if policy is None:
+    if kind == "deepspeed":
         return deepspeed_layer(shape, topology.num_gpus, device, dtype, busy).eval(), None
-    runtime = GraceRuntime(PlacementPlan.load(case["plans"][policy]), rank, None, "tar", mode, device=device)
+    if kind == "megatron":
+        return megatron_layer(shape, topology.num_gpus, device, dtype, busy).eval(), None
+    runtime = GraceRuntime(PlacementPlan.load(case["plans"][kind]), rank, None, "tar", mode, device=device)
     return GraceLayer(shape, runtime, device, dtype, busy).to(device).eval(), runtime
 
 
@@ -257,11 +272,13 @@ def measure_overheads(case: dict, args, topology: Topology, rank: int, device: t
     ids = replay[rank:rank + 1].to(device)
     x = torch.randn(1, shape.hidden, dtype=dtype, device=device)
     out = {}
-    variants = [("deepspeed_overhead_us", None, None), ("layer_overhead_us", "contiguous", "flat")]
+    variants = [("deepspeed_overhead_us", "deepspeed", None), ("layer_overhead_us", "contiguous", "flat")]
+    if HAVE_MEGATRON:
+        variants.append(("megatron_overhead_us", "megatron", None))
     if topology.num_nodes > 1 and max(topology.gpus_per_node) > 1:
         variants.append(("hierarchical_overhead_us", "contiguous", "hierarchical"))
-    for key, policy, mode in variants:
-        layer, _ = make_layer(case, shape, policy, mode, topology, rank, device, dtype, Stopwatch(device))
+    for key, kind, mode in variants:
+        layer, _ = make_layer(case, shape, kind, mode, topology, rank, device, dtype, Stopwatch(device))
         layer.bias = replay_bias(ids, shape.num_experts)
         out[key] = statistics.median(slowest_rank(timed(layer, x, args.iters, args.warmup, device), device)) * 1e3
         del layer
@@ -303,6 +320,10 @@ def worker(rank: int, world: int, args, cases: list[dict], model_case: dict | No
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend)
+    if HAVE_MEGATRON and device.type == "cpu":
+        from patches import megatron_core_cpu
+
+        megatron_core_cpu.apply()  # the CPU smoke run only: megatron-core calls CUDA directly
     try:
         topology = Topology.uniform(nodes, per_node)
         links = measure_links(topology, rank, device, dtype, args.link_bytes)
@@ -361,12 +382,16 @@ def add_model_and_floor(report: dict, cases: list[dict], topology: Topology, arg
             metrics = simulate_trace(plan, ids[:, None, :], "tar", CostSettings(shape.hidden, shape.inter, 2))[0]
             r["modeled_ms"] = (metrics.modeled_layer_time_us if r["mode"] == "hierarchical"
                                else metrics.modeled_layer_time_us_flat) / 1e3
-            max_pairs = r["pairs_computed"] / world * metrics.max_over_mean_gpu_load
-        else:  # DeepSpeed: every rank computes E/W experts x W ranks x C padded rows
-            max_pairs = shape.num_experts // world * world * r["capacity"]
+            max_pairs = max(r["pairs_per_gpu"])
+        else:  # the same alpha-beta terms over what DeepSpeed or megatron move and compute
+            if r["variant"] == "deepspeed-native":  # every rank computes E/W experts x W ranks x C padded rows
+                max_pairs = shape.num_experts // world * world * r["capacity"]
+                overhead = report["links"].get("deepspeed_overhead_us", 0.0)
+            else:  # one copy per (token, expert) pair, experts in contiguous blocks
+                max_pairs = max(r["pairs_per_gpu"])
+                overhead = report["links"].get("megatron_overhead_us", 0.0)
             exchange = node_bytes / inter_Bpus + 2 * links.inter_node_latency_us if topology.num_nodes > 1 else 0.0
-            r["modeled_ms"] = (exchange + max_pairs * flops_per_pair / flops_rate
-                               + report["links"].get("deepspeed_overhead_us", 0.0)) / 1e3
+            r["modeled_ms"] = (exchange + max_pairs * flops_per_pair / flops_rate + overhead) / 1e3
         r["floor_ms"] = (node_bytes / peak_Bpus + max_pairs * flops_per_pair / flops_rate) / 1e3
         r["achieved_cross_node_GBps"] = node_bytes / (r["median_ms"] * 1e-3) / 1e9 if r["median_ms"] else 0.0
         r["model_error"] = r["modeled_ms"] / r["median_ms"] - 1

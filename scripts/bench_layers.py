@@ -211,3 +211,58 @@ def deepspeed_layer(shape: LayerShape, ep_size: int, device: torch.device, dtype
     layer.moe.set_deepspeed_parallelism()
     layer.bias = None
     return layer
+
+
+def megatron_layer(shape: LayerShape, ep_size: int, device: torch.device, dtype: torch.dtype,
+                   busy: Stopwatch) -> nn.Module:
+    """megatron-core's MoELayer with its alltoall dispatcher (dropless) and its local SequentialMLP
+    experts (its grouped-GEMM experts need Transformer Engine or grouped_gemm, absent here), the replayed
+    gate; shared experts are megatron's own."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(expert_model_parallel_size=ep_size)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(7)
+    config = TransformerConfig(
+        num_layers=1, hidden_size=shape.hidden, ffn_hidden_size=shape.inter, moe_ffn_hidden_size=shape.inter,
+        num_attention_heads=16, num_moe_experts=shape.num_experts, moe_router_topk=shape.top_k,
+        moe_token_dispatcher_type="alltoall", add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu,
+        use_cpu_initialization=not on_gpu, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        expert_model_parallel_size=ep_size, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+        moe_shared_expert_intermediate_size=shape.shared_inter or None)
+    spec = get_gpt_layer_local_spec(num_experts=shape.num_experts, moe_grouped_gemm=False)
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.moe = spec.submodules.mlp(config, layer_number=1).to(device)
+            self.bias = None
+            gating = self.moe.router.gating
+            self.moe.router.gating = lambda x: gating(x).float() + self.bias  # replayed top-k
+            self.moe.experts.register_forward_pre_hook(lambda module, args: setattr(self, "_busy", busy.start()))
+            self.moe.experts.register_forward_hook(lambda module, args, out: busy.stop(self._busy))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.moe(x.unsqueeze(1))[0].squeeze(1)  # megatron takes [sequence, batch, hidden]
+
+    return Layer()
+
+
+def pairs_traffic(topk_ids: torch.Tensor, num_experts: int, topology, rank: int, row_bytes: int,
+                  ) -> tuple[list[float], torch.Tensor]:
+    """A dispatcher that sends one copy per (token, expert) pair (megatron's alltoall) with experts in
+    contiguous blocks: ([cross-node, intra-node] bytes this rank sends, dispatch and combine), pairs
+    per GPU [P] of this rank's tokens."""
+    world = topology.num_gpus
+    gpu = topk_ids.long().flatten() * world // num_experts
+    per_gpu = torch.bincount(gpu, minlength=world).cpu()
+    node = topology.node_of_gpu
+    cross = float(per_gpu[node != node[rank]].sum()) * 2 * row_bytes
+    intra = float(per_gpu[(node == node[rank]) & (torch.arange(world) != rank)].sum()) * 2 * row_bytes
+    return [cross, intra], per_gpu.double()

@@ -23,7 +23,7 @@ def test_bench_gpu_runs_every_variant_on_cpu(shared_data, tmp_path):
     report = json.loads((out / "bench_gpu.json").read_text())
     results = report["results"]
     variants = {r["variant"] for r in results}
-    assert variants == {"deepspeed-native"} | {f"grace-layer/{p}/flat" for p in
+    assert variants == {"deepspeed-native", "megatron-alltoall"} | {f"grace-layer/{p}/flat" for p in
                                                 ("contiguous", "eplb", "uniform-affinity", "grace")}
     assert {r["batch"] for r in results} == {"prefill-32768", "decode-256", "decode-512"}
     for r in results:
@@ -34,7 +34,11 @@ def test_bench_gpu_runs_every_variant_on_cpu(shared_data, tmp_path):
         grace = next(r for r in results if r["batch"] == batch and r["policy"] == "grace")
         # DeepSpeed pads every expert to the largest count: it never moves fewer bytes than a dropless exchange.
         assert native["capacity"] > 0 and native["cross_node_bytes"] >= grace["cross_node_bytes"]
-    assert {"inter_node_GBps", "gemm_tflops", "layer_overhead_us"} <= set(report["links"])
+    assert {"inter_node_GBps", "gemm_tflops", "layer_overhead_us", "megatron_overhead_us"} <= set(report["links"])
+    megatron = next(r for r in results if r["variant"] == "megatron-alltoall" and r["batch"] == "prefill-32768")
+    grace = next(r for r in results if r["policy"] == "grace" and r["batch"] == "prefill-32768")
+    # megatron sends a token once per expert, GRACE once per GPU: never more bytes for GRACE
+    assert megatron["cross_node_bytes"] >= grace["cross_node_bytes"] > 0
     model = report["model"]
     assert {(r["policy"], r["batch"]) for r in model} == {
         (p, b) for p in ("contiguous", "eplb", "uniform-affinity", "grace")

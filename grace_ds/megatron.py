@@ -1,0 +1,136 @@
+"""GRACE for megatron-core (0.19.x): a MoE layer that serves a placement plan where MoELayer stands.
+
+megatron's own router (TopKRouter, logical experts, aux losses and all) picks experts; the plan's
+replica router maps each pick to a physical copy; the GRACE exchange (flat or hierarchical) moves each
+token once per GPU or node; this rank computes only the slots it holds (replicas included) as one
+grouped GEMM. `grace_layer_spec` swaps it into a megatron layer spec; `sharded_state_dict` files every
+slot under its logical expert, so a checkpoint does not depend on the plan (replicas are saved once,
+through their primary, and all copies load from it).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+from torch import nn
+
+from grace_ds.experts import SlotExperts
+from grace_ds.layer import GraceRuntime
+
+
+def top_k_from_routing(probs: torch.Tensor, routing_map: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """megatron's dense router output (probs [T, E], routing_map bool [T, E]) -> (ids [T, k], weights
+    [T, k]). A token with fewer than k routes (capacity drops) gets weight 0 on its padding picks."""
+    # Stable sort puts each row's routed experts first, in expert order.
+    ids = torch.argsort(routing_map.to(torch.uint8), dim=-1, descending=True, stable=True)[:, :top_k]
+    weights = probs.gather(1, ids) * routing_map.gather(1, ids)
+    return ids, weights
+
+
+class GraceMegatronMoELayer(nn.Module):
+    """forward(hidden [S, B, H]) -> (output [S, B, H], None), as megatron's MoELayer."""
+
+    def __init__(self, config, submodules=None, layer_number: int | None = None, pg_collection=None,
+                 runtime: GraceRuntime | None = None, plan_layer: int | None = None, **unused) -> None:
+        super().__init__()
+        if runtime is None:
+            raise ValueError("GraceMegatronMoELayer needs the GRACE runtime (use grace_layer_spec)")
+        if pg_collection is None:
+            from megatron.core.process_groups_config import ProcessGroupCollection
+
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.config = config
+        self.layer_number = layer_number
+        self.plan_layer = (layer_number or 1) - 1 if plan_layer is None else plan_layer
+        self._runtime = runtime
+        plan = runtime.plan
+        if config.num_moe_experts != plan.num_experts:
+            raise ValueError(f"megatron config has {config.num_moe_experts} experts, the plan {plan.num_experts}")
+        if not 0 <= self.plan_layer < plan.num_layers:
+            raise ValueError(f"layer {layer_number} has no plan layer (the plan has {plan.num_layers})")
+        self.router = submodules.router(config=config, pg_collection=pg_collection)
+        if not config.gated_linear_unit:
+            raise ValueError("GRACE's megatron experts are gated (SwiGLU-style); set gated_linear_unit")
+        inter = config.moe_ffn_hidden_size or config.ffn_hidden_size
+        self.experts = SlotExperts(runtime.local_slots(self.plan_layer), config.hidden_size, inter,
+                                   config.activation_func, config.params_dtype,
+                                   "cpu" if config.use_cpu_initialization else torch.cuda.current_device())
+        self.shared_experts = None
+        if config.moe_shared_expert_intermediate_size is not None:
+            self.shared_experts = submodules.shared_experts(config=config, pg_collection=pg_collection,
+                                                           gate=config.moe_shared_expert_gate)
+
+    def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
+        shape = hidden_states.shape
+        probs, routing_map = self.router(hidden_states, padding_mask)
+        ids, weights = top_k_from_routing(probs, routing_map, self.config.moe_router_topk)
+        tokens = hidden_states.reshape(-1, shape[-1])
+        out = self._runtime.route_and_compute(self.plan_layer, tokens, ids, weights.float(), self.experts)
+        out = out.view(shape)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(hidden_states)
+        return out, None
+
+    # ---- weights --------------------------------------------------------------------------------
+    def load_logical_experts(self, fc1: torch.Tensor, fc2: torch.Tensor) -> None:
+        """Fill the slots from every logical expert's weights: fc1 [E, 2I, H], fc2 [E, H, I]."""
+        held = self.experts.slot_expert[self.experts.slot_expert >= 0].cpu()
+        with torch.no_grad():
+            self.experts.gate_up_proj.copy_(fc1[held])
+            self.experts.down_proj.copy_(fc2[held])
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """megatron dist-checkpointing entries. Experts: `{prefix}experts.linear_fc1.weight` and
+        `.linear_fc2.weight`, global shape [E, ...] with slot s at its logical expert's offset; a
+        replica carries a nonzero replica id, so it is loaded but never saved (its primary is)."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        out = sharded_state_dict_default(self.router, f"{prefix}router.", sharded_offsets, metadata)
+        if self.shared_experts is not None:
+            out.update(sharded_state_dict_default(self.shared_experts, f"{prefix}shared_experts.", sharded_offsets,
+                                                  metadata))
+        plan = self._runtime.plan
+        rank = self._runtime.rank
+        slot_expert = plan.slot_expert[self.plan_layer]
+        primary = plan.slot_is_primary[self.plan_layer]
+        axis = len(sharded_offsets)
+        row = 0
+        for slot, expert in enumerate(slot_expert[rank].tolist()):
+            if expert < 0:
+                continue
+            copy_index = _copy_index(slot_expert, primary, rank, slot)
+            for name, tensor in (("linear_fc1.weight", self.experts.gate_up_proj[row]),
+                                 ("linear_fc2.weight", self.experts.down_proj[row])):
+                key = f"{prefix}experts.{name}"
+                out[f"{prefix}experts.slot{slot}.{name}"] = ShardedTensor.from_rank_offsets(
+                    key, tensor, *sharded_offsets, (axis, expert, plan.num_experts),
+                    replica_id=(0, 0, copy_index), prepend_axis_num=len(sharded_offsets) + 1)
+            row += 1
+        return out
+
+
+def _copy_index(slot_expert: torch.Tensor, primary: torch.Tensor, gpu: int, slot: int) -> int:
+    """0 for the primary copy of the expert in (gpu, slot); 1, 2, ... for its replicas in (gpu, slot) order."""
+    if bool(primary[gpu, slot]):
+        return 0
+    expert = int(slot_expert[gpu, slot])
+    replicas = ((slot_expert == expert) & ~primary).flatten().nonzero().flatten().tolist()
+    return 1 + replicas.index(gpu * slot_expert.shape[1] + slot)
+
+
+def grace_layer_spec(layer_spec, runtime: GraceRuntime, plan_layer_of: dict[int, int] | None = None):
+    """A megatron transformer-layer spec (e.g. get_gpt_layer_local_spec(num_experts=E)) whose MoE MLP
+    is GRACE's: same router and shared-expert submodules, experts and dispatch from the plan.
+    `plan_layer_of` maps megatron's 1-based layer numbers to plan layers (default: number - 1)."""
+    moe = layer_spec.submodules.mlp
+    submodules = moe.keywords["submodules"] if isinstance(moe, functools.partial) else moe.submodules
+
+    def build(config, layer_number=None, pg_collection=None, **kwargs):
+        plan_layer = plan_layer_of.get(layer_number) if plan_layer_of else None
+        return GraceMegatronMoELayer(config, submodules, layer_number, pg_collection, runtime, plan_layer)
+
+    spec = copy.deepcopy(layer_spec)
+    spec.submodules.mlp = build
+    return spec

@@ -1,0 +1,129 @@
+"""Runs inside every spawned gloo rank: GRACE's megatron layer against megatron-core's own MoELayer.
+
+Each rank builds megatron's MoELayer (expert-parallel over all ranks, contiguous experts) and the GRACE
+layer from a plan, with the same router and every logical expert's weights, feeds both its own tokens
+and compares. Also records routing through the profiling hook and lists the GRACE layer's checkpoint
+entries (which logical expert, which copy) for the parent to check."""
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from grace_ds.hooks import RoutingRecorder  # noqa: E402
+from grace_ds.layer import GraceRuntime  # noqa: E402
+from grace_ds.megatron import grace_layer_spec, top_k_from_routing  # noqa: E402
+from grace_ds.planners import make_plan  # noqa: E402
+from grace_ds.profile import RoutingProfile  # noqa: E402
+from grace_ds.topology import Topology  # noqa: E402
+from patches import megatron_core_cpu  # noqa: E402
+
+HIDDEN, INNER, EXPERTS, TOP_K, SEQ, BATCH = 16, 24, 8, 2, 6, 2
+# GRACE_TEST_DEVICE=cuda runs the same checks over NCCL, one GPU a rank (scripts/gpu_exactness.sh).
+DEVICE = torch.device(os.environ.get("GRACE_TEST_DEVICE", "cpu"))
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out)
+
+
+def checkpoint_round_trip(saved_layer, spec, config, profile, topology, rank, x, expected, directory) -> float:
+    """megatron dist-checkpointing save of a GRACE layer, load into a layer of another plan (fresh
+    weights); its output against the reference's."""
+    from megatron.core import dist_checkpointing
+
+    if rank == 0:
+        directory.mkdir()
+    dist.barrier()
+    dist_checkpointing.save(saved_layer.sharded_state_dict("mlp."), str(directory))
+    runtime = GraceRuntime(make_plan("contiguous", profile, topology, replica_slots=1), rank, None, "tar", "flat",
+                           device=DEVICE)
+    torch.manual_seed(999)
+    fresh = grace_layer_spec(spec, runtime).submodules.mlp(config, layer_number=1).to(DEVICE).eval()
+    dist_checkpointing.load(fresh.sharded_state_dict("mlp."), str(directory))  # fills the slots in place
+    with torch.no_grad():
+        return relative_error(fresh(x)[0], expected)
+
+
+def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
+    os.environ.update(GRACE_HOSTNAME=f"node{rank // (world // nodes)}", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    backend = "gloo"
+    if DEVICE.type == "cuda":
+        per_node = world // nodes
+        os.environ["NCCL_HOSTID"] = os.environ["GRACE_HOSTNAME"]
+        first = (rank // per_node) * per_node
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(per_node))
+        torch.cuda.set_device(rank % per_node)
+        backend = "nccl"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    handle = megatron_core_cpu.apply() if DEVICE.type == "cpu" else contextlib.nullcontext()
+    try:
+        from megatron.core import parallel_state
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        parallel_state.initialize_model_parallel(expert_model_parallel_size=world)
+        topology = Topology.uniform(nodes, world // nodes)
+        report = {"errors": {}, "checkpoint": {}}
+        for dispatcher in ("alltoall", "allgather"):
+            config = TransformerConfig(
+                num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=INNER, moe_ffn_hidden_size=INNER,
+                num_attention_heads=2, num_moe_experts=EXPERTS, moe_router_topk=TOP_K,
+                moe_token_dispatcher_type=dispatcher, add_bias_linear=False, gated_linear_unit=True,
+                activation_func=torch.nn.functional.silu, use_cpu_initialization=True, params_dtype=torch.float32,
+                expert_model_parallel_size=world, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
+            spec = get_gpt_layer_local_spec(num_experts=EXPERTS, moe_grouped_gemm=False)
+            torch.manual_seed(100 + rank)  # every rank's experts differ
+            reference = spec.submodules.mlp(config, layer_number=1).to(DEVICE).eval()
+            with torch.no_grad():
+                reference.router.weight.copy_(torch.randn(EXPERTS, HIDDEN, generator=torch.Generator().manual_seed(5)))
+            fc1 = gathered(torch.stack([e.linear_fc1.weight.detach() for e in reference.experts.local_experts]))
+            fc2 = gathered(torch.stack([e.linear_fc2.weight.detach() for e in reference.experts.local_experts]))
+            x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(7 + rank)).to(DEVICE)
+            recorder = RoutingRecorder(1, EXPERTS, TOP_K).attach_to_megatron_routers([reference])
+            with torch.no_grad():
+                expected = reference(x)[0]
+            recorder.detach()
+            profile = recorder.to_profile()
+            report.setdefault("profiled_tokens", {})[dispatcher] = int(profile.num_tokens[0])
+            report.setdefault("profiled_pairs", {})[dispatcher] = float(profile.expert_load.sum())
+            with torch.no_grad():
+                probs, routing_map = reference.router(x)
+            ids = gathered(top_k_from_routing(probs, routing_map, TOP_K)[0])
+            plan_profile = RoutingProfile.from_topk_ids(ids.view(-1, 1, TOP_K).cpu(), EXPERTS)
+            for policy in ("contiguous", "eplb", "grace"):
+                plan = make_plan(policy, plan_profile, topology, replica_slots=1)
+                for mode in ("flat", "hierarchical"):
+                    runtime = GraceRuntime(plan, rank, None, "tar", mode, device=DEVICE)
+                    layer = grace_layer_spec(spec, runtime).submodules.mlp(config, layer_number=1).to(DEVICE).eval()
+                    layer.router.load_state_dict(reference.router.state_dict())
+                    layer.load_logical_experts(fc1, fc2)
+                    with torch.no_grad():
+                        out = layer(x)[0]
+                    report["errors"][f"{dispatcher}/{policy}/{mode}"] = relative_error(out, expected)
+                if dispatcher == "alltoall":
+                    entries = layer.sharded_state_dict("decoder.layers.0.mlp.")
+                    report["checkpoint"][policy] = [
+                        [t.key, list(t.global_offset), list(t.replica_id)] for t in entries.values()
+                        if ".experts." in t.key]
+            if dispatcher == "alltoall":  # saved under the last (grace) plan, loaded under another
+                report["errors"]["checkpoint grace -> contiguous"] = checkpoint_round_trip(
+                    layer, spec, config, plan_profile, topology, rank, x, expected, Path(out_dir, "checkpoint"))
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+        dist.barrier()
+    finally:
+        handle.__exit__(None, None, None)
+        dist.destroy_process_group()

@@ -1,0 +1,74 @@
+"""GRACE's megatron-core layer equals megatron's own MoELayer (contiguous experts), for the alltoall and
+allgather dispatchers, every plan and both communication modes, on 4 gloo ranks as 2 nodes x 2; the
+profiling hook on megatron's router; checkpoint entries filed by logical expert, and a dist-checkpointing
+save under one plan loaded under another; the CPU patch."""
+import json
+import os
+from collections import Counter
+
+import pytest
+import torch.multiprocessing as mp
+
+from tests import megatron_worker
+from tests.test_runtime_exactness import free_port
+
+
+def layout() -> tuple[int, int]:
+    """2 nodes x 2 ranks; on a GPU machine the largest 2-node layout its GPUs allow (GRACE_TEST_LAYOUTS)."""
+    two_node = [tuple(map(int, s.split("x"))) for s in os.environ.get("GRACE_TEST_LAYOUTS", "2x2").split(",")
+                if s.startswith("2x")]
+    return two_node[-1] if two_node else (2, 2)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("megatron")
+    nodes, per_node = layout()
+    world = nodes * per_node
+    mp.spawn(megatron_worker.main, args=(world, nodes, free_port(), str(out)), nprocs=world, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def test_grace_layer_matches_megatron_moe_layer(report):
+    for rank_report in report:
+        errors = rank_report["errors"]
+        assert len(errors) == 2 * 3 * 2 + 1  # dispatchers x plans x modes, and the checkpoint round trip
+        assert max(errors.values()) < 1e-5, errors
+
+
+def test_profiling_hook_on_megatron_router_counts_every_rank(report):
+    tokens = megatron_worker.SEQ * megatron_worker.BATCH * len(report)
+    for rank_report in report:
+        assert set(rank_report["profiled_tokens"].values()) == {tokens}
+        assert set(rank_report["profiled_pairs"].values()) == {tokens * megatron_worker.TOP_K}
+
+
+def test_checkpoint_entries_save_each_logical_expert_once(report):
+    for policy in ("contiguous", "eplb", "grace"):
+        entries = [(e[0], tuple(e[1]), tuple(e[2]))
+                   for r in report for e in r["checkpoint"][policy]]
+        saved = Counter((key, offset[0]) for key, offset, replica in entries if replica == (0, 0, 0))
+        keys = {key for key, _, _ in entries}
+        assert keys == {"decoder.layers.0.mlp.experts.linear_fc1.weight", "decoder.layers.0.mlp.experts.linear_fc2.weight"}
+        # every logical expert exactly once per weight among the saved (primary) copies
+        assert saved == Counter({(k, e): 1 for k in keys for e in range(megatron_worker.EXPERTS)}), policy
+        replicas = [e for e in entries if e[2] != (0, 0, 0)]
+        if policy != "contiguous":
+            assert replicas, "replica slots should hold replicas"
+
+
+@pytest.mark.skipif(megatron_worker.DEVICE.type == "cuda", reason="the patch is for machines without CUDA")
+def test_cpu_patch_is_applied_explicitly_and_undone(monkeypatch):
+    import megatron.core
+    from megatron.core.transformer.moe import router, token_dispatcher
+
+    from patches import megatron_core_cpu
+
+    before = (router.torch, token_dispatcher.torch, token_dispatcher.maybe_move_tensor_to_cpu)
+    with megatron_core_cpu.apply():
+        assert router.torch is not before[0] and router.torch.cuda.current_device() == "cpu"
+        assert token_dispatcher.maybe_move_tensor_to_cpu is not before[2]
+    assert (router.torch, token_dispatcher.torch, token_dispatcher.maybe_move_tensor_to_cpu) == before
+    monkeypatch.setattr(megatron.core, "__version__", "0.20.0")
+    with pytest.raises(RuntimeError, match="targets megatron-core 0.19"):
+        megatron_core_cpu.apply()
