@@ -224,6 +224,9 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
                     per_gpu[rank] = traffic.pairs_computed
                 elif kind == "megatron":
                     layer(x)
+                    routed = layer.routing_map.reshape(ids.shape[0], -1)
+                    if not torch.equal(routed, replay_bias(ids, shape.num_experts) > 0):
+                        raise RuntimeError("megatron's router did not take the replayed top-k")
                     sent, per_gpu = pairs_traffic(ids, shape.num_experts, topology, rank, row_bytes)
                 else:
                     layer(x)

@@ -243,10 +243,15 @@ def megatron_layer(shape: LayerShape, ep_size: int, device: torch.device, dtype:
             super().__init__()
             self.moe = spec.submodules.mlp(config, layer_number=1).to(device)
             self.bias = None
-            gating = self.moe.router.gating
-            self.moe.router.gating = lambda x: gating(x).float() + self.bias  # replayed top-k
+            self._gating = self.moe.router.gating
+            self.moe.router.gating = self._replayed_gating
             self.moe.experts.register_forward_pre_hook(lambda module, args: setattr(self, "_busy", busy.start()))
             self.moe.experts.register_forward_hook(lambda module, args, out: busy.stop(self._busy))
+            self.moe.router.register_forward_hook(lambda module, args, out: setattr(self, "routing_map", out[1]))
+
+        def _replayed_gating(self, x: torch.Tensor) -> torch.Tensor:
+            logits = self._gating(x)  # [sequence, batch, E]: the bias is [tokens, E]
+            return logits.float() + self.bias.view(logits.shape)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.moe(x.unsqueeze(1))[0].squeeze(1)  # megatron takes [sequence, batch, hidden]

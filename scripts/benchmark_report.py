@@ -131,6 +131,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("report", type=Path)
     p.add_argument("--earlier", type=Path, help="an earlier run of the same benchmark, for run-to-run spread")
+    p.add_argument("--also", type=Path, action="append", default=[],
+                   help="another run (e.g. with more baselines) shown in a section of its own")
     p.add_argument("--out", type=Path, default=DOCS / "benchmarks.md")
     args = p.parse_args()
     report = json.loads(args.report.read_text())
@@ -140,7 +142,8 @@ def main() -> None:
         "# GPU benchmark",
         "",
         f"Produced by `python scripts/benchmark_report.py {shown(args.report)}"
-        + (f" --earlier {shown(args.earlier)}" if args.earlier else "") + "` from the raw JSON "
+        + (f" --earlier {shown(args.earlier)}" if args.earlier else "")
+        + "".join(f" --also {shown(a)}" for a in args.also) + "` from the raw JSON "
         f"beside this file, which `bash scripts/bench_gpu.sh` wrote on the GPU test machine ({setting['device']}, "
         f"torch {setting['torch']}) as **{setting['nodes']} logical nodes x {setting['gpus_per_node']} GPU(s)** "
         "(NCCL_HOSTID per node: traffic between nodes takes NCCL's socket path).",
@@ -186,12 +189,22 @@ def main() -> None:
         *model_lines(report),
         "",
     ]
+    for path in args.also:
+        other = json.loads(path.read_text())
+        shapes = sorted({r["shape"] for r in other["results"]})
+        text += [f"## Another run: `{shown(path)}` ({', '.join(shapes)} shape; "
+                 f"{', '.join(dict.fromkeys(r['variant'] for r in other['results'] if r['policy'] is None))})", "",
+                 f"Same machine kind and settings, {other['setting']['nodes']} x {other['setting']['gpus_per_node']}, "
+                 f"run {other['setting'].get('date', '')}; its own link figures: "
+                 + ", ".join(f"{k} = {v:.4g}" for k, v in other["links"].items()) + ".", "",
+                 *findings(other), "", *ratio_lines(other), "", *layer_table(other), ""]
     text += ["## Not run here", ""]
     if setting["gpus_per_node"] < 2:
         text.append("- More than one GPU per node (2 x 2, the paper's setting; GPU kinds of 4 or more were not "
                     "lent): with one GPU per node the hierarchical mode equals the flat one and is not timed, and "
                     "the grouping can save only what a node-level dedup saves. The 2 x 2 figures are owed.")
-    if not any(r["variant"] == "megatron-alltoall" for r in report["results"]):
+    if not any(r["variant"] == "megatron-alltoall" for rep in [report] + [json.loads(a.read_text()) for a in args.also]
+               for r in rep["results"]):
         text.append("- megatron-core's alltoall dispatcher (megatron-core was not installed for this run).")
     text += ["- DeepSpeed AutoEP: in DeepSpeed 0.19.8 it replaces MoE blocks inside `deepspeed.initialize` for "
              "presets (Mixtral, Qwen3-MoE, DeepSeek) and has no OLMoE preset; not wired into this layer benchmark.",
