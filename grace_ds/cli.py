@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -72,6 +73,8 @@ def cmd_plan(args) -> None:
 
     import torch
 
+    if args.workers < 1:
+        raise GraceInputError(f"--workers must be >= 1, got {args.workers}")
     # Planning is many small tensor ops: extra threads only add synchronisation (measured ~20% slower).
     torch.set_num_threads(1)
     profile = RoutingProfile.load(args.profile)
@@ -84,7 +87,7 @@ def cmd_plan(args) -> None:
             settings = (GraceSettings(node_grouping=mode, gpu_grouping=mode, r=args.r, replication="paper",
                                       max_rounds=1, receivers="least-loaded") if args.paper
                         else GraceSettings(r=args.r))
-        options = {"settings": settings, "tune": not args.no_tune}
+        options = {"settings": settings, "tune": not args.no_tune, "workers": args.workers}
     elif args.r is not None or args.paper or args.no_tune:
         raise GraceInputError("--r, --paper and --no-tune apply to --policy grace only")
     bar = _progress(profile.num_layers, f"planning ({args.policy})") if args.policy == "grace" else None
@@ -194,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_topology(p)
     p.add_argument("--policy", choices=POLICIES, default="grace")
     p.add_argument("--replica-slots", type=int, default=1, help="extra expert copies per GPU per layer")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="grace: plan layers in this many processes (default: one per CPU; same result)")
     p.add_argument("--r", type=float, help="grace: GPU-group size ratio r (default: knee of S(r) vs U(r))")
     p.add_argument("--paper", action="store_true", help="grace: the paper's spectral grouping, one replication round")
     p.add_argument("--no-tune", action="store_true", help="grace: do not score candidate settings on the profile")

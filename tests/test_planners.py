@@ -110,3 +110,13 @@ def test_plan_invariants_hold_for_any_profile_and_topology(problem, policy):
             assert len(held) == len(set(held)), "replicas of one expert on distinct GPUs"
     total = plan.predicted_gpu_load.sum(1)
     assert torch.allclose(total, profile.expert_load.sum(1)), "predicted loads account for every pair"
+
+
+def test_grace_plans_the_same_in_forked_workers():
+    trace = tiny_trace(tokens=200, layers=3, experts=16, top_k=2)
+    profile = RoutingProfile.from_topk_ids(trace, 16)
+    topology = Topology.uniform(2, 2)
+    one = make_plan("grace", profile, topology, 1, workers=1)
+    two = make_plan("grace", profile, topology, 1, workers=2)
+    assert torch.equal(one.slot_expert, two.slot_expert) and torch.equal(one.slot_weight, two.slot_weight)
+    assert one.options["layer_settings"] == two.options["layer_settings"]

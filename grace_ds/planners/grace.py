@@ -6,6 +6,8 @@ layer on the profile's sampled token routings with the simulator's cost model an
 """
 from __future__ import annotations
 
+import importlib
+import multiprocessing
 from dataclasses import asdict, dataclass
 
 import torch
@@ -127,33 +129,76 @@ def score_layer(lists: list[list[int]], primary: list[list[bool]], load: torch.T
 
 def plan_grace(profile: RoutingProfile, topology: Topology, replica_slots: int = 1,
                settings: GraceSettings | None = None, tune: bool = True, balance_limit: float = 1.12,
-               seed: int = 0, progress=None) -> PlacementPlan:
+               seed: int = 0, progress=None, workers: int = 1) -> PlacementPlan:
     """GRACE plan. With `tune` and a profile that holds sampled routings, each layer keeps, among the
     candidate settings whose max/mean GPU load on the sample stays within `balance_limit`, the one with
-    the lowest modeled time (the most balanced one if none does); otherwise `settings` is used."""
+    the lowest modeled time (the most balanced one if none does); otherwise `settings` is used.
+    Layers are independent: `workers` > 1 plans them in that many forked processes (same result)."""
     capacity = slot_capacity(profile.num_experts, topology, replica_slots)
-    chosen = settings or GraceSettings()
     can_tune = tune and settings is None and profile.sample_topk_ids is not None and profile.coactivation is not None
-    layers, used = [], []
-    for li in range(profile.num_layers):
+    job = _LayerJob(profile, topology, capacity, settings or GraceSettings(), can_tune, balance_limit, seed)
+    layer_ids = range(profile.num_layers)
+    if workers > 1 and profile.num_layers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        global _JOB
+        _JOB = job  # forked workers inherit it: nothing but layer numbers and plain lists crosses
+        importlib.import_module("sklearn.cluster")  # imported once, before the fork, not in every worker
+
+        try:
+            # One intra-op thread per worker: processes are the parallelism, and a forked OpenMP pool
+            # that the parent had started would hang the child.
+            with multiprocessing.get_context("fork").Pool(min(workers, profile.num_layers),
+                                                          initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                results = []
+                for result in pool.imap(_plan_layer_of_job, layer_ids):
+                    results.append(result)
+                    if progress is not None:
+                        progress.update(1)
+        finally:
+            _JOB = None
+    else:
+        results = []
+        for li in layer_ids:
+            results.append(job.plan_layer(li))
+            if progress is not None:
+                progress.update(1)
+    layers = [(lists, primary) for lists, primary, _ in results]
+    used = [option for _, _, option in results]
+    return assemble_plan(layers, profile, topology, "grace", replica_slots,
+                         {"tuned": can_tune, "seed": seed, "layer_settings": used})
+
+
+@dataclass
+class _LayerJob:
+    profile: RoutingProfile
+    topology: Topology
+    capacity: int
+    chosen: GraceSettings
+    can_tune: bool
+    balance_limit: float
+    seed: int
+
+    def plan_layer(self, li: int) -> tuple[list[list[int]], list[list[bool]], dict]:
+        """(copies per GPU, primary flags, the settings used) for layer li."""
+        profile, topology, capacity = self.profile, self.topology, self.capacity
         affinity = profile.coactivation[li] if profile.coactivation is not None else None
         load = profile.expert_load[li]
-        options = candidate_settings() if can_tune else [chosen]
+        options = candidate_settings() if self.can_tune else [self.chosen]
         sample = profile.sample_topk_ids[:, li] if profile.sample_topk_ids is not None else None
         best, groupings = None, {}
         for option in options:
-            lists, primary, r = place_layer(affinity, load, topology, capacity, option, seed, sample, groupings)
+            lists, primary, r = place_layer(affinity, load, topology, capacity, option, self.seed, sample, groupings)
             score = (0.0, 0.0)
             if len(options) > 1:
                 time_us, balance = score_layer(lists, primary, load, sample, topology, capacity,
                                                profile.num_experts, profile.top_k)
-                score = (0.0, time_us) if balance <= balance_limit else (1.0, balance)
+                score = (0.0, time_us) if balance <= self.balance_limit else (1.0, balance)
             if best is None or score < best[0]:
                 best = (score, lists, primary, option, r)
-        layers.append((best[1], best[2]))
-        option = best[3]
-        used.append({**asdict(option), "r": best[4]})
-        if progress is not None:
-            progress.update(1)
-    return assemble_plan(layers, profile, topology, "grace", replica_slots,
-                         {"tuned": can_tune, "seed": seed, "layer_settings": used})
+        return best[1], best[2], {**asdict(best[3]), "r": best[4]}
+
+
+_JOB: _LayerJob | None = None
+
+
+def _plan_layer_of_job(li: int):
+    return _JOB.plan_layer(li)

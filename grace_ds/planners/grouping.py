@@ -167,7 +167,11 @@ def refine_by_token_moves(labels: torch.Tensor, hits: torch.Tensor, load: torch.
     """Like refine_by_moves, but the objective is exact on sampled tokens: hits [S, n] (token's top-k
     holds expert) -> total number of distinct groups the tokens touch (the hypergraph connectivity;
     every group a token touches beyond its own is one copy sent). Lower is better."""
-    m = hits.float().numpy()
+    from scipy import sparse
+
+    # A token holds k of n experts: sparse products count the same integers several times faster.
+    m = sparse.csr_matrix(hits.float().numpy())
+    m_t = m.T.tocsr()
     w = load.double().numpy()
     lab = labels.numpy().copy()
     n = lab.shape[0]
@@ -179,14 +183,14 @@ def refine_by_token_moves(labels: torch.Tensor, hits: torch.Tensor, load: torch.
         onehot[rows, lab] = 1.0
         per_group = m @ onehot  # [S, G] experts of each group in each token's top-k
         only_one = (per_group == 1).astype(np.float32)
-        leave = (m.T @ only_one)[rows, lab]  # tokens of e that stop touching e's group if e leaves
-        join = m.T @ (per_group == 0).astype(np.float32)  # [n, G] tokens of e that start touching g
+        leave = (m_t @ only_one)[rows, lab]  # tokens of e that stop touching e's group if e leaves
+        join = m_t @ (per_group == 0).astype(np.float32)  # [n, G] tokens of e that start touching g
         move_gain = leave[:, None] - join
         # Swap e <-> f: both moves, minus what tokens holding both e and f counted twice.
 
         def swap_gain() -> np.ndarray:
-            only_own = only_one[:, lab] * m  # [S, n]: token holds e and e is alone in its group
-            both = only_own.T @ m  # [n, n]; its transpose is the same count seen from f
+            only_own = m.multiply(only_one[:, lab]).tocsr()  # [S, n]: token holds e, alone in its group
+            both = (only_own.T @ m).toarray()  # [n, n]; its transpose is the same count seen from f
             return move_gain[:, lab] + move_gain[:, lab].T - (both + both.T)
 
         if not _take_best_step(lab, move_gain, swap_gain, w, cap, lo, hi, num_groups, 0.5):
