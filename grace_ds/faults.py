@@ -6,8 +6,8 @@ surviving rank takes a roll call through the job's key-value store and raises on
 `GraceDistributedError` naming the phase and the ranks that did not answer. The fault timeout
 (`grace_moe.fault_timeout_s`) is split: collectives give up after 40% of it, the roll call waits the
 other 60% (survivors notice a fault at different moments, at most one collective timeout apart, so
-the roll call outlasts that spread), and every survivor stops within the fault timeout of the fault.
-Nothing is added to the hot path.
+the roll call outlasts that spread), so survivors stop about one fault timeout after the fault (a ring
+all-reduce waits in several steps and can take up to a third longer). Nothing is added to the hot path.
 
 On NCCL a timed-out collective is also caught by NCCL's own watchdog, which may end the process with its
 message (naming the collective) before the roll call completes.
