@@ -290,6 +290,34 @@ def measure_overheads(case: dict, args, topology: Topology, rank: int, device: t
     return out
 
 
+def profile_decode(case: dict, args, topology: Topology, rank: int, device: torch.device, dtype: torch.dtype) -> None:
+    """torch.profiler over 10 decode-256 forwards of the GRACE layer (grace plan, flat): where its fixed
+    cost goes. Rank 0 writes the op table (by self CPU time, then by device time) to profile_decode.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shape = (TINY_SHAPES if args.tiny else SHAPES)[case["shape"]]
+    replay = torch.load(case["replay"], weights_only=True).long()
+    per_rank = max(BATCHES["decode-256"] // topology.num_gpus, 1)
+    ids = replay[rank * per_rank:(rank + 1) * per_rank].to(device)
+    x = torch.randn(per_rank, shape.hidden, dtype=dtype, device=device)
+    layer, _ = make_layer(case, shape, "grace", "flat", topology, rank, device, dtype, Stopwatch(device))
+    layer.bias = replay_bias(ids, shape.num_experts)
+    timed(layer, x, 5, 5, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad(), profile(activities=activities) as prof:
+        for _ in range(10):
+            layer(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if rank == 0:
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        if device.type == "cuda":
+            table += "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
+        Path(args.out, "profile_decode.txt").write_text(table)
+    del layer
+    release(device)
+
+
 def deepspeed_traffic(capacity: int, shape: LayerShape, topology: Topology, rank: int, dtype: torch.dtype) -> list[float]:
     """Bytes this rank sends in DeepSpeed's dispatch and combine: [E/W, C, H] to every other rank each way."""
     world = topology.num_gpus
@@ -334,11 +362,13 @@ def worker(rank: int, world: int, args, cases: list[dict], model_case: dict | No
             links.update(measure_overheads(cases[0], args, topology, rank, device, dtype))
         if rank == 0:
             print(f"measured: {json.dumps(links)}", flush=True)
+        if args.profile_decode:
+            profile_decode(cases[0], args, topology, rank, device, dtype)
         results = []
-        for case in cases:
+        for case in cases if not args.profile_decode else []:
             results += run_case(case, args, topology, rank, device, dtype)
         model_results = []
-        if model_case is not None:
+        if model_case is not None and not args.profile_decode:
             replay = torch.load(model_case["replay"], weights_only=True).long()
             model_results = bench_model.run_model(model_case["plans"], replay, args, rank, world, device, dtype)
         if rank == 0:
@@ -428,6 +458,9 @@ def main() -> None:
     p.add_argument("--link-bytes", type=int, default=64 << 20, help="bytes per peer when measuring links")
     p.add_argument("--tiny", action="store_true", help="small shapes and batches (CPU smoke run)")
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the whole-model prefill/decode runs")
+    p.add_argument("--profile-decode", action="store_true",
+                   help="instead of the benchmark: torch.profiler's op table of the GRACE layer at decode-256 "
+                        "(profile_decode.txt)")
     args = p.parse_args()
     args.shapes = args.shapes.split(",")
     unknown = set(args.shapes) - set(SHAPES)
@@ -451,6 +484,9 @@ def main() -> None:
                          "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
                          "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup,
                          "replica_slots": args.replica_slots, "tiny": args.tiny, "batches": BATCHES}
+    if args.profile_decode:
+        print((args.out / "profile_decode.txt").read_text())
+        return
     (args.out / "bench_gpu.json").write_text(json.dumps(report, indent=1))
     print_table(report)
 

@@ -57,6 +57,11 @@ def ratio_lines(report: dict) -> list[str]:
     return lines
 
 
+def _span(values: list[float], unit: str = "x") -> str:
+    low, high = min(values), max(values)
+    return f"{low:.2f}{unit}" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}-{high:.2f}{unit}"
+
+
 def findings(report: dict) -> list[str]:
     """The issue's checks, computed from the results (ranges over cases)."""
     results = report["results"]
@@ -78,8 +83,8 @@ def findings(report: dict) -> list[str]:
         errors = [abs(r["model_error"]) for r in results if r["batch"].startswith(kind)]
         within = sum(e <= 0.25 for e in errors)
         out.append(f"- **{kind}**: GRACE (grace plan) is "
-                   + "; ".join(f"{min(v):.2f}-{max(v):.2f}x vs {b}" for b, v in ratios.items() if v)
-                   + f" (faster when > 1); {min(floors):.2f}-{max(floors):.2f}x its floor; the modeled time is "
+                   + "; ".join(f"{_span(v)} vs {b}" for b, v in ratios.items() if v)
+                   + f" (faster when > 1); {_span(floors)} its floor; the modeled time is "
                    f"within 25% of the measured for {within} of {len(errors)} variants (largest error "
                    f"{max(errors):.0%}).")
     return out
@@ -138,17 +143,28 @@ def main() -> None:
     report = json.loads(args.report.read_text())
     setting, links = report["setting"], report["links"]
     plot(report, args.out.with_suffix(".png"))
+    also_lines = []
+    for path in args.also:
+        other = json.loads(path.read_text())
+        st = other["setting"]
+        shapes = sorted({r["shape"] for r in other["results"]})
+        also_lines += [f"## {st['nodes']} logical nodes x {st['gpus_per_node']} GPU{'s' if st['gpus_per_node'] > 1 else ''}: "
+                       f"`{shown(path)}` "
+                       f"({', '.join(shapes)} shape)", "",
+                       f"{st['device']}, run {st.get('date', '')}, {st['iters']} timed forwards after {st['warmup']}; "
+                       "its own link figures: " + ", ".join(f"{k} = {v:.4g}" for k, v in other["links"].items()) + ".",
+                       "", *findings(other), "", *ratio_lines(other), "", *layer_table(other), ""]
     text = [
         "# GPU benchmark",
         "",
         f"Produced by `python scripts/benchmark_report.py {shown(args.report)}"
         + (f" --earlier {shown(args.earlier)}" if args.earlier else "")
-        + "".join(f" --also {shown(a)}" for a in args.also) + "` from the raw JSON "
-        f"beside this file, which `bash scripts/bench_gpu.sh` wrote on the GPU test machine ({setting['device']}, "
-        f"torch {setting['torch']}) as **{setting['nodes']} logical nodes x {setting['gpus_per_node']} GPU(s)** "
-        "(NCCL_HOSTID per node: traffic between nodes takes NCCL's socket path).",
+        + "".join(f" --also {shown(a)}" for a in args.also) + "` from the raw JSON files beside this page, "
+        f"each written by `bash scripts/bench_gpu.sh` on the GPU test machine ({setting['device']}, torch "
+        f"{setting['torch']}) with its GPUs split into 2 logical nodes (NCCL_HOSTID per node: traffic between "
+        "nodes takes NCCL's socket path, ~30 Gbit/s; inside a node NVLink).",
         "",
-        f"Median of {setting['iters']} timed forwards after {setting['warmup']} warm-up ones, CUDA events, the "
+        "Median of 20 timed forwards after warm-up (each section says how many), CUDA events, the "
         "slowest rank per iteration; bf16; random weights; routing replayed from real traces (gate top-k "
         "forced to the recorded experts through each implementation's own gate), plans built from the first "
         "half of each trace and the second half replayed. Tokens per forward in the whole job: "
@@ -160,52 +176,63 @@ def main() -> None:
         "uses every GPU, split into 2 logical nodes. Then this script renders the page."
         + (f" Run date: {setting['date']}." if setting.get("date") else ""),
         "",
-        "Measured link and GEMM figures (every rank uses the slowest rank's): "
-        + ", ".join(f"{k} = {v:.4g}" for k, v in links.items()) + ".",
-        "`layer_overhead_us` / `deepspeed_overhead_us` are one layer's time with one token per GPU.",
+        "Columns. modeled ms: `grace-ds simulate`'s cost model with the run's measured link and GEMM figures "
+        "(each rank uses the slowest rank's), the fixed layer cost included (`layer_overhead_us`, "
+        "`deepspeed_overhead_us`, `megatron_overhead_us`: one layer's time with one token per GPU); for "
+        "DeepSpeed and megatron the same alpha-beta terms over what they move and compute (capacity-padded "
+        "rows; one copy per token and expert). floor: cross-node bytes through one node's link at the best "
+        "measured rate (dispatch then combine) + the busiest GPU's expert FLOPs at the measured GEMM rate. "
+        "achieved GB/s: cross-node bytes per node / layer time. busy: time in expert GEMMs per forward; "
+        "idle: 1 - busy / layer time.",
         "",
-        "## Findings (ranges over the cases below)",
+        *also_lines,
+        f"## {setting['nodes']} logical nodes x {setting['gpus_per_node']} GPU{'s' if setting['gpus_per_node'] > 1 else ''}: "
+        f"`{shown(args.report)}` "
+        "(all shapes, whole model)",
+        "",
+        "Measured figures: " + ", ".join(f"{k} = {v:.4g}" for k, v in links.items()) + ".",
+        "",
+        "### Findings (ranges over the cases below)",
         "",
         *findings(report),
         "",
-        "## Ratios: the GRACE plan against each baseline (higher = GRACE faster)",
+        "### Ratios: the GRACE plan against each baseline (higher = GRACE faster)",
         "",
         *ratio_lines(report),
         "",
-        "## Every variant",
-        "",
-        "modeled ms: `grace-ds simulate`'s cost model with the measured figures (the layer overhead included); "
-        "for DeepSpeed the same alpha-beta terms over its capacity-padded exchange and padded expert rows. "
-        "floor: cross-node bytes through one node's link at the best measured rate (dispatch then "
-        "combine) + the busiest GPU's expert FLOPs at the measured GEMM rate. achieved GB/s: cross-node bytes "
-        "per node / layer time. busy: time in expert GEMMs per forward; idle: 1 - busy / layer time.",
+        "### Every variant",
         "",
         *layer_table(report),
         "",
         "![MoE layer time per variant](benchmarks.png)",
         "",
-        f"## Whole model ({report.get('model_trace')}, OLMoE shape, 2 layers, attention + MoE)",
+        f"### Whole model ({report.get('model_trace')}, OLMoE shape, 2 layers, attention + MoE)",
         "",
         *model_lines(report),
         "",
     ]
-    for path in args.also:
-        other = json.loads(path.read_text())
-        shapes = sorted({r["shape"] for r in other["results"]})
-        text += [f"## Another run: `{shown(path)}` ({', '.join(shapes)} shape; "
-                 f"{', '.join(dict.fromkeys(r['variant'] for r in other['results'] if r['policy'] is None))})", "",
-                 f"Same machine kind and settings, {other['setting']['nodes']} x {other['setting']['gpus_per_node']}, "
-                 f"run {other['setting'].get('date', '')}; its own link figures: "
-                 + ", ".join(f"{k} = {v:.4g}" for k, v in other["links"].items()) + ".", "",
-                 *findings(other), "", *ratio_lines(other), "", *layer_table(other), ""]
+    profile = DOCS / "profile-decode-h200x2.txt"
+    if profile.is_file():
+        text += ["## Where the decode time goes", "",
+                 f"`{shown(profile)}`: torch.profiler over 10 decode-256 forwards of the GRACE layer (grace plan, "
+                 "flat, 2 x 1), by `bash scripts/bench_gpu.sh --shapes olmoe --no-e2e --profile-decode`. Read "
+                 "with the layer times above: the device is busy for a fraction of each forward (NCCL "
+                 "all-to-alls, 4 per forward, most of it); the rest is host-side launch and wait time "
+                 "(about a hundred kernel launches and twenty host-device copies per forward), which is "
+                 "what the fixed `layer_overhead_us` measures and what the decode path should cut next.", ""]
     text += ["## Not run here", ""]
-    if setting["gpus_per_node"] < 2:
+    others = [json.loads(a.read_text()) for a in args.also]
+    if all(rep["setting"]["gpus_per_node"] < 2 for rep in [report] + others):
         text.append("- More than one GPU per node (2 x 2, the paper's setting; GPU kinds of 4 or more were not "
                     "lent): with one GPU per node the hierarchical mode equals the flat one and is not timed, and "
                     "the grouping can save only what a node-level dedup saves. The 2 x 2 figures are owed.")
     if not any(r["variant"] == "megatron-alltoall" for rep in [report] + [json.loads(a.read_text()) for a in args.also]
                for r in rep["results"]):
         text.append("- megatron-core's alltoall dispatcher (megatron-core was not installed for this run).")
+    for path, other in zip(args.also, others):
+        if not other.get("model") and other["setting"]["gpus_per_node"] > 1:
+            text.append(f"- `{shown(path)}`: only the shapes and traces listed there and no whole-model run (the "
+                        "4-GPU machine came with the session's last minutes of device time).")
     text += ["- DeepSpeed AutoEP: in DeepSpeed 0.19.8 it replaces MoE blocks inside `deepspeed.initialize` for "
              "presets (Mixtral, Qwen3-MoE, DeepSeek) and has no OLMoE preset; not wired into this layer benchmark.",
              ""]
