@@ -138,18 +138,18 @@ def measure_links(topology: Topology, rank: int, device: torch.device, dtype: to
     node = topology.node_of_gpu.tolist()
     out = {}
 
-    def exchange(per_peer_bytes: int, same_node: bool, repeats: int) -> float:
+    def exchange(per_peer_bytes: int, same_node: bool, repeats: int) -> tuple[float, float]:
+        """(median, best) ms of an all-to-all sending per_peer_bytes to every peer on the same node
+        (same_node) or on the other nodes."""
         rows = max(per_peer_bytes // 2, 1)
         splits = [rows if (node[p] == node[rank]) == same_node and p != rank else 0 for p in range(world)]
-        recv = [rows if (node[p] == node[rank]) == same_node and p != rank else 0 for p in range(world)]
         send = torch.ones(sum(splits), dtype=dtype, device=device)
-        buf = torch.empty(sum(recv), dtype=dtype, device=device)
-        times = []
+        buf = torch.empty(sum(splits), dtype=dtype, device=device)  # symmetric: receive what is sent
         watch = Stopwatch(device)
         for _ in range(repeats + 2):
             dist.barrier()
             started = watch.start()
-            dist.all_to_all_single(buf, send, recv, splits)
+            dist.all_to_all_single(buf, send, splits, splits)
             watch.stop(started)
         times = slowest_rank(watch.milliseconds()[2:], device)
         return statistics.median(times), min(times)
