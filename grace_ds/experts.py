@@ -36,11 +36,15 @@ class SlotExperts(nn.Module):
         """Copy the slots' experts out of all experts' fused tensors [E, 2I, H] and [E, H, I]."""
         num_experts, two_i, hidden = gate_up_proj.shape
         module = cls(slot_expert, hidden, two_i // 2, act_fn, gate_up_proj.dtype, gate_up_proj.device)
-        held = slot_expert[slot_expert >= 0]
-        with torch.no_grad():
-            module.gate_up_proj.copy_(gate_up_proj[held])
-            module.down_proj.copy_(down_proj[held])
+        module.load_fused(gate_up_proj, down_proj)
         return module
+
+    def load_fused(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
+        """Fill the occupied slots from every logical expert's fused weights [E, 2I, H], [E, H, I]."""
+        held = self.slot_expert[self.slot_expert >= 0].to(gate_up_proj.device)
+        with torch.no_grad():
+            self.gate_up_proj.copy_(gate_up_proj[held])
+            self.down_proj.copy_(down_proj[held])
 
     def forward(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         num_slots = self.gate_up_proj.shape[0]

@@ -75,10 +75,7 @@ class GraceMegatronMoELayer(nn.Module):
     # ---- weights --------------------------------------------------------------------------------
     def load_logical_experts(self, fc1: torch.Tensor, fc2: torch.Tensor) -> None:
         """Fill the slots from every logical expert's weights: fc1 [E, 2I, H], fc2 [E, H, I]."""
-        held = self.experts.slot_expert[self.experts.slot_expert >= 0].cpu()
-        with torch.no_grad():
-            self.experts.gate_up_proj.copy_(fc1[held])
-            self.experts.down_proj.copy_(fc2[held])
+        self.experts.load_fused(fc1, fc2)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
         """megatron dist-checkpointing entries. Experts: `{prefix}experts.linear_fc1.weight` and

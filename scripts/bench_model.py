@@ -10,7 +10,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from bench_layers import REPLAY_BIAS, keep, release, slowest_rank, timed
+from bench_layers import keep, release, replay_bias, slowest_rank, timed
 from grace_ds.layer import GraceRuntime
 from grace_ds.models import convert_model, find_moe_blocks
 from grace_ds.plan import PlacementPlan
@@ -35,7 +35,7 @@ def olmoe_model(device: torch.device, dtype: torch.dtype, tiny: bool):
 
 
 def replay_routers(model, holder: dict) -> None:
-    """Each router's logits get REPLAY_BIAS on the recorded experts of holder['bias'][layer] [N, E]."""
+    """Each router's logits get the replay bias on the recorded experts of holder['bias'][layer] [N, E]."""
     for layer, (_, block) in enumerate(find_moe_blocks(model)):
         router = block.gate
 
@@ -53,11 +53,7 @@ def replay_routers(model, holder: dict) -> None:
 
 def bias_for(ids: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
     """ids [N, L, k] -> per layer [N, E] replay bias."""
-    out = []
-    for layer in range(ids.shape[1]):
-        bias = torch.zeros(ids.shape[0], num_experts, device=ids.device)
-        out.append(bias.scatter_(1, ids[:, layer].long(), REPLAY_BIAS))
-    return out
+    return [replay_bias(ids[:, layer], num_experts) for layer in range(ids.shape[1])]
 
 
 def run_model(plans: dict[str, str], replay: torch.Tensor, args, rank: int, world: int, device: torch.device,
