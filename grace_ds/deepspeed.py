@@ -8,7 +8,6 @@ the model's sparse MoE blocks GRACE experts for this rank and wires the process 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -26,10 +25,46 @@ from grace_ds.layer import GraceRuntime
 from grace_ds.models import convert_model, find_moe_blocks
 from grace_ds.models.convert import top_k_of
 from grace_ds.plan import PlacementPlan
+from grace_ds.plan_agreement import agree_on_plan
 from grace_ds.topology import LinkModel, Topology
 
 SECTION = "grace_moe"
 MONITOR_SECTIONS = ("wandb", "tensorboard", "csv_monitor", "comet")
+
+
+class OnlineConfig(DeepSpeedConfigModel):
+    """The `grace_moe.online` subsection: re-plan while serving (grace_ds.online)."""
+
+    enabled: bool = True
+    policy: Literal["incremental", "eplb-periodic", "grace-periodic"] = "incremental"
+    """incremental: bounded moves when the routing drifts; *-periodic: a plan from scratch every interval."""
+    window_steps: int = Field(64, ge=1)
+    """Steps (model forwards) of routing the statistics cover."""
+    interval_steps: int = Field(16, ge=1)
+    """Steps between drift checks (one all-reduce of the window each)."""
+    drift_threshold: float = Field(0.05, ge=0)
+    """Re-plan when a layer's max/mean GPU load grew this much over what the plan expects."""
+    max_moves_per_step: int = Field(8, ge=0)
+    """Expert copies moved per re-plan, all layers together."""
+    plan_delay_steps: int = Field(2, ge=1)
+    """Steps between a check (planning starts on a thread) and posting its weight transfers."""
+    transfer_chunk_mb: float = Field(16.0, gt=0)
+    """Size of the point-to-point chunks expert weights travel in."""
+
+    @model_validator(mode="after")
+    def _window_buckets(self) -> "OnlineConfig":
+        if self.window_steps % min(4, self.window_steps):
+            raise ValueError("window_steps must be 1, 2, 3 or a multiple of 4 (the window slides by a quarter)")
+        return self
+
+    def settings(self):
+        from grace_ds.online import OnlineSettings
+
+        return OnlineSettings(policy=self.policy, window_steps=self.window_steps, window_buckets=min(4, self.window_steps),
+                              interval_steps=self.interval_steps, plan_delay_steps=self.plan_delay_steps,
+                              drift_threshold=self.drift_threshold,
+                              max_moves_per_step=self.max_moves_per_step,
+                              transfer_chunk_bytes=int(self.transfer_chunk_mb * (1 << 20)))
 
 
 class GraceMoEConfig(DeepSpeedConfigModel):
@@ -52,6 +87,8 @@ class GraceMoEConfig(DeepSpeedConfigModel):
     """Where `save_profile` writes the recorded profile."""
     fault_timeout_s: float = Field(faults.DEFAULT_TIMEOUT_S, gt=0)
     """A rank that dies or stalls makes the others stop after this many seconds, naming it and the phase."""
+    online: OnlineConfig | None = None
+    """Re-plan while serving when the routing drifts (moves a bounded number of expert copies)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "GraceMoEConfig":
@@ -113,22 +150,6 @@ def load_or_make_plan(section: GraceMoEConfig, topology: Topology) -> PlacementP
     return plan
 
 
-def agree_on_plan(plan: PlacementPlan, source: str, group=None) -> None:
-    """Every rank must serve the same plan: an all-gather of its digest (phase 'plan loading'), so a
-    rank that failed to load, stalls, or read another file stops the job with one message."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    digest = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).digest()[:8]
-    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
-              else torch.device("cpu"))
-    mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64, device=device)
-    everyone = faults.all_gather_tensor(mine, f"plan loading ({source})", group).flatten().tolist()
-    differ = [r for r, d in enumerate(everyone) if d != everyone[0]]
-    if differ:
-        raise GraceInputError(f"{source}: ranks {differ} hold a different plan than rank 0; give every rank the "
-                              "same plan file")
-
-
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -157,7 +178,40 @@ def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | No
     engine.grace_runtime, engine.grace_config, engine.grace_group = runtime, section, group
     if section.profiling:
         engine.grace_recorder = attach_recorder(engine.module, runtime)
+    if section.online is not None and section.online.enabled:
+        engine.grace_replanner = start_online_replanning(engine.module, runtime, section, group)
     return engine
+
+
+def start_online_replanning(model: torch.nn.Module, runtime: GraceRuntime, section: GraceMoEConfig, group=None):
+    """An OnlineReplanner ending a step after every forward of `model`; weights travel on a group of their
+    own. Re-plans are logged to the active W&B run (rank 0) and kept in `history`."""
+    from grace_ds.online import OnlineReplanner
+
+    transfer_group = None
+    if dist.is_available() and dist.is_initialized():
+        transfer_group = faults.fault_group(section.fault_timeout_s)
+        # NCCL wants every rank in a group's first call; later point-to-point batches may involve a few.
+        device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(transfer_group) == "nccl"
+                  else torch.device("cpu"))
+        faults.all_reduce(torch.zeros(1, device=device), "online re-planning (set-up)", transfer_group)
+    return OnlineReplanner(runtime, section.online.settings(), group, transfer_group, _log_replan).attach(model)
+
+
+def _log_replan(record: dict) -> None:
+    if _rank() != 0:
+        return
+    try:
+        import wandb
+    except ImportError:
+        wandb = None
+    if wandb is not None and wandb.run is not None:
+        wandb.log({f"grace_moe/online/{k}": v for k, v in record.items() if isinstance(v, (int, float, bool))})
+    if record.get("moves"):
+        effect = (f", modeled layer time {record['modeled_time_before_us']:.0f} -> "
+                  f"{record['modeled_time_after_us']:.0f} us" if "modeled_time_after_us" in record else "")
+        print(f"[grace_moe] step {record['step']}: drift {record['drift']:.3f}, moved {record['moves']} expert "
+              f"copies ({record['bytes_moved'] / 2**20:.1f} MiB) in {record['transfer_s']:.2f} s{effect}", flush=True)
 
 
 def attach_recorder(model: torch.nn.Module, runtime: GraceRuntime | None = None) -> RoutingRecorder:

@@ -19,15 +19,11 @@ class SlotExperts(nn.Module):
                  act_fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> None:
         super().__init__()
-        used = slot_expert >= 0
-        num_slots = int(used.sum())
-        row_of_slot = torch.full_like(slot_expert, -1, dtype=torch.long)
-        row_of_slot[used] = torch.arange(num_slots)
-        self.register_buffer("row_of_slot", row_of_slot.to(device), persistent=False)
+        num_slots = int((slot_expert >= 0).sum())
         self.gate_up_proj = nn.Parameter(torch.zeros(num_slots, 2 * intermediate_size, hidden_size, dtype=dtype,
                                                      device=device))
         self.down_proj = nn.Parameter(torch.zeros(num_slots, hidden_size, intermediate_size, dtype=dtype, device=device))
-        self.register_buffer("slot_expert", slot_expert.clone().long().to(device), persistent=False)
+        self._set_slots(slot_expert.long().cpu())
         self.act_fn = act_fn
 
     @classmethod
@@ -45,6 +41,45 @@ class SlotExperts(nn.Module):
         with torch.no_grad():
             self.gate_up_proj.copy_(gate_up_proj[held])
             self.down_proj.copy_(down_proj[held])
+
+    def slot_weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, H], down [H, I]) of the expert in slot `slot` (views, no copy)."""
+        row = int(self._row_of_slot_host[slot])
+        if row < 0:
+            raise ValueError(f"slot {slot} is empty")
+        return self.gate_up_proj[row], self.down_proj[row]
+
+    def refill(self, slot_expert: torch.Tensor, arrived: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Hold slot_expert [S] from now on: a slot whose expert is unchanged keeps its weights, the others
+        take (gate_up, down) from `arrived` (slot -> weights). New parameter tensors replace the old ones."""
+        slot_expert = slot_expert.long().cpu()
+        old = self.slot_expert.cpu()
+        changed = [s for s in range(slot_expert.numel()) if int(slot_expert[s]) >= 0 and int(slot_expert[s]) != int(old[s])]
+        missing = [s for s in changed if s not in arrived]
+        if missing:
+            raise ValueError(f"slots {missing} change expert but no weights arrived for them")
+        used = (slot_expert >= 0).nonzero().flatten().tolist()
+        gate_up, down = [], []
+        with torch.no_grad():
+            for s in used:
+                source = arrived[s] if s in changed else self.slot_weights(s)
+                gate_up.append(source[0].to(self.gate_up_proj.device, self.gate_up_proj.dtype))
+                down.append(source[1].to(self.down_proj.device, self.down_proj.dtype))
+            shape_gu, shape_dn = self.gate_up_proj.shape[1:], self.down_proj.shape[1:]
+            new_gu = torch.stack(gate_up) if used else self.gate_up_proj.new_zeros((0, *shape_gu))
+            new_dn = torch.stack(down) if used else self.down_proj.new_zeros((0, *shape_dn))
+        self._set_slots(slot_expert)
+        self.gate_up_proj = nn.Parameter(new_gu, requires_grad=self.gate_up_proj.requires_grad)
+        self.down_proj = nn.Parameter(new_dn, requires_grad=self.down_proj.requires_grad)
+
+    def _set_slots(self, slot_expert: torch.Tensor) -> None:
+        used = slot_expert >= 0
+        row_of_slot = torch.full_like(slot_expert, -1, dtype=torch.long)
+        row_of_slot[used] = torch.arange(int(used.sum()))
+        device = self.gate_up_proj.device
+        self._row_of_slot_host = row_of_slot.cpu()
+        self.register_buffer("row_of_slot", row_of_slot.to(device), persistent=False)
+        self.register_buffer("slot_expert", slot_expert.clone().long().to(device), persistent=False)
 
     def forward(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         num_slots = self.gate_up_proj.shape[0]

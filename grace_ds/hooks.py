@@ -11,6 +11,14 @@ from grace_ds import faults
 from grace_ds.profile import DEFAULT_SAMPLE_TOKENS, RoutingProfile
 
 
+def routing_counts(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk_ids [T, k] -> (pairs per expert [E], tokens per expert pair [E, E] with the diagonal = load),
+    float32 on the ids' device: one scatter and one small matmul."""
+    hits = torch.zeros(topk_ids.shape[0], num_experts, dtype=torch.float32, device=topk_ids.device)
+    hits.scatter_(1, topk_ids.long(), 1.0)
+    return hits.sum(0), hits.T @ hits
+
+
 class RoutingRecorder:
     """Accumulates load [L, E], co-activation [L, E, E], token counts [L] and the first sampled top-k sets."""
 
@@ -31,11 +39,9 @@ class RoutingRecorder:
         if not self.enabled:
             return
         ids = top_k_index.detach().reshape(-1, top_k_index.shape[-1]).long()
-        hits = torch.zeros(ids.shape[0], self.num_experts, dtype=torch.float32, device=ids.device)
-        hits.scatter_(1, ids, 1.0)
-        hits = hits.to(self.load.device)
-        self.load[layer] += hits.sum(0).double()
-        self.coactivation[layer] += (hits.T @ hits).double()
+        load, coactivation = routing_counts(ids, self.num_experts)
+        self.load[layer] += load.to(self.load.device).double()
+        self.coactivation[layer] += coactivation.to(self.load.device).double()
         self.tokens[layer] += ids.shape[0]
         kept = sum(s.shape[0] for s in self.samples[layer])
         if kept < self.sample_tokens:

@@ -32,13 +32,36 @@ class GraceRuntime:
                  comm_mode: str = "auto", router_sampling: str = "swrr", device: torch.device | str = "cpu") -> None:
         self.plan, self.rank, self.group = plan, rank, group
         self.comm_mode = choose_mode(comm_mode, plan.topology, plan.options.get("modeled_layer_time_us"))
+        self.router_policy, self.router_sampling, self.device = router_policy, router_sampling, torch.device(device)
         self.router = ReplicaRouter(plan, router_policy, source_gpus=[rank], sampling=router_sampling,
                                     device=device)
         self.observers: list[RoutingObserver] = []
+        # Plan layer -> this rank's slot weights, registered by the layers that hold them (online re-planning
+        # rewrites them when the plan changes).
+        self.slot_modules: dict[int, nn.Module] = {}
         # Per plan layer: bytes this rank sent and pairs it computed, and seconds in the MoE layer.
         self.traffic = [Traffic() for _ in range(plan.num_layers)]
         self.seconds = [0.0] * plan.num_layers
         self.measure = False  # timing synchronises the device: off unless asked for
+
+    def switch_plan(self, plan: PlacementPlan, arrived: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Serve `plan` from the next forward on: every changed layer's slots take their new experts'
+        weights from `arrived` (layer -> slot -> (gate_up, down)), and the routing tables are rebuilt.
+        Called between forwards on every rank at the same step, so no forward sees a half-changed plan."""
+        if plan.slot_expert.shape != self.plan.slot_expert.shape:
+            raise ValueError(f"new plan has slots {tuple(plan.slot_expert.shape)}, the served one "
+                             f"{tuple(self.plan.slot_expert.shape)}")
+        changed = (plan.slot_expert[:, self.rank] != self.plan.slot_expert[:, self.rank]).any(1).nonzero().flatten()
+        unheld = [int(layer) for layer in changed if int(layer) not in self.slot_modules]
+        if unheld:
+            raise ValueError(f"layers {unheld} change their slots but registered no slot weights to rewrite")
+        router = ReplicaRouter(plan, self.router_policy, source_gpus=[self.rank], sampling=self.router_sampling,
+                               device=self.device)
+        for layer in range(plan.num_layers):
+            router.tables(layer)  # built now, not in the first forward after the switch
+        for layer in changed.tolist():
+            self.slot_modules[layer].refill(plan.slot_expert[layer, self.rank], arrived.get(layer, {}))
+        self.plan, self.router = plan, router
 
     def local_slots(self, layer: int) -> torch.Tensor:
         """[S] logical expert held in each of this rank's slots of `layer` (-1: empty)."""
@@ -69,6 +92,7 @@ class GraceExperts(nn.Module):
         self.layer = layer
         self.slots = slots
         self._runtime = runtime  # shared, not a submodule: nothing of it is a parameter
+        runtime.slot_modules[layer] = slots
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return self._runtime.route_and_compute(self.layer, hidden_states, top_k_index, top_k_weights, self.slots)

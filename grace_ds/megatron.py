@@ -56,6 +56,7 @@ class GraceMegatronMoELayer(nn.Module):
         self.experts = SlotExperts(runtime.local_slots(self.plan_layer), config.hidden_size, inter,
                                    config.activation_func, config.params_dtype,
                                    "cpu" if config.use_cpu_initialization else torch.cuda.current_device())
+        runtime.slot_modules[self.plan_layer] = self.experts
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size is not None:
             self.shared_experts = submodules.shared_experts(config=config, pg_collection=pg_collection,

@@ -160,7 +160,7 @@ class ReplicaRouter:
         self._layers: dict[int, dict[str, torch.Tensor]] = {}
         self._node_of_gpu = plan.topology.node_of_gpu
 
-    def _tables(self, layer: int) -> dict[str, torch.Tensor]:
+    def tables(self, layer: int) -> dict[str, torch.Tensor]:
         if layer not in self._layers:
             copies = LayerCopies.from_plan(self.plan, layer)
             tables = {"copy_slot": copies.copy_slot, "copy_count": copies.copy_count}
@@ -179,7 +179,7 @@ class ReplicaRouter:
 
     def route(self, layer: int, topk_ids: torch.Tensor, source_gpu: int | torch.Tensor) -> torch.Tensor:
         """topk_ids [T, k] logical ids, source_gpu (int or [T]) -> physical slot ids [T, k]."""
-        tables = self._tables(layer)
+        tables = self.tables(layer)
         num_tokens, top_k = topk_ids.shape
         experts = topk_ids.long()
         if self.policy == "modulo":

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import os
 import socket
 import statistics
 import sys
@@ -37,6 +36,7 @@ from bench_layers import (GraceLayer, LayerShape, Stopwatch, deepspeed_layer, ke
                           pairs_traffic, release, replay_bias, slowest_rank, summed, timed)
 from grace_ds.dispatch import Traffic  # noqa: E402
 from grace_ds.layer import GraceRuntime  # noqa: E402
+from grace_ds.logical_nodes import join_logical_node  # noqa: E402
 from grace_ds.plan import PlacementPlan  # noqa: E402
 from grace_ds.planners import make_plan  # noqa: E402
 from grace_ds.profile import RoutingProfile  # noqa: E402
@@ -332,22 +332,8 @@ def worker(rank: int, world: int, args, cases: list[dict], model_case: dict | No
            result_file: str) -> None:
     nodes = args.nodes
     per_node = world // nodes
-    hostname = f"node{rank // per_node}"
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank % per_node),
-                      LOCAL_SIZE=str(per_node), CROSS_SIZE=str(nodes), GRACE_HOSTNAME=hostname,
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if args.device == "cuda":
-        os.environ["NCCL_HOSTID"] = hostname  # two logical hosts: traffic between them leaves NVLink
-        # Each logical node sees its own GPUs, numbered from 0 as on a real node (DeepSpeed uses LOCAL_RANK).
-        first = (rank // per_node) * per_node
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(per_node))
-        torch.cuda.set_device(rank % per_node)
-        device, backend, dtype = torch.device("cuda", rank % per_node), "nccl", torch.bfloat16
-    else:
-        torch.set_num_threads(1)
-        device, backend, dtype = torch.device("cpu"), "gloo", torch.bfloat16
-    dist.init_process_group(backend, rank=rank, world_size=world,
-                            **({"device_id": device} if device.type == "cuda" else {}))
+    device, backend = join_logical_node(rank, world, nodes, port, args.device)
+    dtype = torch.bfloat16
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend)

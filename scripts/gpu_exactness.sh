@@ -17,7 +17,7 @@ case "$GPUS" in
 esac
 echo "GPUs: $GPUS, layouts (nodes x GPUs per node): $GRACE_TEST_LAYOUTS"
 python3 -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)'
-tests=(tests/test_runtime_exactness.py tests/test_megatron.py)
+tests=(tests/test_runtime_exactness.py tests/test_megatron.py tests/test_online_replanning.py)
 [ "$GPUS" -ge 2 ] && tests+=(tests/test_launch.py)
 set -o pipefail
 python3 -m pytest -p no:cacheprovider -v "${tests[@]}" 2>&1 | tee "${OUT:-/tmp}/gpu_exactness.log"

@@ -14,6 +14,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from grace_ds.hooks import RoutingRecorder  # noqa: E402
+from grace_ds.logical_nodes import join_logical_node  # noqa: E402
 from grace_ds.layer import GraceExperts, GraceRuntime  # noqa: E402
 from grace_ds.models import convert_model, find_moe_blocks  # noqa: E402
 from grace_ds.planners import make_plan  # noqa: E402
@@ -62,21 +63,7 @@ def check_family(family: str, rank: int, world: int, topology: Topology, policie
 
 
 def main(rank: int, world: int, nodes: int, port: int, out_dir: str, spec: str) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # Logical nodes on one host: the topology probe reads this instead of the host name.
-    os.environ["GRACE_HOSTNAME"] = f"node{rank // (world // nodes)}"
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank % (world // nodes)))
-    torch.set_num_threads(1)
-    backend = "gloo"
-    if DEVICE.type == "cuda":
-        os.environ["NCCL_HOSTID"] = os.environ["GRACE_HOSTNAME"]  # NCCL sees two hosts: no NVLink across
-        # Each logical node sees its own GPUs, numbered from 0 like a real node (DeepSpeed uses LOCAL_RANK).
-        per_node = world // nodes
-        first = (rank // per_node) * per_node
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(per_node))
-        torch.cuda.set_device(rank % per_node)
-        backend = "nccl"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    _, backend = join_logical_node(rank, world, nodes, port, DEVICE.type)
     try:
         topology = Topology.uniform(nodes, world // nodes)
         config = json.loads(spec)

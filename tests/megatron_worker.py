@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from grace_ds.hooks import RoutingRecorder  # noqa: E402
+from grace_ds.logical_nodes import join_logical_node  # noqa: E402
 from grace_ds.layer import GraceRuntime  # noqa: E402
 from grace_ds.megatron import grace_layer_spec, top_k_from_routing  # noqa: E402
 from grace_ds.planners import make_plan  # noqa: E402
@@ -57,18 +58,27 @@ def checkpoint_round_trip(saved_layer, spec, config, profile, topology, rank, x,
         return relative_error(fresh(x)[0], expected)
 
 
+def online_switches(layer, reference, runtime: GraceRuntime, rank: int) -> dict:
+    """The GRACE layer served with online re-planning while its inputs drift towards expert 0: every
+    step's output against megatron's own layer, and how many copies moved."""
+    from grace_ds.online import OnlineReplanner, OnlineSettings
+
+    settings = OnlineSettings(window_steps=2, window_buckets=2, interval_steps=2, plan_delay_steps=1,
+                              drift_threshold=0.0, max_moves_per_step=3, sample_tokens=64)
+    replanner = OnlineReplanner(runtime, settings).attach(layer)
+    hot = reference.router.weight.detach()[0]
+    errors = []
+    for step in range(10):
+        x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(100 * step + rank)).to(DEVICE)
+        x = x + (0.0 if step < 3 else 1.5) * hot / hot.norm()
+        with torch.no_grad():
+            errors.append(relative_error(layer(x)[0], reference(x)[0]))
+    replanner.detach()
+    return {"errors": errors, "moves": sum(r.get("moves", 0) for r in replanner.history)}
+
+
 def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
-    os.environ.update(GRACE_HOSTNAME=f"node{rank // (world // nodes)}", OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    backend = "gloo"
-    if DEVICE.type == "cuda":
-        per_node = world // nodes
-        os.environ["NCCL_HOSTID"] = os.environ["GRACE_HOSTNAME"]
-        first = (rank // per_node) * per_node
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(per_node))
-        torch.cuda.set_device(rank % per_node)
-        backend = "nccl"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    join_logical_node(rank, world, nodes, port, DEVICE.type)
     handle = megatron_core_cpu.apply() if DEVICE.type == "cpu" else contextlib.nullcontext()
     try:
         from megatron.core import parallel_state
@@ -122,6 +132,7 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
             if dispatcher == "alltoall":  # saved under the last (grace) plan, loaded under another
                 report["errors"]["checkpoint grace -> contiguous"] = checkpoint_round_trip(
                     layer, spec, config, plan_profile, topology, rank, x, expected, Path(out_dir, "checkpoint"))
+                report["online"] = online_switches(layer, reference, runtime, rank)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
         dist.barrier()
     finally:

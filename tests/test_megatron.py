@@ -1,10 +1,11 @@
 """GRACE's megatron-core layer equals megatron's own MoELayer (contiguous experts), for the alltoall and
 allgather dispatchers, every plan and both communication modes, on 4 gloo ranks as 2 nodes x 2; the
 profiling hook on megatron's router; checkpoint entries filed by logical expert, and a dist-checkpointing
-save under one plan loaded under another; the CPU patch."""
+save under one plan loaded under another; online re-planning while inputs drift; the CPU patch."""
 import json
 import os
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
@@ -20,13 +21,17 @@ def layout() -> tuple[int, int]:
     return two_node[-1] if two_node else (2, 2)
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("megatron")
+def spawn_two_nodes(worker_main, out: Path) -> list[dict]:
+    """worker_main(rank, world, nodes, port, out_dir) on every rank of layout(); each rank's JSON report."""
     nodes, per_node = layout()
     world = nodes * per_node
-    mp.spawn(megatron_worker.main, args=(world, nodes, free_port(), str(out)), nprocs=world, join=True)
+    mp.spawn(worker_main, args=(world, nodes, free_port(), str(out)), nprocs=world, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return spawn_two_nodes(megatron_worker.main, tmp_path_factory.mktemp("megatron"))
 
 
 def test_grace_layer_matches_megatron_moe_layer(report):
@@ -72,3 +77,10 @@ def test_cpu_patch_is_applied_explicitly_and_undone(monkeypatch):
     monkeypatch.setattr(megatron.core, "__version__", "0.20.0")
     with pytest.raises(RuntimeError, match="targets megatron-core 0.19"):
         megatron_core_cpu.apply()
+
+
+def test_online_replanning_keeps_the_megatron_layer_exact(report):
+    for rank_report in report:
+        online = rank_report["online"]
+        assert max(online["errors"]) < 1e-5, online
+        assert online["moves"] > 0

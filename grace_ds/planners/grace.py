@@ -109,10 +109,15 @@ def candidate_settings() -> list[GraceSettings]:
     return found
 
 
+SCORE_MODES = ("both", "flat", "hierarchical")
+
+
 def score_layer(lists: list[list[int]], primary: list[list[bool]], load: torch.Tensor, sample: torch.Tensor,
-                topology: Topology, capacity: int, num_experts: int, top_k: int) -> tuple[float, float]:
-    """(modeled layer time, hierarchical plus flat, since a job may run either; max/mean GPU load) of one
-    layer placement on sampled top-k sets [S, k]."""
+                topology: Topology, capacity: int, num_experts: int, top_k: int,
+                mode: str = "both", sampling: str = "swrr") -> tuple[float, float]:
+    """(modeled layer time, max/mean GPU load) of one layer placement on sampled top-k sets [S, k]; the
+    time of `mode`, or hierarchical plus flat ("both") where a job may run either. `sampling="random"`
+    routes by seeded draws (the same in expectation, no schedules to build: for many quick scores)."""
     from grace_ds.routing import ReplicaRouter
     from grace_ds.simulate import CostSettings, layer_traffic, token_gpus
 
@@ -121,10 +126,11 @@ def score_layer(lists: list[list[int]], primary: list[list[bool]], load: torch.T
     plan = PlacementPlan(slot_expert[None], slot_primary[None], slot_weight[None], predicted.view(1, -1), topology,
                          num_experts, top_k, "grace-candidate", ["candidate"])
     sources = token_gpus(sample.shape[0], topology.num_gpus)
-    slots = ReplicaRouter(plan, "tar").route(0, sample, sources)
+    slots = ReplicaRouter(plan, "tar", sampling=sampling).route(0, sample, sources)
     metrics = layer_traffic(slots // capacity, sources, topology, CostSettings())
-    return (metrics["modeled_layer_time_us"] + metrics["modeled_layer_time_us_flat"],
-            metrics["max_over_mean_gpu_load"])
+    time_us = {"flat": metrics["modeled_layer_time_us_flat"], "hierarchical": metrics["modeled_layer_time_us"]}
+    total = sum(time_us.values()) if mode == "both" else time_us[mode]
+    return total, metrics["max_over_mean_gpu_load"]
 
 
 def plan_grace(profile: RoutingProfile, topology: Topology, replica_slots: int = 1,
