@@ -120,3 +120,20 @@ def test_grace_plans_the_same_in_forked_workers():
     two = make_plan("grace", profile, topology, 1, workers=2)
     assert torch.equal(one.slot_expert, two.slot_expert) and torch.equal(one.slot_weight, two.slot_weight)
     assert one.options["layer_settings"] == two.options["layer_settings"]
+
+
+def test_deep_models_tune_probe_layers_and_give_the_rest_their_winner():
+    from collections import Counter
+
+    from grace_ds.planners.grace import PROBE_LAYERS
+
+    layers = PROBE_LAYERS + 3
+    profile = RoutingProfile.from_topk_ids(tiny_trace(tokens=300, layers=layers, experts=16, top_k=2), 16)
+    plan = make_plan("grace", profile, Topology.uniform(2, 2), 1, workers=2)
+    used = [tuple(sorted((k, v) for k, v in s.items() if k != "r")) for s in plan.options["layer_settings"]]
+    probes = sorted({round(i * (layers - 1) / (PROBE_LAYERS - 1)) for i in range(PROBE_LAYERS)})
+    winner = Counter(used[li] for li in probes).most_common(1)[0][0]
+    assert all(used[li] == winner for li in range(layers) if li not in probes)
+    # The first probe tried every candidate: it matches a plan of that layer alone.
+    alone = make_plan("grace", profile.select_layers([0]), Topology.uniform(2, 2), 1)
+    assert torch.equal(alone.slot_expert[0], plan.slot_expert[0])
