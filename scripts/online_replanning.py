@@ -188,6 +188,14 @@ def report(results: list[dict], args, path: Path, seconds: float, gpu_lines: lis
                          f"{s['max_over_mean_gpu_load_settled']:.3f} | {s['gpu_copies_per_token_settled']:.3f} | "
                          f"{s['replans']} | {s['copies_moved']} | {s['bytes_moved'] / 2**30:.2f} | {s['planning_s_mean']:.2f} |")
         lines.append("")
+        p = {name: data["summary"] for name, data in result["policies"].items()}
+        online = p["grace-online"]
+        lines += [f"Reading: settled, online GRACE runs {online['modeled_layer_time_us_settled'] / p['grace-offline']['modeled_layer_time_us_settled']:.3f}x "
+                  f"the time of the plan kept from the first domain, "
+                  f"{online['modeled_layer_time_us_settled'] / p['eplb-periodic']['modeled_layer_time_us_settled']:.3f}x periodic EPLB's and "
+                  f"{online['modeled_layer_time_us_settled'] / p['grace-periodic']['modeled_layer_time_us_settled']:.3f}x periodic GRACE's, moving "
+                  f"{online['copies_moved'] / max(p['eplb-periodic']['copies_moved'], 1):.3f}x and "
+                  f"{online['copies_moved'] / max(p['grace-periodic']['copies_moved'], 1):.3f}x their expert copies.", ""]
     path.write_text("\n".join(lines + gpu_lines))
 
 
