@@ -42,3 +42,30 @@ def test_unreadable_json_names_the_file(tmp_path):
     path.write_text(json.dumps({"grace_moe": {"policy": "magic"}}))
     with pytest.raises(GraceInputError, match="policy"):
         split_config(path)
+
+
+def test_online_section_is_validated_and_replans_are_logged_to_wandb(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    from grace_ds.deepspeed import _log_replan
+
+    _, section = split_config({"grace_moe": {"plan": "p.json", "online": {"window_steps": 8, "max_moves_per_step": 3,
+                                                                          "policy": "eplb-periodic"}}})
+    settings = section.online.settings()
+    assert (settings.window_steps, settings.window_buckets, settings.max_moves_per_step, settings.policy) == \
+        (8, 4, 3, "eplb-periodic")
+    for bad in ({"window_steps": 6}, {"max_moves_per_step": -1}, {"policy": "sometimes"}, {"every": 3}):
+        with pytest.raises(GraceInputError, match="online"):
+            split_config({"grace_moe": {"plan": "p.json", "online": bad}})
+    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run = wandb.init(project="t", dir=str(tmp_path))
+    try:
+        _log_replan({"step": 16, "drift": 0.2, "moves": 3, "bytes_moved": 3 << 20, "transfer_s": 0.5,
+                     "modeled_time_before_us": 100.0, "modeled_time_after_us": 90.0, "replanned": True})
+        assert run.summary["grace_moe/online/moves"] == 3 and run.summary["grace_moe/online/drift"] == 0.2
+    finally:
+        run.finish()
+    assert "moved 3 expert copies (3.0 MiB) in 0.50 s, modeled layer time 100 -> 90 us" in capsys.readouterr().out
