@@ -25,7 +25,7 @@ from grace_ds.layer import GraceRuntime
 from grace_ds.models import convert_model, find_moe_blocks
 from grace_ds.models.convert import top_k_of
 from grace_ds.plan import PlacementPlan
-from grace_ds.plan_agreement import agree_on_plan
+from grace_ds.plan_agreement import agree_on_plan, broadcast_plan
 from grace_ds.topology import LinkModel, Topology
 
 SECTION = "grace_moe"
@@ -170,8 +170,13 @@ def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | No
         return engine
     group = faults.fault_group(section.fault_timeout_s) if dist.is_available() and dist.is_initialized() else None
     topology = job_topology(LinkModel(inter_node_bandwidth_Gbps=section.inter_node_gbps), group)
-    plan = load_or_make_plan(section, topology)
-    agree_on_plan(plan, str(section.plan or section.profile), group)
+    if section.plan is None and dist.is_available() and dist.is_initialized():
+        # Planned once and broadcast: threaded BLAS may break the planner's ties apart on other ranks.
+        plan = load_or_make_plan(section, topology) if _rank() == 0 else None
+        plan = broadcast_plan(plan, f"plan loading (planned at start-up from {section.profile})", group)
+    else:
+        plan = load_or_make_plan(section, topology)
+        agree_on_plan(plan, str(section.plan or section.profile), group)
     device = next(engine.module.parameters()).device
     runtime = GraceRuntime(plan, _rank(), group, section.router, section.communication, section.router_sampling, device)
     convert_model(engine.module, runtime)

@@ -27,6 +27,7 @@ from grace_ds.expert_transfer import DEFAULT_CHUNK_BYTES, ExpertTransfer, schedu
 from grace_ds.layer import GraceRuntime
 from grace_ds.plan import PlacementPlan
 from grace_ds.plan_agreement import broadcast_plan
+from grace_ds.planners import make_plan
 from grace_ds.planners.assemble import base_slots
 from grace_ds.planners.incremental import IncrementalResult, Move, align_plan, moved_copies, replan_incremental
 from grace_ds.profile import RoutingProfile
@@ -75,19 +76,18 @@ def decide_replan(plan: PlacementPlan, window: RoutingProfile, settings: OnlineS
                   mode: str = "both", router_policy: str = "tar") -> tuple[dict, IncrementalResult | None]:
     """The check every interval: (a record of it, the re-plan or None). Incremental: a bounded re-plan when
     the drift passes the threshold or the last re-plan ran out of moves; periodic policies: a plan from
-    scratch, renumbered to keep copies in place. Pure: every rank decides alike on the same window."""
+    scratch, renumbered to keep copies in place. Pure (the runtime runs it on the first rank only)."""
     drifts = measure_drift(plan, window.expert_load, router_policy)
     signal = drift_signal(drifts)
     record = {"drift": signal, "load_shift": max(d.load_shift for d in drifts),
               "observed_imbalance": max(d.observed_imbalance for d in drifts), "replanned": False,
               "moves": 0, "bytes_moved": 0}
     if settings.policy != "incremental":
-        from grace_ds.planners import make_plan
-
         replica_slots = plan.slots_per_gpu - base_slots(plan.num_experts, plan.topology)
         fresh = align_plan(plan, make_plan(settings.policy.split("-")[0], window, plan.topology, replica_slots))
-        record.update(replanned=True, moves=len(moved_copies(plan, fresh)))
-        return record, IncrementalResult(fresh, moved_copies(plan, fresh), [], [], False)
+        moves = moved_copies(plan, fresh)
+        record.update(replanned=True, moves=len(moves))
+        return record, IncrementalResult(fresh, moves, [], [], False)
     if signal <= settings.drift_threshold and not unfinished:
         return record, None
     result = replan_incremental(plan, window, settings.max_moves_per_step, settings.min_gain, mode=mode)

@@ -161,6 +161,7 @@ class ReplicaRouter:
         self._node_of_gpu = plan.topology.node_of_gpu
 
     def tables(self, layer: int) -> dict[str, torch.Tensor]:
+        """Routing tables of one layer, built on first use and kept on the router's device."""
         if layer not in self._layers:
             copies = LayerCopies.from_plan(self.plan, layer)
             tables = {"copy_slot": copies.copy_slot, "copy_count": copies.copy_count}

@@ -162,6 +162,15 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
     with torch.no_grad():
         out = engine(ids[mine]).logits
     profile_path = grace_deepspeed.save_profile(engine, Path(out_dir, "served.safetensors"))
+    # Planned at start-up from a profile: the first rank plans, every rank serves its plan.
+    startup = Path(out_dir, "startup_profile.safetensors")
+    if rank == 0:
+        recorder.to_profile(reduce=False).save(startup)
+    dist.barrier()
+    planned = grace_deepspeed.init_inference(copy.deepcopy(reference), {"dtype": torch.float32,
+                                                                        "grace_moe": {"profile": str(startup)}})
+    with torch.no_grad():
+        from_profile = relative_error(planned(ids[mine]).logits, ref_logits[mine])
     # A plan for another job shape is refused with one clear message.
     wrong = Path(out_dir, "wrong.json")
     if rank == 0:
@@ -172,7 +181,8 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
         refused = ""
     except GraceInputError as error:
         refused = str(error)
-    return {"error": relative_error(out, ref_logits[mine]), "topology": list(engine.grace_runtime.plan.topology.gpus_per_node),
+    return {"error": relative_error(out, ref_logits[mine]), "error_planned_at_startup": from_profile,
+            "topology": list(engine.grace_runtime.plan.topology.gpus_per_node),
             "profile": str(profile_path), "refused": refused}
 
 
