@@ -143,11 +143,9 @@ def worker(rank: int, world: int, args, port: int, result_file: str) -> None:
         serve_domain = RoutingTrace.load(traces / f"{args.serve_trace}.safetensors").topk_ids.long()
         half = plan_domain.shape[0] // 2
         first = plan_domain[:half]
-        before = plan_domain[half:half + args.steps_before * args.step_tokens]
-        after = serve_domain[:args.steps_after * args.step_tokens]
-        if before.shape[0] < args.steps_before * args.step_tokens or after.shape[0] < args.steps_after * args.step_tokens:
-            raise SystemExit(f"the traces hold {plan_domain.shape[0] - half} held-out and {serve_domain.shape[0]} "
-                             f"other-domain tokens: fewer than --steps-before / --steps-after x --step-tokens ask")
+        # Longer streams than a trace replay it again (same domain, same routing statistics).
+        before = cycled(plan_domain[half:], args.steps_before * args.step_tokens)
+        after = cycled(serve_domain, args.steps_after * args.step_tokens)
         tokens = torch.cat([before, after])
         stream = tokens.view(-1, args.step_tokens, *tokens.shape[1:])
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -174,6 +172,12 @@ def worker(rank: int, world: int, args, port: int, result_file: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def cycled(tokens: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` tokens of `tokens` repeated end to end."""
+    repeats = -(-count // tokens.shape[0])
+    return tokens.repeat(repeats, *([1] * (tokens.dim() - 1)))[:count]
 
 
 def summarize(result: dict, drift_step: int) -> dict:

@@ -188,7 +188,9 @@ def main() -> None:
         *also_lines,
         f"## {setting['nodes']} logical nodes x {setting['gpus_per_node']} GPU{'s' if setting['gpus_per_node'] > 1 else ''}: "
         f"`{shown(args.report)}` "
-        "(all shapes, whole model)",
+        f"({', '.join(sorted({r['shape'] for r in report['results']}))} shape"
+        f"{'s' if len({r['shape'] for r in report['results']}) > 1 else ''}"
+        f"{', whole model' if report.get('model') else ''})",
         "",
         "Measured figures: " + ", ".join(f"{k} = {v:.4g}" for k, v in links.items()) + ".",
         "",
@@ -229,6 +231,11 @@ def main() -> None:
     if not any(r["variant"] == "megatron-alltoall" for rep in [report] + [json.loads(a.read_text()) for a in args.also]
                for r in rep["results"]):
         text.append("- megatron-core's alltoall dispatcher (megatron-core was not installed for this run).")
+    every_shape = {r["shape"] for rep in [report] + others for r in rep["results"]}
+    missing = sorted(every_shape - {r["shape"] for r in report["results"]})
+    if missing:
+        text.append(f"- `{shown(args.report)}`: the {', '.join(missing)} shape{'s' if len(missing) > 1 else ''} "
+                    "ran in the other layouts above only (the session's device time went to the shapes listed).")
     for path, other in zip(args.also, others):
         if not other.get("model") and other["setting"]["gpus_per_node"] > 1:
             text.append(f"- `{shown(path)}`: only the shapes and traces listed there and no whole-model run (the "

@@ -215,7 +215,9 @@ def gpu_section(paths: list[Path], out: Path) -> list[str]:
         settings, world = report["settings"], report["world"]
         lines += [f"### {report.get('device', 'CPU')} x {world}, {settings['nodes']} logical nodes x "
                   f"{world // settings['nodes']} (`{path.name}`)", "",
-                  f"`python scripts/bench_online.py --device cuda --nodes {settings['nodes']} --traces DIR` "
+                  f"`python scripts/bench_online.py --device cuda --nodes {settings['nodes']} --traces DIR "
+                  f"--step-tokens {settings['step_tokens']} --steps-before {settings['steps_before']} "
+                  f"--steps-after {settings['steps_after']}` "
                   f"({settings['plan_trace']} -> {settings['serve_trace']}; {settings['step_tokens']} tokens per step "
                   f"over all ranks, {report['drift_step']} steps before the change, {settings['steps_after']} after; "
                   f"hidden {report['hidden']}, "
@@ -237,6 +239,13 @@ def gpu_section(paths: list[Path], out: Path) -> list[str]:
                          f"{s['switch_wait_s_mean'] * 1e3:.1f} | {s['planning_s_mean']:.2f} | "
                          f"{result['max_relative_error']:.1e} |")
             axes[0, column].plot(result["step_ms"][1:], label=policy, linewidth=1)
+        summary = {name: r["summary"] for name, r in report["policies"].items()}
+        off, on, eplb = summary["grace-offline"], summary["grace-online"], summary["eplb-periodic"]
+        lines += ["", f"Reading: settled, online GRACE takes {on['step_ms_settled'] / off['step_ms_settled']:.3f}x the "
+                  f"offline plan's step time and {on['step_ms_settled'] / eplb['step_ms_settled']:.3f}x periodic EPLB's, "
+                  f"moving {on['bytes_moved'] / max(eplb['bytes_moved'], 1):.3f}x its bytes. Before the change online "
+                  f"and offline serve the same plan, so their gap there "
+                  f"({abs(on['step_ms_before_drift'] / off['step_ms_before_drift'] - 1):.1%}) is this run's noise."]
         axes[0, column].axvline(report["drift_step"] - 1, color="grey", linestyle=":", linewidth=1)
         axes[0, column].set_title(f"{world} GPUs as {settings['nodes']} nodes: domain changes at the dotted line",
                                   fontsize=9)
