@@ -11,8 +11,10 @@ import time
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from grace_ds import faults
 from grace_ds.dispatch import ExpertCompute, Traffic, choose_mode, exchange_and_compute
 from grace_ds.plan import PlacementPlan
 from grace_ds.routing import ReplicaRouter
@@ -29,9 +31,14 @@ class GraceRuntime:
     """What every GRACE layer of one model shares: the plan, this rank, its router and process group."""
 
     def __init__(self, plan: PlacementPlan, rank: int, group=None, router_policy: str = "tar",
-                 comm_mode: str = "auto", router_sampling: str = "swrr", device: torch.device | str = "cpu") -> None:
+                 comm_mode: str = "auto", router_sampling: str = "swrr", device: torch.device | str = "cpu",
+                 hierarchical_min_tokens: int = 0) -> None:
         self.plan, self.rank, self.group = plan, rank, group
         self.comm_mode = choose_mode(comm_mode, plan.topology, plan.options.get("modeled_layer_time_us"))
+        # `auto` resolved to hierarchical: calls whose largest rank holds fewer tokens go flat (a second hop's
+        # fixed cost outweighs what it saves on small batches); ranks agree through one tiny all-gather.
+        self.hierarchical_min_tokens = hierarchical_min_tokens if comm_mode == "auto" else 0
+        self.mode_calls = {"flat": 0, "hierarchical": 0}
         self.router_policy, self.router_sampling, self.device = router_policy, router_sampling, torch.device(device)
         self.router = ReplicaRouter(plan, router_policy, source_gpus=[rank], sampling=router_sampling,
                                     device=device)
@@ -63,6 +70,24 @@ class GraceRuntime:
             self.slot_modules[layer].refill(plan.slot_expert[layer, self.rank], arrived.get(layer, {}))
         self.plan, self.router = plan, router
 
+    def mode_for(self, num_tokens: int, device: torch.device, layer: int) -> str:
+        """The exchange for a call with num_tokens here: the resolved mode, or under `auto` flat when every
+        rank's call is smaller than hierarchical_min_tokens."""
+        if self.comm_mode != "hierarchical" or self.hierarchical_min_tokens <= 0:
+            return self.comm_mode
+        if not (dist.is_available() and dist.is_initialized()):
+            return "hierarchical" if num_tokens >= self.hierarchical_min_tokens else "flat"
+        counts = faults.all_gather_tensor(torch.tensor([num_tokens], device=device),
+                                          f"dispatch of layer {layer} (choosing the exchange)", self.group)
+        return "hierarchical" if int(counts.max()) >= self.hierarchical_min_tokens else "flat"
+
+    def modes_used(self) -> str:
+        """The exchange this runtime ran: one mode's name, or how many calls went each way under `auto`."""
+        used = {mode: calls for mode, calls in self.mode_calls.items() if calls}
+        if len(used) <= 1:
+            return next(iter(used), self.comm_mode)
+        return "auto: " + ", ".join(f"{calls} {mode}" for mode, calls in used.items())
+
     def local_slots(self, layer: int) -> torch.Tensor:
         """[S] logical expert held in each of this rank's slots of `layer` (-1: empty)."""
         return self.plan.slot_expert[layer, self.rank]
@@ -75,8 +100,10 @@ class GraceRuntime:
             _synchronize(hidden.device)
             start = time.perf_counter()
         slots = self.router.route(layer, top_k_index, self.rank)
+        mode = self.mode_for(hidden.shape[0], hidden.device, layer)
+        self.mode_calls[mode] += 1
         out = exchange_and_compute(hidden, slots, top_k_weights, self.plan.slots_per_gpu, self.plan.topology,
-                                   self.rank, compute, self.comm_mode, self.group,
+                                   self.rank, compute, mode, self.group,
                                    self.traffic[layer] if self.measure else None, f" of layer {layer}")
         if self.measure:
             _synchronize(hidden.device)

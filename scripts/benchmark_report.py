@@ -62,6 +62,32 @@ def _span(values: list[float], unit: str = "x") -> str:
     return f"{low:.2f}{unit}" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}-{high:.2f}{unit}"
 
 
+def mode_crossover(report: dict) -> list[str]:
+    """Tokens per GPU where the GRACE plan's hierarchical exchange starts to beat the flat one: the gap
+    between them interpolated linearly from the largest decode batch to prefill, per case."""
+    results = report["results"]
+    per_gpu = report["setting"]["ranks"]
+    out = []
+    for case in sorted({r["case"] for r in results}):
+        times = {(r["batch"], r["mode"]): r["median_ms"] for r in results if r["case"] == case and r["policy"] == "grace"}
+        batches = sorted({b for b, _ in times if (b, "flat") in times and (b, "hierarchical") in times},
+                         key=lambda b: report["setting"]["batches"][b])
+        small = [b for b in batches if b.startswith("decode")]
+        large = [b for b in batches if b.startswith("prefill")]
+        if not small or not large:
+            continue
+        points = [(report["setting"]["batches"][b] / per_gpu, times[(b, "hierarchical")] - times[(b, "flat")])
+                  for b in (small[-1], large[-1])]
+        (t1, gap1), (t2, gap2) = points
+        if gap1 > 0 > gap2:
+            out.append(f"{case}: {t1 - gap1 * (t2 - t1) / (gap2 - gap1):.0f}")
+    if not out:
+        return []
+    return ["- **flat or hierarchical**: the GRACE plan's hierarchical exchange overtakes the flat one at about "
+            + ", ".join(out) + " tokens per GPU (linear between the largest decode batch and prefill; the "
+            "runtime's `auto` goes flat below `hierarchical_min_tokens`, 512 by default)."]
+
+
 def findings(report: dict) -> list[str]:
     """The issue's checks, computed from the results (ranges over cases)."""
     results = report["results"]
@@ -197,6 +223,7 @@ def main() -> None:
         "### Findings (ranges over the cases below)",
         "",
         *findings(report),
+        *mode_crossover(report),
         "",
         "### Ratios: the GRACE plan against each baseline (higher = GRACE faster)",
         "",

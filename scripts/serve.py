@@ -85,8 +85,8 @@ def main() -> int:
                 start = time.perf_counter()
                 text = engine.module.generate(mine, **generate)[:, mine.shape[1]:]
                 decode_seconds = time.perf_counter() - start
-        line = {"rank": rank, "world": world, "topology": runtime.plan.topology.describe(), "comm": runtime.comm_mode,
-                "forward_ms": round(prefill_seconds * 1e3, 2)}
+        line = {"rank": rank, "world": world, "topology": runtime.plan.topology.describe(), "comm": runtime.modes_used(),
+                "comm_resolved": runtime.comm_mode, "forward_ms": round(prefill_seconds * 1e3, 2)}
         if reference is not None:
             line["max_abs_diff"] = float((logits - reference).abs().max())
             line["relative"] = float((logits - reference).abs().max() / reference.abs().max())
@@ -121,7 +121,7 @@ def write_report(args, runtime, line, prefill_seconds, decode_seconds, mine, tex
     pairs = stats[:, :, 2]
     prefill_tokens = mine.numel() * world
     report = {
-        "label": args.label, "policy": runtime.plan.policy, "comm": runtime.comm_mode,
+        "label": args.label, "policy": runtime.plan.policy, "comm": runtime.modes_used(),
         "topology": runtime.plan.topology.describe(), "router": runtime.router.policy,
         "prefill_tokens": prefill_tokens, "prefill_tokens_per_s": prefill_tokens / float(every[:, 0].max()),
         "decode_tokens_per_s": (args.new_tokens * mine.shape[0] * world / float(every[:, 1].max())

@@ -162,6 +162,18 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
     with torch.no_grad():
         out = engine(ids[mine]).logits
     profile_path = grace_deepspeed.save_profile(engine, Path(out_dir, "served.safetensors"))
+    # `auto` by batch size: with a threshold of 20 tokens, full batches (24 a rank) go hierarchical, short
+    # ones (4 a rank) flat, and uneven ones (rank 0 full, the others short) follow the largest rank.
+    runtime = engine.grace_runtime
+    runtime.hierarchical_min_tokens = 20 if runtime.comm_mode == "hierarchical" else 0
+    by_size = []
+    for length in ([SEQUENCE_LENGTH] * world, [2] * world, [SEQUENCE_LENGTH] + [2] * (world - 1)):
+        before = dict(runtime.mode_calls)
+        with torch.no_grad():
+            got = engine(ids[mine, :length[rank]]).logits
+            want = reference(ids[:, :length[rank]]).logits[mine]
+        by_size.append({"error": relative_error(got, want),
+                        "modes": {m: runtime.mode_calls[m] - before[m] for m in before}})
     # Planned at start-up from a profile: the first rank plans, every rank serves its plan.
     startup = Path(out_dir, "startup_profile.safetensors")
     if rank == 0:
@@ -182,6 +194,7 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
     except GraceInputError as error:
         refused = str(error)
     return {"error": relative_error(out, ref_logits[mine]), "error_planned_at_startup": from_profile,
+            "by_size": by_size, "base_mode": runtime.comm_mode,
             "topology": list(engine.grace_runtime.plan.topology.gpus_per_node),
             "profile": str(profile_path), "refused": refused}
 

@@ -60,6 +60,11 @@ def test_outputs_match_the_unmodified_model(world, nodes, tmp_path):
         assert restored["profiled_tokens"] == restored["expected_tokens"]
         served = report.pop("init_inference")
         assert served["error"] < TOLERANCE and served["error_planned_at_startup"] < TOLERANCE
+        assert all(call["error"] < TOLERANCE for call in served["by_size"]), served["by_size"]
+        assert served["base_mode"] == ("hierarchical" if nodes > 1 and world > nodes else "flat")
+        if served["base_mode"] == "hierarchical":  # auto at 2 x 2: the exchange follows the largest rank's batch
+            assert [call["modes"] for call in served["by_size"]] == [
+                {"flat": 0, "hierarchical": 2}, {"flat": 2, "hierarchical": 0}, {"flat": 0, "hierarchical": 2}]
         assert served["topology"] == [world // nodes] * nodes, "topology found from the ranks' host names"
         assert "plan is for 1 nodes x 1 GPUs" in served["refused"] or world == 1
         assert (tmp_path / "served.safetensors").exists()
