@@ -97,6 +97,12 @@ def _worker(rank: int, scenarios: list[dict], port: int, timeout_s: float, out_d
         outcome["seconds"] = time.monotonic() - started
         Path(out_dir, f"{index}_rank{rank}.json").write_text(json.dumps(outcome))
         if scenario["fault"] == "die":
+            if rank == 0:  # hosts the job's store: stay until every survivor has finished its roll call
+                others = [r for r in range(WORLD) if r not in (0, FAULTY)]
+                deadline = time.monotonic() + 2 * timeout_s
+                while time.monotonic() < deadline and not all(
+                        Path(out_dir, f"{index}_rank{r}.json").exists() for r in others):
+                    time.sleep(0.05)
             os._exit(0)  # the job is broken for good: leave without touching the default group
         dist.barrier()  # the stalled rank catches up before the next scenario
     dist.destroy_process_group()
