@@ -21,7 +21,7 @@ from pydantic import Field, ValidationError, model_validator
 from grace_ds import faults
 from grace_ds.errors import GraceInputError
 from grace_ds.hooks import RoutingRecorder
-from grace_ds.layer import GraceRuntime
+from grace_ds.layer import DEFAULT_HIERARCHICAL_MIN_TOKENS, GraceRuntime
 from grace_ds.models import convert_model, find_moe_blocks
 from grace_ds.models.convert import top_k_of
 from grace_ds.plan import PlacementPlan
@@ -80,7 +80,7 @@ class GraceMoEConfig(DeepSpeedConfigModel):
     router: Literal["tar", "wrr", "static", "modulo"] = "tar"
     router_sampling: Literal["swrr", "random"] = "swrr"
     communication: Literal["flat", "hierarchical", "auto"] = "auto"
-    hierarchical_min_tokens: int = Field(512, ge=0)
+    hierarchical_min_tokens: int = Field(DEFAULT_HIERARCHICAL_MIN_TOKENS, ge=0)
     """With `auto` resolved to hierarchical: MoE calls whose largest rank holds fewer tokens go flat (one
     tiny all-gather per call decides; 0: never). 512 is near the crossover measured on 4x H200 as 2 x 2."""
     inter_node_gbps: float = Field(25.0, gt=0)

@@ -20,6 +20,9 @@ from grace_ds.plan import PlacementPlan
 from grace_ds.routing import ReplicaRouter
 
 RoutingObserver = Callable[[int, torch.Tensor], None]  # (plan layer, top_k_index [N, k]) -> None
+# Under `auto`, calls whose largest rank holds fewer tokens go flat: near the flat/hierarchical crossover
+# measured on 4x H200 as 2 logical nodes x 2 (356-1218 tokens per GPU, docs/benchmarks.md).
+DEFAULT_HIERARCHICAL_MIN_TOKENS = 512
 
 
 def _synchronize(device: torch.device) -> None:

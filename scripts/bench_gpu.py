@@ -444,6 +444,7 @@ def main() -> None:
     p.add_argument("--link-bytes", type=int, default=64 << 20, help="bytes per peer when measuring links")
     p.add_argument("--tiny", action="store_true", help="small shapes and batches (CPU smoke run)")
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the whole-model prefill/decode runs")
+    p.add_argument("--model-only", action="store_true", help="the whole-model runs alone, no single-layer cases")
     p.add_argument("--profile-decode", action="store_true",
                    help="instead of the benchmark: torch.profiler's op table of the GRACE layer at decode-256 "
                         "(profile_decode.txt)")
@@ -456,11 +457,12 @@ def main() -> None:
     if world < args.nodes or world % args.nodes:
         args.nodes = 1
     topology = Topology.uniform(args.nodes, world // args.nodes)
-    args.e2e_modes = ["flat", "hierarchical"] if args.nodes > 1 and world // args.nodes > 1 else ["flat"]
+    # auto: the runtime's per-call choice (flat below hierarchical_min_tokens on the largest rank).
+    args.e2e_modes = ["flat", "hierarchical", "auto"] if args.nodes > 1 and world // args.nodes > 1 else ["flat"]
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"{world} ranks as {args.nodes} logical node(s) x {world // args.nodes}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cases = prepare(args, topology, Path(tmp))
+        cases = [] if args.model_only else prepare(args, topology, Path(tmp))
         model_case = prepare_model(args, topology, Path(tmp))
         result_file = str(Path(tmp, "results.json"))
         mp.spawn(worker, args=(world, args, cases, model_case, free_port(), result_file), nprocs=world, join=True)

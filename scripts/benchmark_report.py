@@ -174,12 +174,17 @@ def main() -> None:
         other = json.loads(path.read_text())
         st = other["setting"]
         shapes = sorted({r["shape"] for r in other["results"]})
+        what = f"({', '.join(shapes)} shape)" if shapes else "(whole model only)"
         also_lines += [f"## {st['nodes']} logical nodes x {st['gpus_per_node']} GPU{'s' if st['gpus_per_node'] > 1 else ''}: "
-                       f"`{shown(path)}` "
-                       f"({', '.join(shapes)} shape)", "",
+                       f"`{shown(path)}` {what}", "",
                        f"{st['device']}, run {st.get('date', '')}, {st['iters']} timed forwards after {st['warmup']}; "
                        "its own link figures: " + ", ".join(f"{k} = {v:.4g}" for k, v in other["links"].items()) + ".",
-                       "", *findings(other), "", *ratio_lines(other), "", *layer_table(other), ""]
+                       ""]
+        if other["results"]:
+            also_lines += [*findings(other), "", *ratio_lines(other), "", *layer_table(other), ""]
+        if other.get("model") and not other["results"]:
+            also_lines += [f"Whole model ({other.get('model_trace')}, OLMoE shape, 2 layers, attention + MoE); "
+                           "`auto` is the runtime's per-call choice:", "", *model_lines(other), ""]
     text = [
         "# GPU benchmark",
         "",

@@ -60,3 +60,15 @@ def test_layer_overhead_adds_to_the_modeled_time():
     assert times[1].modeled_layer_time_us == pytest.approx(times[0].modeled_layer_time_us + 140.0)
     with pytest.raises(Exception, match="layer_overhead_us"):
         LinkModel(layer_overhead_us=-1.0)
+
+
+def test_bench_gpu_model_only_times_the_auto_exchange_at_two_by_two(shared_data, tmp_path):
+    out = tmp_path / "model"
+    subprocess.run([sys.executable, str(ROOT / "scripts/bench_gpu.py"), "--device", "cpu", "--tiny", "--gpus", "4",
+                    "--nodes", "2", "--shapes", "olmoe", "--model-only", "--iters", "1", "--warmup", "1",
+                    "--traces", str(shared_data / "routing"), "--out", str(out)], check=True, cwd=ROOT, timeout=600)
+    report = json.loads((out / "bench_gpu.json").read_text())
+    assert report["results"] == []
+    modes = {(r["policy"], r["mode"]) for r in report["model"]}
+    assert {("grace", "flat"), ("grace", "hierarchical"), ("grace", "auto")} <= modes
+    assert all(r["median_ms"] > 0 for r in report["model"])
