@@ -72,3 +72,19 @@ def test_bench_gpu_model_only_times_the_auto_exchange_at_two_by_two(shared_data,
     modes = {(r["policy"], r["mode"]) for r in report["model"]}
     assert {("grace", "flat"), ("grace", "hierarchical"), ("grace", "auto")} <= modes
     assert all(r["median_ms"] > 0 for r in report["model"])
+
+
+def test_predict_layout_models_every_plan_and_exchange_at_two_by_four(shared_data, tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "scripts/predict_layout.py"), "--calibration",
+                    str(ROOT / "docs/bench-gpu-2x2.json"), "--traces", str(shared_data / "routing"),
+                    "--out", str(tmp_path)], check=True, cwd=ROOT, timeout=300)
+    report = json.loads((tmp_path / "predicted-2x4.json").read_text())
+    assert report["target"] == "2 nodes x 4 GPUs"
+    # olmoe_arxiv: 4 plans x 2 exchanges x 3 batches, at the target and at the calibration's layout.
+    assert len(report["rows"]) == len(report["calibration_rows"]) == 24
+    assert all(r["modeled_ms"] > 0 for r in report["rows"] + report["calibration_rows"])
+    # Flat prefill crosses nodes once per remote GPU: more GPUs a node, more copies on the same link.
+    flat = {r["policy"]: r["modeled_ms"] for r in report["rows"] if r["mode"] == "flat" and r["batch"] == "prefill-32768"}
+    before = {r["policy"]: r["modeled_ms"] for r in report["calibration_rows"]
+              if r["mode"] == "flat" and r["batch"] == "prefill-32768"}
+    assert all(flat[p] > before[p] for p in flat)

@@ -1,0 +1,107 @@
+"""The calibrated cost model's prediction of the GPU layer benchmark at another layout, before a machine
+of that size is lent (2 logical nodes x 4 GPUs on 8 H200 for now).
+
+Link and GEMM figures, fixed layer and hop costs come from a measured run (`--calibration`, one of
+scripts/bench_gpu.py's JSON files); plans are made at the target layout from the first half of each
+trace the benchmark replays, and the second half is simulated for the benchmark's batches, for every GRACE
+plan and both exchanges. The calibration's own layout is predicted too, next to what was measured there,
+so the model's error is in view. Assumption stated in the output: fixed costs (launches, collective
+start-up) measured at the calibration layout carry over.
+
+    python scripts/predict_layout.py --calibration docs/bench-gpu-2x2.json --nodes 2 --gpus-per-node 4
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_gpu import BATCHES, POLICIES, REPLAYS, SHAPES, calibrated_links, map_ids  # noqa: E402
+from grace_ds.planners import make_plan  # noqa: E402
+from grace_ds.profile import RoutingProfile  # noqa: E402
+from grace_ds.simulate import CostSettings, simulate_trace  # noqa: E402
+from grace_ds.topology import Topology  # noqa: E402
+from grace_ds.trace import RoutingTrace  # noqa: E402
+
+
+def predict(calibration: dict, topology: Topology, traces: Path, shapes: list[str], replica_slots: int) -> list[dict]:
+    """One row per (case, plan, exchange, batch) with the modeled MoE-layer time in ms."""
+    links = calibrated_links(calibration["links"])
+    calibrated = Topology(topology.gpus_per_node, links)
+    rows = []
+    for name in shapes:
+        shape = SHAPES[name]
+        for file, layer, mapping in REPLAYS[name]:
+            path = traces / file
+            if not path.is_file():
+                continue
+            ids = map_ids(RoutingTrace.load(path).topk_ids[:, layer].long(), mapping)
+            half = ids.shape[0] // 2
+            profile = RoutingProfile.from_topk_ids(ids[:half, None, :], shape.num_experts, model_name=file)
+            case = f"{name}/{Path(file).stem}/L{layer}"
+            for policy in POLICIES:
+                plan = dataclasses.replace(make_plan(policy, profile, topology, replica_slots), topology=calibrated)
+                for batch, tokens in BATCHES.items():
+                    metrics = simulate_trace(plan, ids[half:half + tokens, None, :], "tar",
+                                             CostSettings(shape.hidden, shape.inter, 2))[0]
+                    for mode, time_us in (("flat", metrics.modeled_layer_time_us_flat),
+                                          ("hierarchical", metrics.modeled_layer_time_us)):
+                        rows.append({"case": case, "policy": policy, "mode": mode, "batch": batch,
+                                     "modeled_ms": time_us / 1e3})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calibration", type=Path, default=ROOT / "docs" / "bench-gpu-2x2.json")
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--gpus-per-node", type=int, default=4)
+    parser.add_argument("--shapes", default="olmoe")
+    parser.add_argument("--replica-slots", type=int, default=1)
+    parser.add_argument("--traces", type=Path, default=ROOT.parent / "shared" / "data" / "routing")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    args = parser.parse_args(argv)
+    calibration = json.loads(args.calibration.read_text())
+    setting = calibration["setting"]
+    here = Topology.uniform(setting["nodes"], setting["gpus_per_node"])
+    target = Topology.uniform(args.nodes, args.gpus_per_node)
+    shapes = args.shapes.split(",")
+    at_target = predict(calibration, target, args.traces, shapes, args.replica_slots)
+    at_calibration = predict(calibration, here, args.traces, shapes, args.replica_slots)
+    measured = {(r["case"], r["policy"], r["mode"], r["batch"]): r["median_ms"]
+                for r in calibration["results"] if r["policy"] is not None}
+    label = f"{args.nodes}x{args.gpus_per_node}"
+    (args.out / f"predicted-{label}.json").write_text(json.dumps(
+        {"calibration": str(args.calibration.name), "target": target.describe(), "rows": at_target,
+         "calibration_rows": at_calibration}, indent=1) + "\n")
+    lines = [f"# Predicted GPU layer times at {target.describe()}", "",
+             f"By `python scripts/predict_layout.py --calibration {args.calibration.relative_to(ROOT) if args.calibration.is_relative_to(ROOT) else args.calibration} "
+             f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node} --traces {args.traces.name}` (the traces "
+             "scripts/prepare_gpu_carry.sh puts in `.bench_data`): the simulator's cost model with the link, "
+             f"GEMM and fixed-cost figures measured at {here.describe()} ({setting['device']}, {setting.get('date', '')}), "
+             "plans made at each layout from the first half of each trace, the second half replayed. Assumes the "
+             "fixed per-layer and per-hop costs measured there carry over to the new layout (more ranks usually "
+             "raise them). The measured column is the calibration run itself, to show the model's error there; "
+             f"the {label} figures are to be checked when that machine is lent (issue: benchmark at 2 x 4).", "",
+             f"| case | plan / exchange | batch | predicted {here.describe()} ms | measured {here.describe()} ms "
+             f"| predicted {target.describe()} ms | {label} / {setting['nodes']}x{setting['gpus_per_node']} |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    base = {(r["case"], r["policy"], r["mode"], r["batch"]): r["modeled_ms"] for r in at_calibration}
+    for row in at_target:
+        key = (row["case"], row["policy"], row["mode"], row["batch"])
+        seen = measured.get(key)
+        lines.append(f"| {row['case']} | {row['policy']} / {row['mode']} | {row['batch']} | {base[key]:.2f} | "
+                     f"{'-' if seen is None else f'{seen:.2f}'} | {row['modeled_ms']:.2f} | "
+                     f"{row['modeled_ms'] / base[key]:.2f}x |")
+    (args.out / f"predicted-{label}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
