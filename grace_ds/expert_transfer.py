@@ -69,9 +69,16 @@ class ExpertTransfer:
         per_chunk = max(1, self.chunk_bytes // flat.element_size())
         return list(flat.split(per_chunk))
 
+    def _flat_weights(self, module, transfer: Transfer) -> torch.Tensor:
+        """The source slot's gate_up and down, as one contiguous buffer."""
+        gate_up, down = module.slot_weights(self._slot_of(transfer))
+        return torch.cat([gate_up.detach().reshape(-1), down.detach().reshape(-1)])
+
+    def _side_stream(self):
+        return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+
     def start(self) -> "ExpertTransfer":
         ops = []
-        device = None
         for transfer in self.transfers:
             if self.rank not in (transfer.source_gpu, transfer.target_gpu):
                 continue
@@ -80,14 +87,11 @@ class ExpertTransfer:
             if device.type == "cuda" and self._stream is None:
                 self._stream = torch.cuda.Stream(device)
                 self._stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            with self._side_stream():
                 if transfer.source_gpu == transfer.target_gpu:  # same GPU, another slot: a local copy
-                    gate_up, down = module.slot_weights(self._slot_of(transfer))
-                    flat = torch.cat([gate_up.detach().reshape(-1), down.detach().reshape(-1)])
-                    self._received.append((transfer, flat))
+                    self._received.append((transfer, self._flat_weights(module, transfer)))
                 elif transfer.source_gpu == self.rank:
-                    gate_up, down = module.slot_weights(self._slot_of(transfer))
-                    flat = torch.cat([gate_up.detach().reshape(-1), down.detach().reshape(-1)])
+                    flat = self._flat_weights(module, transfer)
                     self._keep.append(flat)
                     self.bytes_sent += flat.numel() * flat.element_size()
                     ops += [dist.P2POp(dist.isend, chunk, transfer.target_gpu, self.group) for chunk in self._chunks(flat)]
@@ -99,7 +103,7 @@ class ExpertTransfer:
                     self.bytes_received += flat.numel() * flat.element_size()
                     ops += [dist.P2POp(dist.irecv, chunk, transfer.source_gpu, self.group) for chunk in self._chunks(flat)]
         if ops:
-            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            with self._side_stream():
                 self._works = faults.guarded("online re-planning (posting expert weight transfers)", self.group,
                                              dist.batch_isend_irecv, ops)
         return self
