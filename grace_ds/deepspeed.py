@@ -21,7 +21,7 @@ from pydantic import Field, ValidationError, model_validator
 from grace_ds import faults
 from grace_ds.errors import GraceInputError
 from grace_ds.hooks import RoutingRecorder
-from grace_ds.layer import DEFAULT_HIERARCHICAL_MIN_TOKENS, GraceRuntime
+from grace_ds.layer import DEFAULT_GATHER_MAX_TOKENS, DEFAULT_HIERARCHICAL_MIN_TOKENS, GraceRuntime
 from grace_ds.models import convert_model, find_moe_blocks
 from grace_ds.models.convert import top_k_of
 from grace_ds.plan import PlacementPlan
@@ -79,10 +79,16 @@ class GraceMoEConfig(DeepSpeedConfigModel):
     replica_slots: int = Field(1, ge=0)
     router: Literal["tar", "wrr", "static", "modulo"] = "tar"
     router_sampling: Literal["swrr", "random"] = "swrr"
-    communication: Literal["flat", "hierarchical", "auto"] = "auto"
+    communication: Literal["flat", "hierarchical", "gather", "auto"] = "auto"
     hierarchical_min_tokens: int = Field(DEFAULT_HIERARCHICAL_MIN_TOKENS, ge=0)
     """With `auto` resolved to hierarchical: MoE calls whose largest rank holds fewer tokens go flat (one
-    tiny all-gather per call decides; 0: never). 512 is near the crossover measured on 4x H200 as 2 x 2."""
+    tiny all-gather of token counts per forward decides; 0: never). 512 is near the crossover measured on
+    4x H200 as 2 x 2."""
+    gather_max_tokens: int = Field(DEFAULT_GATHER_MAX_TOKENS, ge=0)
+    """With `auto`: MoE calls whose largest rank holds at most this many tokens (decode) take the gather
+    exchange (all-gather tokens, reduce-scatter outputs; no host synchronisation; 0: never)."""
+    cuda_graphs: bool = True
+    """On GPUs, bf16 gather calls replay CUDA graphs (one per layer and token bucket, captured on first use)."""
     inter_node_gbps: float = Field(25.0, gt=0)
     profiling: bool = False
     """Record per-layer expert load and co-activation during every forward."""
@@ -182,7 +188,7 @@ def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | No
         agree_on_plan(plan, str(section.plan or section.profile), group)
     device = next(engine.module.parameters()).device
     runtime = GraceRuntime(plan, _rank(), group, section.router, section.communication, section.router_sampling, device,
-                           section.hierarchical_min_tokens)
+                           section.hierarchical_min_tokens, section.gather_max_tokens, section.cuda_graphs)
     convert_model(engine.module, runtime)
     engine.grace_runtime, engine.grace_config, engine.grace_group = runtime, section, group
     if section.profiling:

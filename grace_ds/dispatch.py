@@ -23,7 +23,7 @@ import torch.distributed as dist
 from grace_ds.faults import guarded
 from grace_ds.topology import Topology
 
-COMM_MODES = ("flat", "hierarchical", "auto")
+COMM_MODES = ("flat", "hierarchical", "gather", "auto")  # gather: grace_ds.dispatch_gather
 # Pair record columns (int64): row index within the sender's chunk for this rank, final GPU, local slot,
 # routing weight (float32 bits).
 _ROW, _TARGET, _SLOT, _WEIGHT = range(4)
@@ -225,8 +225,8 @@ def choose_mode(mode: str, topology: Topology, modeled_us: dict[str, float] | No
     """`auto`: the mode with the lower modeled layer time (the simulator's cost model on the profile's
     sampled routings, stored in the plan by `grace-ds plan`); without those figures, hierarchical when
     there is more than one node and more than one GPU per node, where it never sends more cross-node
-    copies than flat, and flat otherwise, where it would only add a hop. Resolved to hierarchical, the
-    runtime still goes flat for calls with few tokens (GraceRuntime.mode_for)."""
+    copies than flat, and flat otherwise, where it would only add a hop. Under `auto` the runtime still
+    goes flat or gather for calls with few tokens (GraceRuntime.mode_for)."""
     if mode not in COMM_MODES:
         raise ValueError(f"communication mode must be one of {COMM_MODES}, got {mode!r}")
     if mode != "auto":

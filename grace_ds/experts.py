@@ -13,7 +13,10 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 class SlotExperts(nn.Module):
     """gate_up_proj [U, 2I, H], down_proj [U, H, I] for the U occupied of this rank's S slots;
     slot_expert [S] the logical expert in each slot (-1: empty, holds no weights).
-    forward(rows [M, H], slot [M]) -> act(rows W_gate) * (rows W_up) W_down per row."""
+    forward(rows [M, H], slot [M]) -> act(rows W_gate) * (rows W_up) W_down per row; rows with slot -1
+    (pairs another rank computes, in the gather exchange) are skipped: their output rows are unspecified."""
+
+    accepts_unrouted = True
 
     def __init__(self, slot_expert: torch.Tensor, hidden_size: int, intermediate_size: int,
                  act_fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype = torch.float32,
@@ -72,6 +75,14 @@ class SlotExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(new_gu, requires_grad=self.gate_up_proj.requires_grad)
         self.down_proj = nn.Parameter(new_dn, requires_grad=self.down_proj.requires_grad)
 
+    @property
+    def capturable(self) -> bool:
+        """Whether a forward can go into a CUDA graph: torch's grouped GEMM keeps group sizes on the device
+        only for bf16 on Hopper/Blackwell; elsewhere it reads them on the host."""
+        weight = self.gate_up_proj
+        return (_HAS_GROUPED_MM and weight.is_cuda and weight.dtype == torch.bfloat16
+                and torch.cuda.get_device_capability(weight.device)[0] in (9, 10))
+
     def _set_slots(self, slot_expert: torch.Tensor) -> None:
         used = slot_expert >= 0
         row_of_slot = torch.full_like(slot_expert, -1, dtype=torch.long)
@@ -83,12 +94,15 @@ class SlotExperts(nn.Module):
 
     def forward(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         num_slots = self.gate_up_proj.shape[0]
-        slot = self.row_of_slot[slot]
+        routed = slot >= 0
+        slot = torch.where(routed, self.row_of_slot[slot.clamp(min=0)], num_slots)  # skipped rows sort last
         order = torch.argsort(slot, stable=True)
         x = rows[order]
-        counts = torch.bincount(slot, minlength=num_slots)
+        # scatter_add, not bincount: bincount reads its input's max on the host (a device sync).
+        counts = torch.zeros(num_slots + 1, dtype=torch.long, device=slot.device)
+        counts = counts.scatter_add_(0, slot, torch.ones_like(slot))[:num_slots]
         if _HAS_GROUPED_MM and x.shape[0] > 0 and x.dtype in (torch.float32, torch.bfloat16):
-            offs = torch.cumsum(counts, 0).to(torch.int32)
+            offs = torch.cumsum(counts, 0).to(torch.int32)  # rows past offs[-1] (skipped) are left out
             gate, up = F.grouped_mm(x, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
             out = F.grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
         else:  # a loop over slots where grouped GEMM is missing

@@ -46,7 +46,10 @@ def fault_group(timeout_s: float = DEFAULT_TIMEOUT_S, ranks: list[int] | None = 
 
 
 def guarded(phase: str, process_group, call: Callable, /, *args, **kwargs):
-    """call(*args, **kwargs), a collective of `process_group`; its failure becomes a GraceDistributedError."""
+    """call(*args, **kwargs), a collective of `process_group`; its failure becomes a GraceDistributedError.
+    While a CUDA graph is being captured nothing runs yet: a failure there is the capture's, not a peer's."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return call(*args, **kwargs)
     try:
         return call(*args, **kwargs)
     except (RuntimeError, ConnectionError, TimeoutError) as error:

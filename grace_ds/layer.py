@@ -16,6 +16,8 @@ from torch import nn
 
 from grace_ds import faults
 from grace_ds.dispatch import ExpertCompute, Traffic, choose_mode, exchange_and_compute
+from grace_ds.decode_graphs import GatherGraphs, capturable, token_bucket
+from grace_ds.dispatch_gather import gather_and_compute
 from grace_ds.plan import PlacementPlan
 from grace_ds.routing import ReplicaRouter
 
@@ -23,6 +25,8 @@ RoutingObserver = Callable[[int, torch.Tensor], None]  # (plan layer, top_k_inde
 # Under `auto`, calls whose largest rank holds fewer tokens go flat: near the flat/hierarchical crossover
 # measured on 4x H200 as 2 logical nodes x 2 (356-1218 tokens per GPU, docs/benchmarks.md).
 DEFAULT_HIERARCHICAL_MIN_TOKENS = 512
+# Under `auto`, calls whose largest rank holds at most this many tokens take the gather exchange (decode).
+DEFAULT_GATHER_MAX_TOKENS = 128
 
 
 def _synchronize(device: torch.device) -> None:
@@ -35,13 +39,18 @@ class GraceRuntime:
 
     def __init__(self, plan: PlacementPlan, rank: int, group=None, router_policy: str = "tar",
                  comm_mode: str = "auto", router_sampling: str = "swrr", device: torch.device | str = "cpu",
-                 hierarchical_min_tokens: int = 0) -> None:
+                 hierarchical_min_tokens: int = 0, gather_max_tokens: int = 0, cuda_graphs: bool = True) -> None:
         self.plan, self.rank, self.group = plan, rank, group
         self.comm_mode = choose_mode(comm_mode, plan.topology, plan.options.get("modeled_layer_time_us"))
-        # `auto` resolved to hierarchical: calls whose largest rank holds fewer tokens go flat (a second hop's
-        # fixed cost outweighs what it saves on small batches); ranks agree through one tiny all-gather.
+        # Under `auto`, by the largest rank's token count in the call: at most gather_max_tokens -> gather
+        # (no split-size exchange, two collectives); below hierarchical_min_tokens -> flat (a second hop's
+        # fixed cost outweighs what it saves on small batches). Ranks agree through one tiny all-gather of
+        # token counts per forward.
         self.hierarchical_min_tokens = hierarchical_min_tokens if comm_mode == "auto" else 0
-        self.mode_calls = {"flat": 0, "hierarchical": 0}
+        self.gather_max_tokens = gather_max_tokens if comm_mode == "auto" and plan.num_gpus > 1 else 0
+        self.mode_calls = {"flat": 0, "hierarchical": 0, "gather": 0}
+        self._counts: list[int] | None = None  # every rank's tokens in this forward's calls
+        self._counts_layer = -1
         self.router_policy, self.router_sampling, self.device = router_policy, router_sampling, torch.device(device)
         self.router = ReplicaRouter(plan, router_policy, source_gpus=[rank], sampling=router_sampling,
                                     device=device)
@@ -53,6 +62,9 @@ class GraceRuntime:
         self.traffic = [Traffic() for _ in range(plan.num_layers)]
         self.seconds = [0.0] * plan.num_layers
         self.measure = False  # timing synchronises the device: off unless asked for
+        # Gather calls on a GPU replay CUDA graphs (decode is launch-bound); None: always eager.
+        self.gather_graphs = (GatherGraphs(self, True, max(self.gather_max_tokens, DEFAULT_GATHER_MAX_TOKENS))
+                              if cuda_graphs and self.device.type == "cuda" else None)
 
     def switch_plan(self, plan: PlacementPlan, arrived: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Serve `plan` from the next forward on: every changed layer's slots take their new experts'
@@ -72,17 +84,39 @@ class GraceRuntime:
         for layer in changed.tolist():
             self.slot_modules[layer].refill(plan.slot_expert[layer, self.rank], arrived.get(layer, {}))
         self.plan, self.router = plan, router
+        if self.gather_graphs is not None:
+            self.gather_graphs.clear()  # they hold the old weights and routing tables
 
-    def mode_for(self, num_tokens: int, device: torch.device, layer: int) -> str:
-        """The exchange for a call with num_tokens here: the resolved mode, or under `auto` flat when every
-        rank's call is smaller than hierarchical_min_tokens."""
-        if self.comm_mode != "hierarchical" or self.hierarchical_min_tokens <= 0:
-            return self.comm_mode
+    def token_counts(self, num_tokens: int, device: torch.device, layer: int) -> list[int]:
+        """Every rank's token count in this call. Exchanged (one tiny all-gather) at a forward's first MoE
+        call, i.e. when the layer index does not grow, which every rank sees alike; the later layers of a
+        forward hold the same tokens and reuse it."""
         if not (dist.is_available() and dist.is_initialized()):
-            return "hierarchical" if num_tokens >= self.hierarchical_min_tokens else "flat"
-        counts = faults.all_gather_tensor(torch.tensor([num_tokens], device=device),
-                                          f"dispatch of layer {layer} (choosing the exchange)", self.group)
-        return "hierarchical" if int(counts.max()) >= self.hierarchical_min_tokens else "flat"
+            return [num_tokens]
+        if self._counts is None or layer <= self._counts_layer:
+            counts = faults.all_gather_tensor(torch.tensor([num_tokens], device=device),
+                                              f"dispatch of layer {layer} (exchanging token counts)", self.group)
+            self._counts = [int(c) for c in counts.flatten().tolist()]
+        elif self._counts[self.rank] != num_tokens:
+            raise RuntimeError(f"layer {layer} got {num_tokens} tokens on rank {self.rank}, the forward's earlier "
+                               f"MoE layers {self._counts[self.rank]}: every MoE layer of a forward must see the same tokens")
+        self._counts_layer = layer
+        return self._counts
+
+    def mode_for(self, num_tokens: int, device: torch.device, layer: int, needs_grad: bool = False) -> tuple[str, int]:
+        """(exchange, tokens to pad to) for a call with num_tokens here: the resolved mode, or under `auto`
+        gather or flat by the largest rank's count (gather only without autograd). The padding, every
+        rank's largest count, matters to gather alone (0 when no other mode needed the counts)."""
+        use_gather = self.gather_max_tokens > 0 and not needs_grad
+        use_flat = self.comm_mode == "hierarchical" and self.hierarchical_min_tokens > 0
+        if self.comm_mode == "gather":
+            return "gather", max(self.token_counts(num_tokens, device, layer))
+        if not (use_gather or use_flat):
+            return self.comm_mode, 0
+        largest = max(self.token_counts(num_tokens, device, layer))
+        if use_gather and largest <= self.gather_max_tokens:
+            return "gather", largest
+        return ("flat" if use_flat and largest < self.hierarchical_min_tokens else self.comm_mode), largest
 
     def modes_used(self) -> str:
         """The exchange this runtime ran: one mode's name, or how many calls went each way under `auto`."""
@@ -102,12 +136,26 @@ class GraceRuntime:
         if self.measure:
             _synchronize(hidden.device)
             start = time.perf_counter()
-        slots = self.router.route(layer, top_k_index, self.rank)
-        mode = self.mode_for(hidden.shape[0], hidden.device, layer)
+        needs_grad = torch.is_grad_enabled() and hidden.requires_grad
+        mode, largest = self.mode_for(hidden.shape[0], hidden.device, layer, needs_grad)
         self.mode_calls[mode] += 1
-        out = exchange_and_compute(hidden, slots, top_k_weights, self.plan.slots_per_gpu, self.plan.topology,
-                                   self.rank, compute, mode, self.group,
-                                   self.traffic[layer] if self.measure else None, f" of layer {layer}")
+        traffic = self.traffic[layer] if self.measure else None
+        graphs = self.gather_graphs
+        bucket = None
+        if (mode == "gather" and graphs is not None and traffic is None and not needs_grad
+                and getattr(compute, "accepts_unrouted", False) and (capturable(compute) or not graphs.capture)):
+            bucket = token_bucket(largest, graphs.max_tokens)
+        if bucket is not None:
+            out = graphs(layer, hidden, top_k_index, top_k_weights, bucket, compute)
+        elif mode == "gather":
+            topology = self.plan.topology
+            out = gather_and_compute(hidden, self.router.route(layer, top_k_index, self.rank), top_k_weights,
+                                     self.plan.slots_per_gpu, self.rank, topology.num_gpus, largest, compute,
+                                     self.group, traffic, topology.node_of_gpu.tolist(), f" of layer {layer}")
+        else:
+            out = exchange_and_compute(hidden, self.router.route(layer, top_k_index, self.rank), top_k_weights,
+                                       self.plan.slots_per_gpu, self.plan.topology, self.rank, compute, mode,
+                                       self.group, traffic, f" of layer {layer}")
         if self.measure:
             _synchronize(hidden.device)
             self.seconds[layer] += time.perf_counter() - start

@@ -30,6 +30,12 @@ Modeled MoE-layer time (per layer, microseconds), alpha-beta links + expert GEMM
                      pre-reduces a token's outputs on the destination node, so it crosses once too)
   layer time       = dispatch + compute + combine + layer_overhead (+ hop_overhead, hierarchical):
                      the fixed cost measured with one token per GPU, 0 unless calibrated
+  gather exchange  = every GPU's tokens, padded to the largest GPU's count P, reach every GPU once
+                     (all-gather, hidden state + 8k bytes of slots and weights), partial outputs
+                     return summed (reduce-scatter):
+  gather dispatch  = max(max_n inter_gather(n) + alpha_inter, (GPUs - 1) * P rows / intra_bw + alpha_intra)
+                     inter_gather(n) = max(P * GPUs off n, P * GPUs of n * (nodes - 1)) rows
+  gather time      = gather dispatch + compute + gather combine + gather_overhead (else layer_overhead)
 """
 
 
@@ -46,6 +52,7 @@ class LayerMetrics:
     intra_node_bytes_flat: float
     modeled_layer_time_us: float
     modeled_layer_time_us_flat: float
+    modeled_layer_time_us_gather: float
     modeled_compute_us: float
 
 
@@ -116,6 +123,8 @@ def layer_traffic(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Top
 
     pairs = torch.bincount(dest_gpu.reshape(-1), minlength=num_gpus).double()
     compute = (pairs.max() * 6.0 * cost.hidden * cost.ffn_hidden / (links.expert_tflops * 1e6))
+    gather = _gather_exchange_us(int(torch.bincount(token_gpu, minlength=num_gpus).max()), dest_gpu.shape[1],
+                                 topology, bytes_per_copy)
     return {
         "gpu_copies_per_token": float(remote.sum()) / num_tokens,
         "cross_node_copies_per_token": float(remote_nodes.sum()) / num_tokens,
@@ -128,8 +137,27 @@ def layer_traffic(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Top
         "intra_node_bytes_flat": 2 * float(intra_flat.sum()) * bytes_per_copy,
         "modeled_layer_time_us": float(2 * dispatch_h + compute) + links.layer_overhead_us + links.hop_overhead_us,
         "modeled_layer_time_us_flat": float(2 * dispatch_flat + compute) + links.layer_overhead_us,
+        "modeled_layer_time_us_gather": float(gather + compute) + (links.gather_overhead_us or links.layer_overhead_us),
         "modeled_compute_us": float(compute),
     }
+
+
+def _gather_exchange_us(padded_tokens: int, top_k: int, topology: Topology, bytes_per_copy: float) -> float:
+    """All-gather of padded_tokens rows from every GPU (hidden state + k slots and weights), then the
+    reduce-scatter of hidden-size partials: the two alpha-beta terms."""
+    links = topology.links
+    intra_bw = links.intra_node_bandwidth_GBps * 1e3
+    inter_bw = links.inter_node_bandwidth_Gbps * 1e3 / 8
+    total = 0.0
+    for row_bytes in (bytes_per_copy + 8 * top_k, bytes_per_copy):
+        rows = padded_tokens * row_bytes
+        intra = rows * (topology.num_gpus - 1) / intra_bw + links.intra_node_latency_us
+        inter = 0.0
+        if topology.num_nodes > 1:
+            inter = max(max(rows * (topology.num_gpus - g), rows * g * (topology.num_nodes - 1))
+                        for g in topology.gpus_per_node) / inter_bw + links.inter_node_latency_us
+        total += max(intra, inter)
+    return total
 
 
 def token_gpus(num_tokens: int, num_gpus: int) -> torch.Tensor:

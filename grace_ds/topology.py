@@ -25,11 +25,12 @@ class LinkModel:
     # start-up): what one token per GPU takes; measured by scripts/bench_gpu.py, 0 when unknown.
     layer_overhead_us: float = 0.0
     hop_overhead_us: float = 0.0  # what the hierarchical mode's second hop adds to that fixed cost
+    gather_overhead_us: float = 0.0  # the gather exchange's fixed cost in place of layer_overhead_us, 0: the same
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            may_be_zero = f.name in ("layer_overhead_us", "hop_overhead_us")
+            may_be_zero = f.name in ("layer_overhead_us", "hop_overhead_us", "gather_overhead_us")
             if not (isinstance(value, (int, float)) and value == value and (value > 0 or (may_be_zero and value == 0))):
                 raise GraceInputError(f"link model: {f.name} must be a positive number, got {value!r}")
 

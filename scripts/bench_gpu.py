@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib.util
 import json
 import socket
@@ -189,6 +190,7 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
     world = topology.num_gpus
     replay = torch.load(case["replay"], weights_only=True).long()
     modes = ["flat", "hierarchical"] if topology.num_nodes > 1 and max(topology.gpus_per_node) > 1 else ["flat"]
+    modes += ["gather"] if world > 1 else []  # timed on decode batches only: it gathers every token everywhere
     variants = [("deepspeed-native", "deepspeed", None)]
     if HAVE_MEGATRON:
         variants.append(("megatron-alltoall", "megatron", None))
@@ -208,6 +210,8 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
         busy = Stopwatch(device)
         layer, runtime = make_layer(case, shape, kind, mode, topology, rank, device, dtype, busy)
         for batch_name, tokens, x, ids in batches:
+            if mode == "gather" and not batch_name.startswith("decode"):
+                continue
             layer.bias = replay_bias(ids, shape.num_experts)
             record = {"case": case["case"], "shape": shape.name, "batch": batch_name, "tokens": tokens,
                       "variant": variant, "policy": kind if runtime is not None else None, "mode": mode}
@@ -216,7 +220,7 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
                 if runtime is not None:
                     runtime.traffic[0] = Traffic()
                     runtime.measure = True
-                    layer(x)
+                    eager_out = layer(x)
                     runtime.measure = False
                     traffic = runtime.traffic[0]
                     sent = [traffic.cross_node_bytes, traffic.intra_node_bytes]
@@ -232,9 +236,17 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
                     layer(x)
                     sent = deepspeed_traffic(layer.capacity, shape, topology, rank, dtype)
                     per_gpu = torch.zeros(world, dtype=torch.float64)
-            busy.milliseconds()
+            untimed_busy = sum(busy.milliseconds())  # the traffic pass: one forward, eager
+            replays = runtime.gather_graphs.replays if runtime is not None and runtime.gather_graphs else 0
             times = slowest_rank(timed(layer, x, args.iters, args.warmup, device), device)
             busy_per_iter = sum(busy.milliseconds()) / (args.iters + args.warmup)  # warm-up forwards included
+            graphed = runtime is not None and runtime.gather_graphs is not None and runtime.gather_graphs.replays > replays
+            graph_error = None
+            if graphed:  # replayed graphs record no events: the eager pass's expert time stands for them
+                busy_per_iter = untimed_busy
+                with torch.no_grad():
+                    replayed = layer(x).float()
+                graph_error = float((replayed - eager_out.float()).abs().max() / eager_out.float().abs().max())
             busy_all = torch.tensor([busy_per_iter], dtype=torch.float64, device=device)
             gathered = [torch.zeros_like(busy_all) for _ in range(world)]
             dist.all_gather(gathered, busy_all)
@@ -245,7 +257,8 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
                 "cross_node_bytes": totals[0], "intra_node_bytes": totals[1],
                 "pairs_per_gpu": totals[2:] if kind != "deepspeed" else None,
                 "gpu_busy_ms": [float(g) for g in torch.cat(gathered).tolist()],
-                "capacity": layer.capacity if kind == "deepspeed" else None,
+                "capacity": layer.capacity if kind == "deepspeed" else None, "cuda_graph": graphed,
+                "graph_vs_eager_error": graph_error,
             })
             record["idle_fraction"] = [max(0.0, 1 - b / median) for b in record["gpu_busy_ms"]]
             keep(results, record, rank, f"{case['case']:<40} {batch_name:<14} {variant}")
@@ -280,6 +293,8 @@ def measure_overheads(case: dict, args, topology: Topology, rank: int, device: t
         variants.append(("megatron_overhead_us", "megatron", None))
     if topology.num_nodes > 1 and max(topology.gpus_per_node) > 1:
         variants.append(("hierarchical_overhead_us", "contiguous", "hierarchical"))
+    if topology.num_gpus > 1:
+        variants.append(("gather_overhead_us", "contiguous", "gather"))
     for key, kind, mode in variants:
         layer, _ = make_layer(case, shape, kind, mode, topology, rank, device, dtype, Stopwatch(device))
         layer.bias = replay_bias(ids, shape.num_experts)
@@ -362,6 +377,7 @@ def worker(rank: int, world: int, args, cases: list[dict], model_case: dict | No
                                                      "model_trace": model_case and model_case["trace"]}))
         dist.barrier()
     finally:
+        gc.collect()  # layers, runtimes and their CUDA graphs go before the communicators they use
         dist.destroy_process_group()
 
 
@@ -375,7 +391,7 @@ def calibrated_links(links: dict) -> LinkModel:
         intra_node_latency_us=links.get("intra_node_latency_us", defaults.intra_node_latency_us),
         inter_node_latency_us=links.get("inter_node_latency_us", defaults.inter_node_latency_us),
         expert_tflops=links["gemm_tflops"], layer_overhead_us=links.get("layer_overhead_us", 0.0),
-        hop_overhead_us=links.get("hop_overhead_us", 0.0))
+        hop_overhead_us=links.get("hop_overhead_us", 0.0), gather_overhead_us=links.get("gather_overhead_us", 0.0))
 
 
 def add_model_and_floor(report: dict, cases: list[dict], topology: Topology, args) -> None:
@@ -390,6 +406,7 @@ def add_model_and_floor(report: dict, cases: list[dict], topology: Topology, arg
     inter_Bpus = links.inter_node_bandwidth_Gbps * 1e3 / 8
     peak_Bpus = report["links"].get("inter_node_peak_GBps", links.inter_node_bandwidth_Gbps / 8) * 1e3
     flops_rate = links.expert_tflops * 1e6  # flop per microsecond
+    simulated: dict[tuple, object] = {}
     for r in report["results"]:
         shape = shapes[r["shape"]]
         flops_per_pair = 6.0 * shape.hidden * shape.inter
@@ -397,10 +414,13 @@ def add_model_and_floor(report: dict, cases: list[dict], topology: Topology, arg
         world = topology.num_gpus
         node_bytes = r["cross_node_bytes"] / max(topology.num_nodes, 1)  # through one node's link, both phases
         if r["policy"] is not None:
-            plan = dataclasses.replace(plans[(r["case"], r["policy"])], topology=calibrated)
-            metrics = simulate_trace(plan, ids[:, None, :], "tar", CostSettings(shape.hidden, shape.inter, 2))[0]
-            r["modeled_ms"] = (metrics.modeled_layer_time_us if r["mode"] == "hierarchical"
-                               else metrics.modeled_layer_time_us_flat) / 1e3
+            key = (r["case"], r["policy"], r["tokens"])  # every mode's time comes out of one simulation
+            if key not in simulated:
+                plan = dataclasses.replace(plans[(r["case"], r["policy"])], topology=calibrated)
+                simulated[key] = simulate_trace(plan, ids[:, None, :], "tar", CostSettings(shape.hidden, shape.inter, 2))[0]
+            metrics = simulated[key]
+            r["modeled_ms"] = {"hierarchical": metrics.modeled_layer_time_us, "flat": metrics.modeled_layer_time_us_flat,
+                               "gather": metrics.modeled_layer_time_us_gather}[r["mode"]] / 1e3
             max_pairs = max(r["pairs_per_gpu"])
         else:  # the same alpha-beta terms over what DeepSpeed or megatron move and compute
             if r["variant"] == "deepspeed-native":  # every rank computes E/W experts x W ranks x C padded rows
@@ -467,11 +487,14 @@ def main() -> None:
         result_file = str(Path(tmp, "results.json"))
         mp.spawn(worker, args=(world, args, cases, model_case, free_port(), result_file), nprocs=world, join=True)
         report = json.loads(Path(result_file).read_text())
+        report["setting"] = {"date": time.strftime("%Y-%m-%d"), "ranks": world, "nodes": args.nodes,
+                             "gpus_per_node": world // args.nodes,
+                             "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+                             "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup,
+                             "replica_slots": args.replica_slots, "tiny": args.tiny, "batches": BATCHES}
+        # The measurements first, as they are: the model and floor below take a while on the host.
+        (args.out / "bench_gpu_measured.json").write_text(json.dumps(report, indent=1))
         add_model_and_floor(report, cases, topology, args)
-    report["setting"] = {"date": time.strftime("%Y-%m-%d"), "ranks": world, "nodes": args.nodes, "gpus_per_node": world // args.nodes,
-                         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-                         "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup,
-                         "replica_slots": args.replica_slots, "tiny": args.tiny, "batches": BATCHES}
     if args.profile_decode:
         print((args.out / "profile_decode.txt").read_text())
         return

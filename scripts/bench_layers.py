@@ -38,6 +38,8 @@ class Stopwatch:
         self.intervals: list[tuple] = []
 
     def start(self):
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None  # inside a CUDA graph capture: replays are timed as a whole
         if self.device.type == "cuda":
             event = torch.cuda.Event(enable_timing=True)
             event.record()
@@ -45,6 +47,8 @@ class Stopwatch:
         return time.perf_counter()
 
     def stop(self, started) -> None:
+        if started is None:
+            return
         if self.device.type == "cuda":
             event = torch.cuda.Event(enable_timing=True)
             event.record()
@@ -144,6 +148,12 @@ class GraceLayer(nn.Module):
         out = self.slots(rows, slot)
         self.busy.stop(started)
         return out
+
+    _experts.accepts_unrouted = SlotExperts.accepts_unrouted  # the gather exchange may pass slot -1
+
+    @property
+    def capturable(self) -> bool:  # the gather exchange's CUDA graphs may hold _experts
+        return self.slots.capturable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.gate.weight) + self.bias

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bench_layers import keep, release, replay_bias, slowest_rank, timed
-from grace_ds.layer import DEFAULT_HIERARCHICAL_MIN_TOKENS, GraceRuntime
+from grace_ds.layer import DEFAULT_GATHER_MAX_TOKENS, DEFAULT_HIERARCHICAL_MIN_TOKENS, GraceRuntime
 from grace_ds.models import convert_model, find_moe_blocks
 from grace_ds.plan import PlacementPlan
 
@@ -68,7 +68,8 @@ def run_model(plans: dict[str, str], replay: torch.Tensor, args, rank: int, worl
             plan = PlacementPlan.load(path)
             model = olmoe_model(device, dtype, args.tiny)
             runtime = GraceRuntime(plan, rank, None, "tar", mode, device=device,
-                                   hierarchical_min_tokens=DEFAULT_HIERARCHICAL_MIN_TOKENS)
+                                   hierarchical_min_tokens=DEFAULT_HIERARCHICAL_MIN_TOKENS,
+                                   gather_max_tokens=DEFAULT_GATHER_MAX_TOKENS)
             convert_model(model, runtime)
             holder: dict = {}
             replay_routers(model, holder)

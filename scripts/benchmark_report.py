@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 BASELINES = ("deepspeed-native", "megatron-alltoall", "grace-layer/uniform-affinity/flat", "grace-layer/eplb/hierarchical",
-             "grace-layer/eplb/flat", "grace-layer/contiguous/flat")
+             "grace-layer/eplb/flat", "grace-layer/contiguous/flat", "grace-layer/uniform-affinity/gather",
+             "grace-layer/eplb/gather")
 
 
 def grace_best(rows: list[dict]) -> dict:
@@ -85,7 +86,8 @@ def mode_crossover(report: dict) -> list[str]:
         return []
     return ["- **flat or hierarchical**: the GRACE plan's hierarchical exchange overtakes the flat one at about "
             + ", ".join(out) + " tokens per GPU (linear between the largest decode batch and prefill; the "
-            "runtime's `auto` goes flat below `hierarchical_min_tokens`, 512 by default)."]
+            "runtime's `auto` goes flat below `hierarchical_min_tokens`, 512 by default, and takes the gather "
+            "exchange up to `gather_max_tokens`, 128 by default)."]
 
 
 def findings(report: dict) -> list[str]:
@@ -130,6 +132,67 @@ def model_lines(report: dict) -> list[str]:
     return lines
 
 
+def parse_log(path: Path) -> dict:
+    """A bench_gpu.py log (what rank 0 prints as each median comes) as a report of medians only: for a
+    run cut short before it wrote its JSON."""
+    results, model, links = [], [], {}
+    for line in path.read_text().splitlines():
+        if line.startswith("measured: "):
+            links = json.loads(line[len("measured: "):])
+            continue
+        parts = line.split()
+        if len(parts) < 4 or parts[-1] != "ms":
+            continue
+        if parts[0].startswith("model/") and len(parts) == 4:
+            _, policy, mode = parts[0].split("/")
+            model.append({"policy": policy, "mode": mode, "batch": parts[1], "median_ms": float(parts[2])})
+        elif len(parts) == 5:
+            case, batch, variant, ms = parts[:4]
+            grace = variant.startswith("grace-layer/")
+            results.append({"case": case, "batch": batch, "variant": variant, "median_ms": float(ms),
+                            "policy": variant.split("/")[1] if grace else None,
+                            "mode": variant.split("/")[2] if grace else None})
+    return {"results": results, "model": model, "links": links}
+
+
+def log_section(path: Path, main: dict) -> list[str]:
+    """Ratios and the whole model's times from a log of medians; what CUDA graphs changed against the
+    main report (the same benchmark, gather exchange run eagerly)."""
+    report = parse_log(path)
+    lines = [f"## 2 logical nodes x 2 GPUs, CUDA graphs at decode: `{shown(path)}` (medians only)", "",
+             "The same benchmark after the gather exchange's CUDA graphs landed (bf16 decode calls replay one "
+             "graph per layer and token bucket). The run reached its time limit after its last measurement, "
+             "before it wrote its JSON: this section is rendered from the medians the script prints as it "
+             "goes (no traffic, model or floor columns). Measured figures: "
+             + ", ".join(f"{k} = {v:.4g}" for k, v in report["links"].items()) + ".", ""]
+    decode = {"results": [r for r in report["results"] if r["batch"].startswith("decode")]}
+
+    def grace_gather(results: list[dict]) -> list[float]:
+        return [r["median_ms"] for r in results if r["variant"] == "grace-layer/grace/gather"]
+
+    eager_gather, graphed = grace_gather(main["results"]), grace_gather(decode["results"])
+    if eager_gather and graphed and "gather_overhead_us" in main["links"] and "gather_overhead_us" in report["links"]:
+        lines += [f"- **what the graphs changed**: the gather exchange's fixed cost (one token per GPU) "
+                  f"{main['links']['gather_overhead_us'] / 1e3:.2f} ms eager (`{MAIN_NAME[0]}`) -> "
+                  f"{report['links']['gather_overhead_us'] / 1e3:.2f} ms replayed; the GRACE plan's decode layer "
+                  f"{_span(eager_gather, ' ms')} eager -> {_span(graphed, ' ms')} replayed.", ""]
+    pivot = [v for v in dict.fromkeys(r["variant"] for r in decode["results"]) if v.startswith("grace-layer/")]
+    lines += ["Decode, the GRACE plan's fastest exchange against each baseline (higher = GRACE faster):", "",
+              *ratio_lines(decode), "", "Decode layer ms of every plan and exchange:", "",
+              "| case | batch | " + " | ".join(v.removeprefix("grace-layer/") for v in pivot) + " |",
+              "|---|---|" + "---:|" * len(pivot)]
+    for case, batch in dict.fromkeys((r["case"], r["batch"]) for r in decode["results"]):
+        cells = [next((f"{r['median_ms']:.2f}" for r in decode["results"]
+                       if (r["case"], r["batch"], r["variant"]) == (case, batch, v)), "") for v in pivot]
+        lines.append(f"| {case} | {batch} | " + " | ".join(cells) + " |")
+    lines += ["", "Whole model (OLMoE shape, 2 layers, attention + MoE); `auto` takes the gather exchange at decode:",
+              "", *model_lines(report), ""]
+    return lines
+
+
+MAIN_NAME = [""]  # the main report's path as shown, for the log section's comparison
+
+
 def plot(report: dict, path: Path) -> None:
     cases = list(dict.fromkeys(r["case"] for r in report["results"]))
     batches = list(dict.fromkeys(r["batch"] for r in report["results"]))
@@ -164,9 +227,12 @@ def main() -> None:
     p.add_argument("--earlier", type=Path, help="an earlier run of the same benchmark, for run-to-run spread")
     p.add_argument("--also", type=Path, action="append", default=[],
                    help="another run (e.g. with more baselines) shown in a section of its own")
+    p.add_argument("--log", type=Path, action="append", default=[],
+                   help="a run's printed log (medians only), for a run cut short before its JSON")
     p.add_argument("--out", type=Path, default=DOCS / "benchmarks.md")
     args = p.parse_args()
     report = json.loads(args.report.read_text())
+    MAIN_NAME[0] = shown(args.report)
     setting, links = report["setting"], report["links"]
     plot(report, args.out.with_suffix(".png"))
     also_lines = []
@@ -190,7 +256,8 @@ def main() -> None:
         "",
         f"Produced by `python scripts/benchmark_report.py {shown(args.report)}"
         + (f" --earlier {shown(args.earlier)}" if args.earlier else "")
-        + "".join(f" --also {shown(a)}" for a in args.also) + "` from the raw JSON files beside this page, "
+        + "".join(f" --also {shown(a)}" for a in args.also) + "".join(f" --log {shown(a)}" for a in args.log)
+        + "` from the raw JSON files (and logs) beside this page, "
         f"each written by `bash scripts/bench_gpu.sh` on the GPU test machine ({setting['device']}, torch "
         f"{setting['torch']}) with its GPUs split into 2 logical nodes (NCCL_HOSTID per node: traffic between "
         "nodes takes NCCL's socket path, ~30 Gbit/s; inside a node NVLink).",
@@ -209,13 +276,15 @@ def main() -> None:
         "",
         "Columns. modeled ms: `grace-ds simulate`'s cost model with the run's measured link and GEMM figures "
         "(each rank uses the slowest rank's), the fixed layer cost included (`layer_overhead_us`, "
-        "`deepspeed_overhead_us`, `megatron_overhead_us`: one layer's time with one token per GPU); for "
+        "`gather_overhead_us`, `deepspeed_overhead_us`, `megatron_overhead_us`: one layer's time with one token "
+        "per GPU; `hop_overhead_us`: what hierarchical adds); for "
         "DeepSpeed and megatron the same alpha-beta terms over what they move and compute (capacity-padded "
         "rows; one copy per token and expert). floor: cross-node bytes through one node's link at the best "
         "measured rate (dispatch then combine) + the busiest GPU's expert FLOPs at the measured GEMM rate. "
         "achieved GB/s: cross-node bytes per node / layer time. busy: time in expert GEMMs per forward; "
         "idle: 1 - busy / layer time.",
         "",
+        *[line for path in args.log for line in log_section(path, report)],
         *also_lines,
         f"## {setting['nodes']} logical nodes x {setting['gpus_per_node']} GPU{'s' if setting['gpus_per_node'] > 1 else ''}: "
         f"`{shown(args.report)}` "
@@ -253,7 +322,9 @@ def main() -> None:
                  "with the layer times above: the device is busy for a fraction of each forward (NCCL "
                  "all-to-alls, 4 per forward, most of it); the rest is host-side launch and wait time "
                  "(about a hundred kernel launches and twenty host-device copies per forward), which is "
-                 "what the fixed `layer_overhead_us` measures and what the decode path should cut next.", ""]
+                 "what the fixed `layer_overhead_us` measures. The gather exchange (no split-size exchange, no "
+                 "host wait) and its CUDA graphs (one launch per layer) are the answer; their effect is in the "
+                 "sections above.", ""]
     text += ["## Not run here", ""]
     others = [json.loads(a.read_text()) for a in args.also]
     if all(rep["setting"]["gpus_per_node"] < 2 for rep in [report] + others):

@@ -50,8 +50,10 @@ def predict(calibration: dict, topology: Topology, traces: Path, shapes: list[st
                 for batch, tokens in BATCHES.items():
                     metrics = simulate_trace(plan, ids[half:half + tokens, None, :], "tar",
                                              CostSettings(shape.hidden, shape.inter, 2))[0]
-                    for mode, time_us in (("flat", metrics.modeled_layer_time_us_flat),
-                                          ("hierarchical", metrics.modeled_layer_time_us)):
+                    modes = [("flat", metrics.modeled_layer_time_us_flat), ("hierarchical", metrics.modeled_layer_time_us)]
+                    if batch.startswith("decode"):  # the gather exchange is timed at decode only
+                        modes.append(("gather", metrics.modeled_layer_time_us_gather))
+                    for mode, time_us in modes:
                         rows.append({"case": case, "policy": policy, "mode": mode, "batch": batch,
                                      "modeled_ms": time_us / 1e3})
     return rows

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from grace_ds.decode_graphs import GatherGraphs  # noqa: E402
 from grace_ds.hooks import RoutingRecorder  # noqa: E402
 from grace_ds.logical_nodes import join_logical_node  # noqa: E402
 from grace_ds.layer import GraceExperts, GraceRuntime  # noqa: E402
@@ -85,6 +86,11 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str, spec: str) 
         dist.destroy_process_group()
 
 
+def exchange_modes(topology: Topology) -> list[str]:
+    """flat; hierarchical across nodes; gather with more than one rank."""
+    return ["flat"] + ["hierarchical"] * (topology.num_nodes > 1) + ["gather"] * (topology.num_gpus > 1)
+
+
 class ExpertMLP(torch.nn.Module):
     """A plain expert, as DeepSpeed-MoE users write them."""
 
@@ -124,7 +130,7 @@ def check_deepspeed(rank: int, world: int, topology: Topology, policies, ks) -> 
         topk_ids = torch.topk(inputs.reshape(-1, hidden).cpu() @ gate_weight.T, k, dim=-1).indices
         profile = RoutingProfile.from_topk_ids(topk_ids.view(-1, 1, k), num_experts)
         for policy in policies:
-            for mode in (["flat", "hierarchical"] if topology.num_nodes > 1 else ["flat"]):
+            for mode in exchange_modes(topology):
                 plan = make_plan(policy, profile, topology, replica_slots=1)
                 runtime = GraceRuntime(plan, rank, None, "tar", mode, device=DEVICE)
                 layer = GraceMoE(hidden, ExpertMLP(hidden, inner), num_experts, runtime, layer=0, k=k).to(DEVICE).eval()
@@ -162,18 +168,36 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
     with torch.no_grad():
         out = engine(ids[mine]).logits
     profile_path = grace_deepspeed.save_profile(engine, Path(out_dir, "served.safetensors"))
-    # `auto` by batch size: with a threshold of 20 tokens, full batches (24 a rank) go hierarchical, short
-    # ones (4 a rank) flat, and uneven ones (rank 0 full, the others short) follow the largest rank.
+    # `auto` by batch size: with thresholds of 20 (hierarchical) and 4 (gather) tokens, full batches (24 a
+    # rank) go hierarchical, short ones (8) flat, uneven ones (rank 0 full, the others 4) follow the largest
+    # rank; the shortest (4 a rank, and 2 on rank 0 with 4 elsewhere: padded) take the gather exchange.
     runtime = engine.grace_runtime
     runtime.hierarchical_min_tokens = 20 if runtime.comm_mode == "hierarchical" else 0
+    runtime.gather_max_tokens = 4 if world > 1 else 0
+    if runtime.gather_graphs is None:  # CPU: the graphs' padded body, run eagerly (on CUDA: captured, replayed)
+        runtime.gather_graphs = GatherGraphs(runtime, False, 8)
     by_size = []
-    for length in ([SEQUENCE_LENGTH] * world, [2] * world, [SEQUENCE_LENGTH] + [2] * (world - 1)):
+    for length in ([SEQUENCE_LENGTH] * world, [4] * world, [SEQUENCE_LENGTH] + [2] * (world - 1), [2] * world,
+                   [1] + [2] * (world - 1)):
         before = dict(runtime.mode_calls)
         with torch.no_grad():
             got = engine(ids[mine, :length[rank]]).logits
             want = reference(ids[:, :length[rank]]).logits[mine]
         by_size.append({"error": relative_error(got, want),
                         "modes": {m: runtime.mode_calls[m] - before[m] for m in before}})
+    graph_check = None
+    if DEVICE.type == "cuda" and world > 1:
+        # bf16 on the GPU: gather calls replay CUDA graphs, whose outputs equal the eager gather path's.
+        engine.module.to(torch.bfloat16)
+        runtime.gather_graphs = None
+        with torch.no_grad():
+            eager = engine(ids[mine, :2]).logits.float()
+        runtime.gather_graphs = GatherGraphs(runtime, True, 8)
+        with torch.no_grad():
+            replayed = [engine(ids[mine, :2]).logits.float() for _ in range(2)]
+        graph_check = {"replays": runtime.gather_graphs.replays,
+                       "error": max(relative_error(r, eager) for r in replayed)}
+        runtime.gather_graphs = GatherGraphs(runtime, False, 8)  # for the counts reported below
     # Planned at start-up from a profile: the first rank plans, every rank serves its plan.
     startup = Path(out_dir, "startup_profile.safetensors")
     if rank == 0:
@@ -194,7 +218,8 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
     except GraceInputError as error:
         refused = str(error)
     return {"error": relative_error(out, ref_logits[mine]), "error_planned_at_startup": from_profile,
-            "by_size": by_size, "base_mode": runtime.comm_mode,
+            "by_size": by_size, "base_mode": runtime.comm_mode, "padded_gather_calls": runtime.gather_graphs.calls,
+            "graph_check": graph_check,
             "topology": list(engine.grace_runtime.plan.topology.gpus_per_node),
             "profile": str(profile_path), "refused": refused}
 

@@ -23,15 +23,18 @@ def test_bench_gpu_runs_every_variant_on_cpu(shared_data, tmp_path):
     report = json.loads((out / "bench_gpu.json").read_text())
     results = report["results"]
     variants = {r["variant"] for r in results}
-    assert variants == {"deepspeed-native", "megatron-alltoall"} | {f"grace-layer/{p}/flat" for p in
-                                                ("contiguous", "eplb", "uniform-affinity", "grace")}
+    assert variants == {"deepspeed-native", "megatron-alltoall"} | {f"grace-layer/{p}/{m}" for p in
+                                                ("contiguous", "eplb", "uniform-affinity", "grace")
+                                                for m in ("flat", "gather")}
     assert {r["batch"] for r in results} == {"prefill-32768", "decode-256", "decode-512"}
+    assert {r["batch"] for r in results if r["mode"] == "gather"} == {"decode-256", "decode-512"}
+    assert report["links"]["gather_overhead_us"] > 0
     for r in results:
         assert r["median_ms"] > 0 and r["floor_ms"] > 0 and r["modeled_ms"] > 0 and r["iters"] == 2
         assert r["cross_node_bytes"] > 0 and len(r["gpu_busy_ms"]) == 2
     for batch in ("prefill-32768", "decode-256"):
         native = next(r for r in results if r["batch"] == batch and r["policy"] is None)
-        grace = next(r for r in results if r["batch"] == batch and r["policy"] == "grace")
+        grace = next(r for r in results if r["batch"] == batch and r["policy"] == "grace" and r["mode"] == "flat")
         # DeepSpeed pads every expert to the largest count: it never moves fewer bytes than a dropless exchange.
         assert native["capacity"] > 0 and native["cross_node_bytes"] >= grace["cross_node_bytes"]
     assert {"inter_node_GBps", "gemm_tflops", "layer_overhead_us", "megatron_overhead_us"} <= set(report["links"])
@@ -80,8 +83,9 @@ def test_predict_layout_models_every_plan_and_exchange_at_two_by_four(shared_dat
                     "--out", str(tmp_path)], check=True, cwd=ROOT, timeout=300)
     report = json.loads((tmp_path / "predicted-2x4.json").read_text())
     assert report["target"] == "2 nodes x 4 GPUs"
-    # olmoe_arxiv: 4 plans x 2 exchanges x 3 batches, at the target and at the calibration's layout.
-    assert len(report["rows"]) == len(report["calibration_rows"]) == 24
+    # olmoe_arxiv: 4 plans x (2 exchanges x 3 batches + gather x 2 decode batches), at the target and at
+    # the calibration's layout.
+    assert len(report["rows"]) == len(report["calibration_rows"]) == 32
     assert all(r["modeled_ms"] > 0 for r in report["rows"] + report["calibration_rows"])
     # Flat prefill crosses nodes once per remote GPU: more GPUs a node, more copies on the same link.
     flat = {r["policy"]: r["modeled_ms"] for r in report["rows"] if r["mode"] == "flat" and r["batch"] == "prefill-32768"}

@@ -24,11 +24,18 @@ def test_no_section_is_plain_deepspeed():
     ({"router": "nearest"}, "router"),
     ({"replica_slots": -1}, "replica_slots"),
     ({"unknown_key": 1}, "unknown_key"),
+    ({"communication": "ring"}, "communication"),
+    ({"gather_max_tokens": -1}, "gather_max_tokens"),
     ("yes", "must be an object"),
 ])
 def test_bad_sections_give_one_clear_error(section, message):
     with pytest.raises(GraceInputError, match=message):
         split_config({"dtype": "fp32", "grace_moe": section})
+
+
+def test_exchange_settings_reach_the_section():
+    _, section = split_config({"grace_moe": {"communication": "gather", "gather_max_tokens": 64, "cuda_graphs": False}})
+    assert (section.communication, section.gather_max_tokens, section.cuda_graphs) == ("gather", 64, False)
 
 
 def test_unreadable_json_names_the_file(tmp_path):

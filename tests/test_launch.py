@@ -41,8 +41,9 @@ def test_two_emulated_nodes_under_the_deepspeed_launcher(tmp_path, monkeypatch):
     assert sorted(line["rank"] for line in lines) == list(range(2 * per_node))
     for line in lines:
         assert line["topology"] == f"2 nodes x {per_node} GPUs"
-        # auto: hierarchical across 2 x 2, but these small batches (under 512 tokens a rank) all go flat.
-        assert line["comm_resolved"] == ("hierarchical" if per_node > 1 else "flat") and line["comm"] == "flat"
+        # auto: hierarchical across 2 x 2, but these small batches (at most 128 tokens a rank) all take the
+        # gather exchange.
+        assert line["comm_resolved"] == ("hierarchical" if per_node > 1 else "flat") and line["comm"] == "gather"
         assert line["relative"] < 1e-5 and line["text_equal"]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["generated_text_equal"] and report["prefill_tokens"] == 2 * per_node * 2 * 32

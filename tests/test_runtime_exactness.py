@@ -45,7 +45,7 @@ def layouts() -> list:
 
 @pytest.mark.parametrize("world, nodes", layouts())
 def test_outputs_match_the_unmodified_model(world, nodes, tmp_path):
-    modes = ["flat", "hierarchical"] if nodes > 1 else ["flat"]
+    modes = ["flat"] + ["hierarchical"] * (nodes > 1) + ["gather"] * (world > 1)
     # OLMoE gets every policy x router x mode; the other families every policy with tar.
     checks = {family: ({"policies": POLICIES, "routers": ["tar"], "modes": modes} if family != "olmoe"
                        else every_combination(modes)) for family in FAMILIES}
@@ -62,16 +62,24 @@ def test_outputs_match_the_unmodified_model(world, nodes, tmp_path):
         assert served["error"] < TOLERANCE and served["error_planned_at_startup"] < TOLERANCE
         assert all(call["error"] < TOLERANCE for call in served["by_size"]), served["by_size"]
         assert served["base_mode"] == ("hierarchical" if nodes > 1 and world > nodes else "flat")
+        exchanges = [call["modes"] for call in served["by_size"]]
         if served["base_mode"] == "hierarchical":  # auto at 2 x 2: the exchange follows the largest rank's batch
-            assert [call["modes"] for call in served["by_size"]] == [
-                {"flat": 0, "hierarchical": 2}, {"flat": 2, "hierarchical": 0}, {"flat": 0, "hierarchical": 2}]
+            assert exchanges[:3] == [{"flat": 0, "hierarchical": 2, "gather": 0}, {"flat": 2, "hierarchical": 0, "gather": 0},
+                                 {"flat": 0, "hierarchical": 2, "gather": 0}]
+        if world > 1:  # the smallest batches, even and uneven, take the gather exchange in both layers
+            assert exchanges[3:] == [{"flat": 0, "hierarchical": 0, "gather": 2}] * 2, exchanges
+        on_gpu = os.environ.get("GRACE_TEST_DEVICE") == "cuda"
+        if world > 1 and not on_gpu:  # the gather calls (two layers, two calls) took the graphs' padded body
+            assert served["padded_gather_calls"] == 4
+        if world > 1 and on_gpu:  # bf16: two forwards of two layers replayed CUDA graphs, equal to eager gather
+            assert served["graph_check"]["replays"] == 4 and served["graph_check"]["error"] < 1e-3, served["graph_check"]
         assert served["topology"] == [world // nodes] * nodes, "topology found from the ranks' host names"
         assert "plan is for 1 nodes x 1 GPUs" in served["refused"] or world == 1
         assert (tmp_path / "served.safetensors").exists()
         ds_errors = report.pop("deepspeed")["errors"]
         worst = max(ds_errors.items(), key=lambda kv: kv[1])
         assert worst[1] < TOLERANCE, f"rank {rank} GraceMoE vs DeepSpeed MoE {worst[0]}: relative error {worst[1]:.2e}"
-        assert len(ds_errors) == 2 * len(POLICIES) * (2 if nodes > 1 else 1)
+        assert len(ds_errors) == 2 * len(POLICIES) * len(modes)
         for family, result in report.items():
             worst = max(result["errors"].items(), key=lambda kv: kv[1])
             assert worst[1] < TOLERANCE, f"rank {rank} {family} {worst[0]}: relative error {worst[1]:.2e}"

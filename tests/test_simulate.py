@@ -32,6 +32,9 @@ def test_modeled_time_follows_alpha_beta():
     compute = 6 * 500 * 1 / 1e6
     assert abs(m["modeled_layer_time_us_flat"] - (2 * 11.0 + compute)) < 1e-9
     assert abs(m["modeled_layer_time_us"] - (2 * 11.0 + compute)) < 1e-9
+    # Gather: the token (1000 bytes, + 8 of slot and weight going out) reaches the other node, its output
+    # comes back: 11.008 + 11.0 us.
+    assert abs(m["modeled_layer_time_us_gather"] - (11.008 + 11.0 + compute)) < 1e-9
 
 
 def test_simulate_trace_runs_every_layer():

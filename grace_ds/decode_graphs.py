@@ -1,0 +1,130 @@
+"""CUDA graphs of the gather exchange: a decode MoE call replayed in one launch.
+
+A decode call moves few bytes and computes little; launching its ~40 kernels and two collectives from
+Python takes longer than running them (4x H200 as 2 x 2, OLMoE shape: the gather exchange's fixed cost
+3.03 ms eager, 1.36 ms replayed; docs/benchmarks.md). So each (layer, token bucket) is captured once:
+router -> pack -> all-gather -> experts -> reduce-scatter, on static buffers padded to the bucket.
+A call copies its tokens in, marks how many are real, replays, and copies its rows out. Every rank
+picks the same bucket from the same token counts, so their graphs hold matching collectives.
+
+Padding rows get slot -1 (no rank computes them) and come after the real tokens, so the replica
+router's round-robin gives the real tokens the copies the eager path would. Graphs hold the slot weights
+and routing tables by address: `clear()` drops them when the plan changes (GraceRuntime.switch_plan).
+Without capture (CPU) the same padded body runs eagerly, which is what the CPU tests check.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from grace_ds.dispatch_gather import gather_and_compute
+
+SMALLEST_BUCKET = 8
+
+
+def capturable(compute) -> bool:
+    """Whether `compute` (a module, or a bound method of one) can run inside a CUDA graph."""
+    return bool(getattr(getattr(compute, "__self__", compute), "capturable", False))
+
+
+def token_bucket(largest: int, limit: int) -> int | None:
+    """Tokens per rank to pad a call to: the next power of two from SMALLEST_BUCKET, capped at `limit`;
+    None when the call is larger than `limit` (no graph: it runs eagerly)."""
+    if largest > limit:
+        return None
+    bucket = SMALLEST_BUCKET
+    while bucket < largest:
+        bucket *= 2
+    return min(bucket, max(limit, largest))
+
+
+@dataclass
+class _Entry:
+    hidden: torch.Tensor  # [B, H]
+    top_k_index: torch.Tensor  # [B, k]
+    top_k_weights: torch.Tensor  # [B, k] float32
+    num_real: torch.Tensor  # [] this call's real tokens, on the device
+    compute: object  # held, so that its id (in the key) cannot be reused by another module
+    out: torch.Tensor | None = None  # [B, H]
+    graph: "torch.cuda.CUDAGraph | None" = None
+
+
+class GatherGraphs:
+    """Per (layer, bucket): static buffers and, when `capture`, a CUDA graph of the whole gather call."""
+
+    WARMUP_CALLS = 2  # eager runs on a side stream before capture (lazy initialisations happen there)
+
+    def __init__(self, runtime, capture: bool, max_tokens: int) -> None:
+        # A weak reference: the runtime holds this object, and a cycle would keep captured graphs (and the
+        # communicators they use) alive until a garbage collection.
+        self._runtime = weakref.ref(runtime)
+        self.capture, self.max_tokens = capture, max_tokens
+        self._entries: dict[tuple, _Entry] = {}
+        self._pool = None
+        self.calls = 0  # calls served here
+        self.replays = 0  # of which by a captured graph
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __call__(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 bucket: int, compute) -> torch.Tensor:
+        """Same result as the eager gather call for this rank's tokens [N, H]; bucket >= every rank's N."""
+        owner = getattr(compute, "__self__", compute)  # a bound method is a new object at every access
+        key = (layer, bucket, hidden.shape[1], hidden.dtype, top_k_index.shape[1], id(owner),
+               getattr(compute, "__func__", None))
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = self._build(layer, hidden, top_k_index, bucket, compute)
+        num_tokens = hidden.shape[0]
+        entry.hidden[:num_tokens].copy_(hidden)
+        entry.top_k_index[:num_tokens].copy_(top_k_index)
+        entry.top_k_weights[:num_tokens].copy_(top_k_weights)
+        entry.num_real.fill_(num_tokens)
+        self.calls += 1
+        if entry.graph is not None:
+            entry.graph.replay()
+            self.replays += 1
+        else:
+            entry.out = self._body(layer, entry, compute)
+        return entry.out[:num_tokens].clone()
+
+    def _body(self, layer: int, entry: _Entry, compute) -> torch.Tensor:
+        runtime = self._runtime()
+        bucket = entry.hidden.shape[0]
+        slots = runtime.router.route(layer, entry.top_k_index, runtime.rank)
+        real = torch.arange(bucket, device=slots.device) < entry.num_real
+        slots = torch.where(real.unsqueeze(-1), slots, -1)
+        topology = runtime.plan.topology
+        return gather_and_compute(entry.hidden, slots, entry.top_k_weights, runtime.plan.slots_per_gpu, runtime.rank,
+                                  topology.num_gpus, bucket, compute, runtime.group, None,
+                                  topology.node_of_gpu.tolist(), f" of layer {layer}")
+
+    def _build(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, bucket: int, compute) -> _Entry:
+        device = hidden.device
+        entry = _Entry(hidden.new_zeros((bucket, hidden.shape[1])),
+                       torch.zeros((bucket, top_k_index.shape[1]), dtype=top_k_index.dtype, device=device),
+                       torch.zeros((bucket, top_k_index.shape[1]), dtype=torch.float32, device=device),
+                       torch.zeros((), dtype=torch.long, device=device), getattr(compute, "__self__", compute))
+        if not self.capture:
+            return entry
+        self._runtime().router.tables(layer)  # built outside the capture
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP_CALLS):
+                self._body(layer, entry, compute)
+        torch.cuda.current_stream(device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                entry.out = self._body(layer, entry, compute)
+            entry.graph = graph
+        except RuntimeError as error:  # this rank serves the call eagerly: same collectives, same order
+            warnings.warn(f"GRACE: no CUDA graph for layer {layer} (bucket {bucket} tokens), eager instead: {error}")
+        return entry
