@@ -87,9 +87,11 @@ def cmd_plan(args) -> None:
             settings = (GraceSettings(node_grouping=mode, gpu_grouping=mode, r=args.r, replication="paper",
                                       max_rounds=1, receivers="least-loaded") if args.paper
                         else GraceSettings(r=args.r))
-        options = {"settings": settings, "tune": not args.no_tune, "workers": args.workers}
-    elif args.r is not None or args.paper or args.no_tune:
-        raise GraceInputError("--r, --paper and --no-tune apply to --policy grace only")
+        options = {"settings": settings, "tune": not args.no_tune, "workers": args.workers, "objective": args.objective}
+        if args.balance_limit is not None:
+            options["balance_limit"] = args.balance_limit
+    elif args.r is not None or args.paper or args.no_tune or args.objective != "time" or args.balance_limit is not None:
+        raise GraceInputError("--r, --paper, --no-tune, --objective and --balance-limit apply to --policy grace only")
     bar = _progress(profile.num_layers, f"planning ({args.policy})") if args.policy == "grace" else None
     if bar is not None:
         options["progress"] = bar
@@ -202,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r", type=float, help="grace: GPU-group size ratio r (default: knee of S(r) vs U(r))")
     p.add_argument("--paper", action="store_true", help="grace: the paper's spectral grouping, one replication round")
     p.add_argument("--no-tune", action="store_true", help="grace: do not score candidate settings on the profile")
+    p.add_argument("--objective", choices=("time", "copies"), default="time",
+                   help="grace: what the tuner minimises on the profile's sampled routings: the modeled layer "
+                        "time (flat + hierarchical), or GPU copies per token")
+    p.add_argument("--balance-limit", type=float,
+                   help="grace: the tuner keeps settings whose max/mean GPU load on the sample stays within this "
+                        "(default 1.12)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_plan)
 

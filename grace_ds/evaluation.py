@@ -14,21 +14,24 @@ from grace_ds.trace import RoutingTrace
 
 def evaluate_policies(trace_path: str | Path, nodes_list: list[int], gpus_list: list[int], replica_slots: int = 1,
                       test_trace: str | Path | None = None, policies: tuple[str, ...] = POLICIES,
-                      show_progress: bool = False) -> list[dict]:
+                      show_progress: bool = False, variants: dict[str, tuple[str, dict]] | None = None) -> list[dict]:
+    """Rows per (topology, policy); `variants` adds rows labelled by their key, planned by (policy, options),
+    e.g. {"grace (copies objective)": ("grace", {"objective": "copies"})}."""
     trace = RoutingTrace.load(trace_path)
     half = trace.num_tokens // 2
     profile = RoutingProfile.from_topk_ids(trace.topk_ids[:half], trace.num_experts, trace.model_name,
                                            trace.layer_names)
     test = RoutingTrace.load(test_trace) if test_trace else trace
     replay = test.topk_ids[test.num_tokens // 2:]
-    combos = [(n, g, p) for n in nodes_list for g in gpus_list for p in policies]
+    planners = {p: (p, {}) for p in policies} | dict(variants or {})
+    combos = [(n, g, p) for n in nodes_list for g in gpus_list for p in planners]
     from tqdm import tqdm
 
     rows = []
     for nodes, gpus, policy in tqdm(combos, desc="plan + replay", disable=not show_progress, leave=False):
         topology = Topology.uniform(nodes, gpus)
         start = time.perf_counter()
-        plan = make_plan(policy, profile, topology, replica_slots)
+        plan = make_plan(planners[policy][0], profile, topology, replica_slots, **planners[policy][1])
         plan_s = time.perf_counter() - start
         summary = summarize(simulate_trace(plan, replay, "tar"))
         rows.append({"profile": trace.model_name, "replay": test.model_name, "topology": f"{nodes}x{gpus}",

@@ -76,6 +76,10 @@ def test_unknown_policy_and_negative_budget_are_refused():
         make_plan("nope", profile, Topology.uniform(1, 2))
     with pytest.raises(GraceInputError, match="replica slots"):
         make_plan("eplb", profile, Topology.uniform(1, 2), replica_slots=-1)
+    with pytest.raises(GraceInputError, match="objective"):
+        make_plan("grace", profile, Topology.uniform(1, 2), objective="speed")
+    with pytest.raises(GraceInputError, match="balance_limit"):
+        make_plan("grace", profile, Topology.uniform(1, 2), balance_limit=0.9)
 
 
 @st.composite

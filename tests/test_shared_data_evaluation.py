@@ -21,6 +21,17 @@ def test_grace_sends_fewer_copies_with_balanced_load(olmoe_arxiv_2x2):
     assert contiguous["max_over_mean_gpu_load"] > 1.2  # the data really is skewed
 
 
+def test_copies_objective_meets_the_copies_target_on_wikipedia(shared_data):
+    """The default tuner minimises modeled time (olmoe_wikipedia: 0.87x contiguous's copies); minimising
+    copies under a looser balance limit on the profile reaches the copies target on the replayed half."""
+    rows = evaluate_policies(shared_data / "routing" / "olmoe_wikipedia.safetensors", [2], [2], replica_slots=1,
+                             policies=("contiguous",),
+                             variants={"copies": ("grace", {"objective": "copies", "balance_limit": 1.2})})
+    by = {r["policy"]: r for r in rows}
+    assert by["copies"]["gpu_copies_per_token"] <= 0.85 * by["contiguous"]["gpu_copies_per_token"]
+    assert by["copies"]["max_over_mean_gpu_load"] <= 1.15
+
+
 @pytest.mark.parametrize("mode", ["modeled_layer_time_us", "modeled_layer_time_us_flat"])
 def test_grace_modeled_time_beats_baselines(olmoe_arxiv_2x2, mode):
     rows = olmoe_arxiv_2x2

@@ -111,15 +111,17 @@ def candidate_settings() -> list[GraceSettings]:
     return found
 
 
-SCORE_MODES = ("both", "flat", "hierarchical")
+SCORE_MODES = ("both", "flat", "hierarchical", "copies")
+OBJECTIVES = {"time": "both", "copies": "copies"}  # what the tuner minimises -> score_layer's mode
 
 
 def score_layer(lists: list[list[int]], primary: list[list[bool]], load: torch.Tensor, sample: torch.Tensor,
                 topology: Topology, capacity: int, num_experts: int, top_k: int,
                 mode: str = "both", sampling: str = "swrr") -> tuple[float, float]:
-    """(modeled layer time, max/mean GPU load) of one layer placement on sampled top-k sets [S, k]; the
-    time of `mode`, or hierarchical plus flat ("both") where a job may run either. `sampling="random"`
-    routes by seeded draws (the same in expectation, no schedules to build: for many quick scores)."""
+    """(cost, max/mean GPU load) of one layer placement on sampled top-k sets [S, k]. The cost is the
+    modeled layer time of `mode`, or hierarchical plus flat ("both") where a job may run either, or GPU
+    copies per token ("copies"). `sampling="random"` routes by seeded draws (the same in expectation, no
+    schedules to build: for many quick scores)."""
     from grace_ds.routing import ReplicaRouter
     from grace_ds.simulate import CostSettings, layer_traffic, token_gpus
 
@@ -130,8 +132,9 @@ def score_layer(lists: list[list[int]], primary: list[list[bool]], load: torch.T
     sources = token_gpus(sample.shape[0], topology.num_gpus)
     slots = ReplicaRouter(plan, "tar", sampling=sampling).route(0, sample, sources)
     metrics = layer_traffic(slots // capacity, sources, topology, CostSettings())
-    time_us = {"flat": metrics["modeled_layer_time_us_flat"], "hierarchical": metrics["modeled_layer_time_us"]}
-    total = sum(time_us.values()) if mode == "both" else time_us[mode]
+    cost = {"flat": metrics["modeled_layer_time_us_flat"], "hierarchical": metrics["modeled_layer_time_us"],
+            "copies": metrics["gpu_copies_per_token"]}
+    total = cost["flat"] + cost["hierarchical"] if mode == "both" else cost[mode]
     return total, metrics["max_over_mean_gpu_load"]
 
 
@@ -141,17 +144,22 @@ KEPT_SETTINGS = 1  # settings the remaining layers choose between: those that wo
 
 def plan_grace(profile: RoutingProfile, topology: Topology, replica_slots: int = 1,
                settings: GraceSettings | None = None, tune: bool = True, balance_limit: float = 1.12,
-               seed: int = 0, progress=None, workers: int = 1) -> PlacementPlan:
+               seed: int = 0, progress=None, workers: int = 1, objective: str = "time") -> PlacementPlan:
     """GRACE plan. With `tune` and a profile that holds sampled routings, each layer keeps, among the
     candidate settings whose max/mean GPU load on the sample stays within `balance_limit`, the one with
-    the lowest modeled time (the most balanced one if none does); otherwise `settings` is used.
+    the lowest modeled time (`objective="copies"`: the fewest GPU copies per token) on the sample (the
+    most balanced one if none stays within); otherwise `settings` is used.
     Deep models: PROBE_LAYERS layers spread over the depth try every candidate, the other layers the
     KEPT_SETTINGS that won most of them (a model's layers tend to want alike; 4x less work at 48 layers).
     Layers are independent: `workers` > 1 plans them in that many forked processes (same result)."""
+    if objective not in OBJECTIVES:
+        raise GraceInputError(f"grace planner: objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
+    if not balance_limit >= 1.0:
+        raise GraceInputError(f"grace planner: balance_limit is a max/mean load ratio, >= 1; got {balance_limit}")
     capacity = slot_capacity(profile.num_experts, topology, replica_slots)
     can_tune = tune and settings is None and profile.sample_topk_ids is not None and profile.coactivation is not None
     candidates = candidate_settings() if can_tune else [settings or GraceSettings()]
-    job = _LayerJob(profile, topology, capacity, candidates, balance_limit, seed)
+    job = _LayerJob(profile, topology, capacity, candidates, balance_limit, seed, OBJECTIVES[objective])
     layer_ids = list(range(profile.num_layers))
     probes = layer_ids
     if can_tune and profile.num_layers > PROBE_LAYERS:
@@ -169,7 +177,8 @@ def plan_grace(profile: RoutingProfile, topology: Topology, replica_slots: int =
     layers = [(results[li][0], results[li][1]) for li in layer_ids]
     used = [results[li][2] for li in layer_ids]
     return assemble_plan(layers, profile, topology, "grace", replica_slots,
-                         {"tuned": can_tune, "seed": seed, "layer_settings": used})
+                         {"tuned": can_tune, "seed": seed, "objective": objective, "balance_limit": balance_limit,
+                          "layer_settings": used})
 
 
 def _plan_layers(job: "_LayerJob", layer_ids: list[int], workers: int, progress) -> list:
@@ -207,6 +216,7 @@ class _LayerJob:
     candidates: list[GraceSettings]
     balance_limit: float
     seed: int
+    score_mode: str = "both"
 
     def plan_layer(self, li: int) -> tuple[list[list[int]], list[list[bool]], dict]:
         """(copies per GPU, primary flags, the settings used) for layer li."""
@@ -220,9 +230,9 @@ class _LayerJob:
             lists, primary, r = place_layer(affinity, load, topology, capacity, option, self.seed, sample, groupings)
             score = (0.0, 0.0)
             if len(options) > 1:
-                time_us, balance = score_layer(lists, primary, load, sample, topology, capacity,
-                                               profile.num_experts, profile.top_k)
-                score = (0.0, time_us) if balance <= self.balance_limit else (1.0, balance)
+                cost, balance = score_layer(lists, primary, load, sample, topology, capacity,
+                                            profile.num_experts, profile.top_k, self.score_mode)
+                score = (0.0, cost) if balance <= self.balance_limit else (1.0, balance)
             if best is None or score < best[0]:
                 best = (score, lists, primary, option, r)
         return best[1], best[2], {**asdict(best[3]), "r": best[4]}
