@@ -9,7 +9,9 @@ hierarchical  hop 1 sends a row once per remote node, to the peer GPU with the s
               directly to GPUs of its own node); hop 2 fans it out inside that node. The combine runs
               backwards and sums a token's partial outputs on the node before they cross back.
 Each hop costs one all-to-all of split sizes (the only host synchronisation), then one of rows and
-one of pair records; the combine one more of rows. Works on gloo (CPU) and NCCL (GPU).
+one of pair records; the combine one more of rows. A rank's rows for itself skip the all-to-all and its
+experts compute them while the other rows cross (hierarchical: hop 1's arrivals for this GPU while
+hop 2 fans out). Works on gloo (CPU) and NCCL (GPU).
 """
 from __future__ import annotations
 
@@ -54,16 +56,22 @@ def all_to_all_rows(rows: torch.Tensor, send_splits: list[int], recv_splits: lis
 
 @dataclass
 class Hop:
-    """One exchange. After `Hop.send`, `rows` [M, H] and `pairs` [Q, 4] are what this rank received;
-    pairs[:, _ROW] indexes `rows`. `return_rows` sends per-received-row results back and gives the
-    sender per-sent-row sums, which `to_source_rows` folds onto the sender's own row indices."""
+    """One exchange. After `Hop.send`, `rows` [M, H] and `pairs` [Q, 4] are what this rank received from
+    the other ranks; pairs[:, _ROW] indexes `rows`. A rank's share for itself never enters the
+    all-to-all: `own_rows` and `own_pairs` hold it, and `own_results` what `overlap` computed on it while
+    the rows were in flight. `return_rows` sends per-received-row results back and gives the sender its
+    per-row sums, own results included."""
 
     rows: torch.Tensor
     pairs: torch.Tensor
-    sent_row_source: torch.Tensor  # [R_sent]: sender's row index of each sent row (in send order)
+    sent_row_source: torch.Tensor  # [R_sent]: sender's row index of each row sent to another rank
     send_row_splits: list[int]
     recv_row_splits: list[int]
     group: object
+    own_row_source: torch.Tensor  # [R_own]: this rank's row index of each row it keeps for itself
+    own_rows: torch.Tensor  # [R_own, H]
+    own_pairs: torch.Tensor  # [Q_own, 4], _ROW indexing own_rows
+    own_results: torch.Tensor | None = None  # [R_own, H] from `overlap`, when given
     num_final_pairs: int = 0  # received pairs whose final GPU is this rank
     where: str = ""  # names the layer in fault messages
 
@@ -75,10 +83,13 @@ class Hop:
 
     @classmethod
     def send(cls, rows: torch.Tensor, pair_row: torch.Tensor, pair_next: torch.Tensor, pair_target: torch.Tensor,
-             pair_slot: torch.Tensor, pair_weight: torch.Tensor, world: int, group, where: str = "") -> "Hop":
+             pair_slot: torch.Tensor, pair_weight: torch.Tensor, world: int, rank: int, group, where: str = "",
+             overlap: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> "Hop":
         """rows [R, H]; per pair: the row it belongs to, the rank it goes to next, its final GPU, the
         local slot there and its routing weight. Every size is computed on the device and crosses to
-        the host once, with the split-size exchange: on a GPU nothing else waits for the stream."""
+        the host once, with the split-size exchange: on a GPU nothing else waits for the stream.
+        `overlap(own_rows, own_pairs)`, when given, runs while the other ranks' rows are in flight
+        (without autograd; with it, after they arrived) and its result becomes `own_results`."""
         device = rows.device
         stride = max(rows.shape[0], 1)
         # One sent row per distinct (next rank, row); sorting the keys groups them by next rank.
@@ -109,26 +120,54 @@ class Hop:
         sent_source = rows.new_empty(num_sent + 1, dtype=torch.long)
         sent_source.scatter_(0, torch.where(is_first, sent_of_sorted, num_sent), sorted_key % stride)
         sent_source = sent_source[:num_sent]
-        received_rows = all_to_all_rows(rows[sent_source], send_rows, recv_rows, group, phase)
+        # This rank's own chunk stays here: out of the all-to-all, computed beside it.
+        own_from, own_pairs_from = sum(send_rows[:rank]), sum(send_pairs[:rank])
+        own_to, own_pairs_to = own_from + send_rows[rank], own_pairs_from + send_pairs[rank]
+        own_source = sent_source[own_from:own_to]
+        own_pairs = records[own_pairs_from:own_pairs_to]
+        sent_source = torch.cat([sent_source[:own_from], sent_source[own_to:]])
+        records = torch.cat([records[:own_pairs_from], records[own_pairs_to:]])
+        send_rows[rank] = send_pairs[rank] = recv_rows[rank] = recv_pairs[rank] = 0
+        recv_counts[rank] = 0
         received_pairs = records.new_empty((sum(recv_pairs), 4))
-        guarded(phase, group, dist.all_to_all_single, received_pairs, records.contiguous(), recv_pairs, send_pairs,
-                group=group)
+        own_rows, own_results = rows[own_source], None
+        if torch.is_grad_enabled() and rows.requires_grad:  # training: the autograd exchange, then own work
+            received_rows = all_to_all_rows(rows[sent_source], send_rows, recv_rows, group, phase)
+            guarded(phase, group, dist.all_to_all_single, received_pairs, records.contiguous(), recv_pairs, send_pairs,
+                    group=group)
+            if overlap is not None:
+                own_results = overlap(own_rows, own_pairs)
+        else:
+            received_rows = rows.new_empty((sum(recv_rows),) + tuple(rows.shape[1:]))
+            works = [guarded(phase, group, dist.all_to_all_single, received_rows, rows[sent_source].contiguous(),
+                             recv_rows, send_rows, group=group, async_op=True),
+                     guarded(phase, group, dist.all_to_all_single, received_pairs, records.contiguous(), recv_pairs,
+                             send_pairs, group=group, async_op=True)]
+            if overlap is not None:
+                own_results = overlap(own_rows, own_pairs)
+            for work in works:
+                guarded(phase, group, work.wait)
         # Row index within the source's chunk -> index into received_rows.
         row_offset = torch.cumsum(recv_counts[:, 0], 0) - recv_counts[:, 0]
         source = torch.repeat_interleave(torch.arange(world, device=device), recv_counts[:, 1],
                                          output_size=received_pairs.shape[0])
         received_pairs[:, _ROW] += row_offset[source]
-        return cls(received_rows, received_pairs, sent_source, send_rows, recv_rows, group, sum(recv_finals), where)
+        return cls(received_rows, received_pairs, sent_source, send_rows, recv_rows, group, own_source, own_rows,
+                   own_pairs, own_results, sum(recv_finals) - recv_finals[rank], where)
 
     @property
     def weights(self) -> torch.Tensor:
         return _weights_of(self.pairs)
 
     def return_rows(self, results: torch.Tensor, num_source_rows: int) -> torch.Tensor:
-        """results [M, H] per received row -> [num_source_rows, H] summed per sender row."""
+        """results [M, H] per received row -> [num_source_rows, H] summed per sender row, this rank's own
+        results (own_results) added."""
         back = all_to_all_rows(results, self.recv_row_splits, self.send_row_splits, self.group, f"combine{self.where}")
         out = back.new_zeros((num_source_rows,) + tuple(back.shape[1:]))
-        return out.index_add(0, self.sent_row_source, back)
+        out = out.index_add(0, self.sent_row_source, back)
+        if self.own_results is not None:
+            out = out.index_add(0, self.own_row_source, self.own_results.to(out.dtype))
+        return out
 
 
 def _weights_of(pairs: torch.Tensor) -> torch.Tensor:
@@ -191,33 +230,45 @@ def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weig
     local_slot = flat_slots % slots_per_gpu
     weight = topk_weights.reshape(-1)
     node_of_gpu, first_gpu, per_node = _device_tables(topology, device)
+    row_bytes = hidden.shape[1] * hidden.element_size()
+
+    def own_work(rows: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        return _compute_pairs(rows, pairs, _weights_of(pairs), compute)
+
     if mode == "flat" or topology.num_nodes == 1:
-        hop = Hop.send(hidden, pair_row, target, target, local_slot, weight, world, group, where)
+        hop = Hop.send(hidden, pair_row, target, target, local_slot, weight, world, rank, group, where, own_work)
         if traffic is not None:
-            traffic.add_hop(hop, rank, topology.node_of_gpu.tolist(), hidden.shape[1] * hidden.element_size())
-            traffic.pairs_computed += hop.pairs.shape[0]
+            traffic.add_hop(hop, rank, topology.node_of_gpu.tolist(), row_bytes)
+            traffic.pairs_computed += hop.pairs.shape[0] + hop.own_pairs.shape[0]
         results = _compute_pairs(hop.rows, hop.pairs, hop.weights, compute)
         return hop.return_rows(results, num_tokens)
     if mode != "hierarchical":
         raise ValueError(f"communication mode must be flat or hierarchical here, got {mode!r}")
-    # Hop 1: same-node targets directly, other nodes through the peer with this rank's local index.
+    # Hop 1: same-node targets directly, other nodes through the peer with this rank's local index; this
+    # rank's own pairs are computed while the rows cross.
     my_local = int(topology.local_index_of_gpu[rank])
     target_node = node_of_gpu[target]
     peer = first_gpu[target_node] + my_local % per_node[target_node]
     next_rank = torch.where(target_node == node_of_gpu[rank], target, peer)
-    hop1 = Hop.send(hidden, pair_row, next_rank, target, local_slot, weight, world, group, where)
+    hop1 = Hop.send(hidden, pair_row, next_rank, target, local_slot, weight, world, rank, group, where, own_work)
     final, onward = hop1.split_final(rank)
-    results = _compute_pairs(hop1.rows, final, _weights_of(final), compute)
-    # Hop 2: fan the rows that came across out to their GPUs inside this node.
+    # Hop 2: fan the rows that came across out to their GPUs inside this node; the pairs that ended
+    # here are computed while they travel.
+    finals = {}
+
+    def final_work(rows: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:  # hop 2 keeps nothing for itself
+        finals["results"] = _compute_pairs(hop1.rows, final, _weights_of(final), compute)
+        return rows.new_zeros(rows.shape)
+
     hop2 = Hop.send(hop1.rows, onward[:, _ROW], onward[:, _TARGET], onward[:, _TARGET], onward[:, _SLOT],
-                    _weights_of(onward), world, group, f"{where}, fan-out in the node")
+                    _weights_of(onward), world, rank, group, f"{where}, fan-out in the node", final_work)
     results2 = _compute_pairs(hop2.rows, hop2.pairs, hop2.weights, compute)
     if traffic is not None:
         for hop in (hop1, hop2):
-            traffic.add_hop(hop, rank, topology.node_of_gpu.tolist(), hidden.shape[1] * hidden.element_size())
-        traffic.pairs_computed += final.shape[0] + hop2.pairs.shape[0]
+            traffic.add_hop(hop, rank, topology.node_of_gpu.tolist(), row_bytes)
+        traffic.pairs_computed += hop1.own_pairs.shape[0] + final.shape[0] + hop2.pairs.shape[0]
     # Pre-reduce on this node: fan-out results join this rank's own before crossing back.
-    results = results + hop2.return_rows(results2, hop1.rows.shape[0])
+    results = finals["results"] + hop2.return_rows(results2, hop1.rows.shape[0])
     return hop1.return_rows(results, num_tokens)
 
 

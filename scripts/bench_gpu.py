@@ -368,6 +368,8 @@ def worker(rank: int, world: int, args, cases: list[dict], model_case: dict | No
         results = []
         for case in cases if not args.profile_decode else []:
             results += run_case(case, args, topology, rank, device, dtype)
+            if rank == 0:  # what is measured so far survives a run cut short by its time limit
+                (args.out / "bench_gpu_partial.json").write_text(json.dumps({"links": links, "results": results}))
         model_results = []
         if model_case is not None and not args.profile_decode:
             replay = torch.load(model_case["replay"], weights_only=True).long()

@@ -66,8 +66,13 @@ def _act(phase: str, fault: str | None, rank: int, plan, runtime, recorder, ids,
     elif phase == "plan loading":
         agree_on_plan(plan, "plan.json", group)
     else:
+        calls = []
+
         def compute(rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-            if faulty:
+            # The flat exchange computes this rank's own rows while the others cross (call 1), then the
+            # rows that came in (call 2): failing there leaves every peer waiting in the combine.
+            calls.append(1)
+            if faulty and len(calls) == 2:
                 fail()
             return rows * 2.0
         runtime.group = group
