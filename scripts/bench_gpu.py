@@ -494,7 +494,7 @@ def main() -> None:
                              "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
                              "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup,
                              "replica_slots": args.replica_slots, "tiny": args.tiny, "batches": BATCHES}
-        # The measurements first, as they are: the model and floor below take a while on the host.
+        # The measurements first, as they are, before anything else can go wrong.
         (args.out / "bench_gpu_measured.json").write_text(json.dumps(report, indent=1))
         add_model_and_floor(report, cases, topology, args)
     if args.profile_decode:

@@ -40,7 +40,8 @@ def _setup(rank: int):
     gen = torch.Generator().manual_seed(0)
     ids = torch.stack([torch.randperm(EXPERTS, generator=gen)[:TOP_K] for _ in range(64)]).view(64, 1, TOP_K)
     plan = make_plan("contiguous", RoutingProfile.from_topk_ids(ids, EXPERTS), Topology.uniform(NODES, WORLD // NODES))
-    # Flat: dispatch, experts, combine in that order, so a fault in the experts lands in the combine.
+    # Flat: dispatch (own rows computed meanwhile), the arrived rows' experts, combine: a fault in the
+    # arrived rows' experts lands in the combine.
     runtime = GraceRuntime(plan, rank, None, "tar", "flat")
     recorder = RoutingRecorder(1, EXPERTS, TOP_K)
     recorder.observe(0, ids[:16, 0])
