@@ -186,10 +186,15 @@ class Traffic:
     pairs_computed: int = 0
 
     def add_hop(self, hop: "Hop", rank: int, node_of_gpu: list[int], row_bytes: int) -> None:
-        for other, (sent, returned) in enumerate(zip(hop.send_row_splits, hop.recv_row_splits)):
+        # Rows out, and results back for the rows received.
+        self.add_sent([(sent + returned) * row_bytes for sent, returned in zip(hop.send_row_splits, hop.recv_row_splits)],
+                      rank, node_of_gpu)
+
+    def add_sent(self, bytes_to: list[int], rank: int, node_of_gpu: list[int]) -> None:
+        """bytes_to[g]: what this rank sent to rank g; counted as intra- or cross-node, itself left out."""
+        for other, moved in enumerate(bytes_to):
             if other == rank:
                 continue
-            moved = (sent + returned) * row_bytes  # rows out, and results back for the rows received
             if node_of_gpu[other] == node_of_gpu[rank]:
                 self.intra_node_bytes += moved
             else:

@@ -76,18 +76,9 @@ def gather_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weight
     out = partial.new_empty((padded_tokens, partial.shape[1]))
     guarded(f"combine{where} (reduce-scatter)", group, _reduce_scatter_rows, out, partial, group=group)
     if traffic is not None:
-        _count(traffic, padded_tokens * packed.shape[1], padded_tokens * partial.shape[1] * partial.element_size(),
-               rank, world, node_of_gpu or [0] * world)
+        # Logical bytes: this rank's padded rows to every other rank, and its share of partials back.
+        per_peer = padded_tokens * (packed.shape[1] + partial.shape[1] * partial.element_size())
+        traffic.add_sent([per_peer] * world, rank, node_of_gpu or [0] * world)
         traffic.pairs_computed += int(mine.sum())
     return out[:num_tokens]
 
-
-def _count(traffic, dispatch_bytes: int, combine_bytes: int, rank: int, world: int, node_of_gpu: list[int]) -> None:
-    """Logical bytes: this rank's padded rows to every other rank, and its share of partials back."""
-    for other in range(world):
-        if other == rank:
-            continue
-        if node_of_gpu[other] == node_of_gpu[rank]:
-            traffic.intra_node_bytes += dispatch_bytes + combine_bytes
-        else:
-            traffic.cross_node_bytes += dispatch_bytes + combine_bytes
