@@ -89,6 +89,9 @@ class GraceMoEConfig(DeepSpeedConfigModel):
     exchange (all-gather tokens, reduce-scatter outputs; no host synchronisation; 0: never)."""
     cuda_graphs: bool = True
     """On GPUs, bf16 gather calls replay CUDA graphs (one per layer and token bucket, captured on first use)."""
+    hierarchical_gather: bool = True
+    """Across nodes the gather exchange sends a token over the node link once per remote node, then fans it
+    out over NVLink (false: NCCL's ring all-gather and reduce-scatter over all ranks)."""
     inter_node_gbps: float = Field(25.0, gt=0)
     profiling: bool = False
     """Record per-layer expert load and co-activation during every forward."""
@@ -188,7 +191,8 @@ def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | No
         agree_on_plan(plan, str(section.plan or section.profile), group)
     device = next(engine.module.parameters()).device
     runtime = GraceRuntime(plan, _rank(), group, section.router, section.communication, section.router_sampling, device,
-                           section.hierarchical_min_tokens, section.gather_max_tokens, section.cuda_graphs)
+                           section.hierarchical_min_tokens, section.gather_max_tokens, section.cuda_graphs,
+                           section.hierarchical_gather)
     convert_model(engine.module, runtime)
     engine.grace_runtime, engine.grace_config, engine.grace_group = runtime, section, group
     if section.profiling:

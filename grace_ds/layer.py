@@ -39,7 +39,8 @@ class GraceRuntime:
 
     def __init__(self, plan: PlacementPlan, rank: int, group=None, router_policy: str = "tar",
                  comm_mode: str = "auto", router_sampling: str = "swrr", device: torch.device | str = "cpu",
-                 hierarchical_min_tokens: int = 0, gather_max_tokens: int = 0, cuda_graphs: bool = True) -> None:
+                 hierarchical_min_tokens: int = 0, gather_max_tokens: int = 0, cuda_graphs: bool = True,
+                 hierarchical_gather: bool = True) -> None:
         self.plan, self.rank, self.group = plan, rank, group
         self.comm_mode = choose_mode(comm_mode, plan.topology, plan.options.get("modeled_layer_time_us"))
         # Under `auto`, by the largest rank's token count in the call: at most gather_max_tokens -> gather
@@ -49,6 +50,9 @@ class GraceRuntime:
         self.hierarchical_min_tokens = hierarchical_min_tokens if comm_mode == "auto" else 0
         self.gather_max_tokens = gather_max_tokens if comm_mode == "auto" and plan.num_gpus > 1 else 0
         self.mode_calls = {"flat": 0, "hierarchical": 0, "gather": 0}
+        # The gather exchange crosses nodes once per token and node (False: NCCL's ring collectives).
+        sizes = plan.topology.gpus_per_node
+        self.hierarchical_gather = hierarchical_gather and len(sizes) > 1 and len(set(sizes)) == 1
         self._counts: list[int] | None = None  # every rank's tokens in this forward's calls
         self._counts_layer = -1
         self.router_policy, self.router_sampling, self.device = router_policy, router_sampling, torch.device(device)
@@ -151,7 +155,8 @@ class GraceRuntime:
             topology = self.plan.topology
             out = gather_and_compute(hidden, self.router.route(layer, top_k_index, self.rank), top_k_weights,
                                      self.plan.slots_per_gpu, self.rank, topology.num_gpus, largest, compute,
-                                     self.group, traffic, topology.node_of_gpu.tolist(), f" of layer {layer}")
+                                     self.group, traffic, topology.node_of_gpu.tolist(), f" of layer {layer}",
+                                     self.hierarchical_gather)
         else:
             out = exchange_and_compute(hidden, self.router.route(layer, top_k_index, self.rank), top_k_weights,
                                        self.plan.slots_per_gpu, self.plan.topology, self.rank, compute, mode,

@@ -29,10 +29,16 @@ Modeled MoE-layer time (per layer, microseconds), alpha-beta links + expert GEMM
   combine          = dispatch (partial outputs return the way tokens came; the hierarchical combine
                      pre-reduces a token's outputs on the destination node, so it crosses once too)
   layer time       = dispatch + compute + combine + layer_overhead (+ hop_overhead, hierarchical):
-                     the fixed cost measured with one token per GPU, 0 unless calibrated
+                     the fixed cost measured with one token per GPU, 0 unless calibrated; it holds every
+                     collective's start-up, so once calibrated the alpha terms are left out
   gather exchange  = every GPU's tokens, padded to the largest GPU's count P, reach every GPU once
                      (all-gather, hidden state + 8k bytes of slots and weights), partial outputs
                      return summed (reduce-scatter):
+  by node (equal nodes of G GPUs, the runtime's default across nodes): P rows to the peer on every other
+  node, then the node's N * P rows to every other GPU of the node; the combine the reverse way:
+  gather dispatch  = G * P * (nodes - 1) rows / inter_bw + alpha_inter + (G - 1) * nodes * P rows / intra_bw
+                     + alpha_intra
+  ring (one node, or unequal nodes): one all-gather and one reduce-scatter over all GPUs:
   gather dispatch  = max(max_n inter_gather(n) + alpha_inter, (GPUs - 1) * P rows / intra_bw + alpha_intra)
                      inter_gather(n) = max(P * GPUs off n, P * GPUs of n * (nodes - 1)) rows
   gather time      = gather dispatch + compute + gather combine + gather_overhead (else layer_overhead)
@@ -98,8 +104,11 @@ def layer_traffic(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Top
     node_in_flat = node_onehot.T @ inter_flat.sum(0)
     intra_g_flat = torch.maximum(intra_flat.sum(1), intra_flat.sum(0)) * bytes_per_copy
     inter_n_flat = torch.maximum(node_out_flat, node_in_flat) * bytes_per_copy
-    dispatch_flat = torch.maximum(_alpha_beta(intra_g_flat, intra_bw, links.intra_node_latency_us),
-                                  _alpha_beta(inter_n_flat, inter_bw, links.inter_node_latency_us)[node_of_gpu]).max()
+    # A calibrated fixed cost already holds every collective's start-up: the alpha terms then go.
+    alpha_intra, alpha_inter = ((0.0, 0.0) if links.layer_overhead_us > 0
+                                else (links.intra_node_latency_us, links.inter_node_latency_us))
+    dispatch_flat = torch.maximum(_alpha_beta(intra_g_flat, intra_bw, alpha_intra),
+                                  _alpha_beta(inter_n_flat, inter_bw, alpha_inter)[node_of_gpu]).max()
 
     # Hierarchical: cross once per (token, remote node) to the peer GPU, then fan out on that node.
     cross = onehot_src.T @ remote_nodes.double()  # [P, N] copies from GPU to node
@@ -117,9 +126,9 @@ def layer_traffic(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Top
     fan_sent = torch.zeros(num_gpus, dtype=torch.float64).index_add_(0, peer_gpu_of_dest[fanout], torch.ones(int(fanout.sum()), dtype=torch.float64))
     fan_recv = fanout.double().sum(0)
     intra_fan = torch.maximum(fan_sent, fan_recv) * bytes_per_copy
-    dispatch_h = (torch.maximum(_alpha_beta(inter_n_h, inter_bw, links.inter_node_latency_us)[node_of_gpu],
-                                _alpha_beta(intra_local, intra_bw, links.intra_node_latency_us)).max()
-                  + _alpha_beta(intra_fan, intra_bw, links.intra_node_latency_us).max())
+    dispatch_h = (torch.maximum(_alpha_beta(inter_n_h, inter_bw, alpha_inter)[node_of_gpu],
+                                _alpha_beta(intra_local, intra_bw, alpha_intra)).max()
+                  + _alpha_beta(intra_fan, intra_bw, alpha_intra).max())
 
     pairs = torch.bincount(dest_gpu.reshape(-1), minlength=num_gpus).double()
     compute = (pairs.max() * 6.0 * cost.hidden * cost.ffn_hidden / (links.expert_tflops * 1e6))
@@ -143,19 +152,28 @@ def layer_traffic(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Top
 
 
 def _gather_exchange_us(padded_tokens: int, top_k: int, topology: Topology, bytes_per_copy: float) -> float:
-    """All-gather of padded_tokens rows from every GPU (hidden state + k slots and weights), then the
-    reduce-scatter of hidden-size partials: the two alpha-beta terms."""
+    """Rows of padded_tokens from every GPU (hidden state + k slots and weights) to every GPU, then the
+    hidden-size partials back summed: by node across equal nodes (as the runtime does), else ring."""
     links = topology.links
+    calibrated = (links.gather_overhead_us or links.layer_overhead_us) > 0  # start-ups inside the fixed cost
+    alpha_intra, alpha_inter = (0.0, 0.0) if calibrated else (links.intra_node_latency_us, links.inter_node_latency_us)
     intra_bw = links.intra_node_bandwidth_GBps * 1e3
     inter_bw = links.inter_node_bandwidth_Gbps * 1e3 / 8
+    nodes, sizes = topology.num_nodes, set(topology.gpus_per_node)
     total = 0.0
     for row_bytes in (bytes_per_copy + 8 * top_k, bytes_per_copy):
         rows = padded_tokens * row_bytes
-        intra = rows * (topology.num_gpus - 1) / intra_bw + links.intra_node_latency_us
+        if nodes > 1 and len(sizes) == 1:
+            per_node = topology.gpus_per_node[0]
+            total += per_node * rows * (nodes - 1) / inter_bw + alpha_inter
+            if per_node > 1:
+                total += (per_node - 1) * nodes * rows / intra_bw + alpha_intra
+            continue
+        intra = rows * (topology.num_gpus - 1) / intra_bw + alpha_intra
         inter = 0.0
-        if topology.num_nodes > 1:
-            inter = max(max(rows * (topology.num_gpus - g), rows * g * (topology.num_nodes - 1))
-                        for g in topology.gpus_per_node) / inter_bw + links.inter_node_latency_us
+        if nodes > 1:
+            inter = max(max(rows * (topology.num_gpus - g), rows * g * (nodes - 1))
+                        for g in topology.gpus_per_node) / inter_bw + alpha_inter
         total += max(intra, inter)
     return total
 

@@ -7,9 +7,10 @@ against the GRACE layer under every plan and communication mode, with routing re
 Per rank (one GPU a rank; ranks split into `--nodes` logical nodes told apart by NCCL_HOSTID, so traffic
 between them takes NCCL's socket path): link and GEMM figures are measured first, then every (shape,
 batch, variant) is timed: median over `--iters` forwards after `--warmup`, CUDA events, the slowest rank
-per iteration. Plans are built in the parent from the first half of each trace; the second half is
-replayed. The parent then adds the simulator's modeled time (calibrated with the measured figures) and
-the floor, writes bench_gpu.json and prints a table.
+per iteration; a trace's variants take turns in rounds, so the link's drift falls on all alike. Plans
+are built in the parent from the first half of each trace; the second half is replayed. The parent then
+adds the simulator's modeled time (calibrated with the measured figures) and the floor, writes
+bench_gpu.json and prints a table.
 """
 from __future__ import annotations
 
@@ -185,7 +186,16 @@ def measure_links(topology: Topology, rank: int, device: torch.device, dtype: to
     return dict(zip(keys, values.tolist()))
 
 
-def run_case(case: dict, args, topology: Topology, rank: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
+# Variants are timed together, round-robin: this many rounds, each giving every (variant, batch) iters /
+# rounds forwards in turn, so that the cross-node link's drift during a run falls on all of them alike
+# rather than on whichever ran in a slow minute.
+TIMING_ROUNDS = 4
+FIXED_COST_BATCH = "fixed-cost"  # one token per GPU
+
+
+def run_case(case: dict, args, topology: Topology, rank: int, device: torch.device,
+             dtype: torch.dtype) -> tuple[list[dict], dict[str, float]]:
+    """(a record per variant and batch, the case's fixed costs for the cost model)."""
     shape = (TINY_SHAPES if args.tiny else SHAPES)[case["shape"]]
     world = topology.num_gpus
     replay = torch.load(case["replay"], weights_only=True).long()
@@ -195,8 +205,16 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
     if HAVE_MEGATRON:
         variants.append(("megatron-alltoall", "megatron", None))
     variants += [(f"grace-layer/{p}/{m}", p, m) for p in POLICIES for m in modes]
+    if topology.num_nodes > 1:  # at the fixed-cost batch only: the gather exchange over NCCL's ring, to compare
+        variants.append(("grace-layer/contiguous/gather-ring", "contiguous", "gather-ring"))
     batches = []
+    # One token per GPU, in the same rounds: each variant's fixed cost, which calibrates the cost model.
+    fixed_ids = replay[rank:rank + 1].to(device)
+    torch.manual_seed(2000 + rank)
+    batches.append((FIXED_COST_BATCH, world, torch.randn(1, shape.hidden, dtype=dtype, device=device), fixed_ids))
     for batch_name, total_tokens in BATCHES.items():
+        if args.batches and batch_name not in args.batches:
+            continue
         if args.tiny:
             total_tokens = max(total_tokens // 64, 2 * world)
         per_rank = total_tokens // world
@@ -205,66 +223,120 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
         x = torch.randn(per_rank, shape.hidden, dtype=dtype, device=device)
         batches.append((batch_name, per_rank * world, x, ids))
     row_bytes = shape.hidden * torch.finfo(dtype).bits // 8
-    results = []
+    together = []
     for variant, kind, mode in variants:
         busy = Stopwatch(device)
         layer, runtime = make_layer(case, shape, kind, mode, topology, rank, device, dtype, busy)
         for batch_name, tokens, x, ids in batches:
-            if mode == "gather" and not batch_name.startswith("decode"):
+            if batch_name == FIXED_COST_BATCH:
+                if kind not in ("deepspeed", "megatron", "contiguous"):
+                    continue
+            elif mode == "gather-ring" or (mode == "gather" and not batch_name.startswith("decode")):
                 continue
             layer.bias = replay_bias(ids, shape.num_experts)
             record = {"case": case["case"], "shape": shape.name, "batch": batch_name, "tokens": tokens,
                       "variant": variant, "policy": kind if runtime is not None else None, "mode": mode}
-            # One untimed pass for traffic, then the timed ones.
-            with torch.no_grad():
-                if runtime is not None:
-                    runtime.traffic[0] = Traffic()
-                    runtime.measure = True
-                    eager_out = layer(x)
-                    runtime.measure = False
-                    traffic = runtime.traffic[0]
-                    sent = [traffic.cross_node_bytes, traffic.intra_node_bytes]
-                    per_gpu = torch.zeros(world, dtype=torch.float64)
-                    per_gpu[rank] = traffic.pairs_computed
-                elif kind == "megatron":
-                    layer(x)
-                    routed = layer.routing_map.reshape(ids.shape[0], -1)
-                    if not torch.equal(routed, replay_bias(ids, shape.num_experts) > 0):
-                        raise RuntimeError("megatron's router did not take the replayed top-k")
-                    sent, per_gpu = pairs_traffic(ids, shape.num_experts, topology, rank, row_bytes)
-                else:
-                    layer(x)
-                    sent = deepspeed_traffic(layer.capacity, shape, topology, rank, dtype)
-                    per_gpu = torch.zeros(world, dtype=torch.float64)
-            untimed_busy = sum(busy.milliseconds())  # the traffic pass: one forward, eager
-            replays = runtime.gather_graphs.replays if runtime is not None and runtime.gather_graphs else 0
-            times = slowest_rank(timed(layer, x, args.iters, args.warmup, device), device)
-            busy_per_iter = sum(busy.milliseconds()) / (args.iters + args.warmup)  # warm-up forwards included
-            graphed = runtime is not None and runtime.gather_graphs is not None and runtime.gather_graphs.replays > replays
-            graph_error = None
-            if graphed:  # replayed graphs record no events: the eager pass's expert time stands for them
-                busy_per_iter = untimed_busy
-                with torch.no_grad():
-                    replayed = layer(x).float()
-                graph_error = float((replayed - eager_out.float()).abs().max() / eager_out.float().abs().max())
-            busy_all = torch.tensor([busy_per_iter], dtype=torch.float64, device=device)
-            gathered = [torch.zeros_like(busy_all) for _ in range(world)]
-            dist.all_gather(gathered, busy_all)
-            totals = summed(sent + per_gpu.tolist(), device)
-            median = statistics.median(times)
-            record.update({
-                "median_ms": median, "p10_ms": sorted(times)[len(times) // 10], "iters": len(times),
-                "cross_node_bytes": totals[0], "intra_node_bytes": totals[1],
-                "pairs_per_gpu": totals[2:] if kind != "deepspeed" else None,
-                "gpu_busy_ms": [float(g) for g in torch.cat(gathered).tolist()],
-                "capacity": layer.capacity if kind == "deepspeed" else None, "cuda_graph": graphed,
-                "graph_vs_eager_error": graph_error,
-            })
-            record["idle_fraction"] = [max(0.0, 1 - b / median) for b in record["gpu_busy_ms"]]
-            keep(results, record, rank, f"{case['case']:<40} {batch_name:<14} {variant}")
-        del layer
-        release(device)
+            state = untimed_pass(layer, runtime, kind, x, ids, shape, topology, rank, row_bytes, dtype, busy)
+            together.append((record, state, layer, runtime, x, busy))
+    results = time_together(together, args, world, device)
+    del together, layer
+    release(device)
+    fixed = {r["variant"]: r["median_ms"] * 1e3 for r in results if r["batch"] == FIXED_COST_BATCH}
+    return [r for r in results if r["batch"] != FIXED_COST_BATCH], fixed_costs(fixed)
+
+
+def fixed_costs(fixed_us: dict[str, float]) -> dict[str, float]:
+    """The cost model's fixed terms (LinkModel names) from the one-token-per-GPU times by variant."""
+    names = {"deepspeed-native": "deepspeed_overhead_us", "megatron-alltoall": "megatron_overhead_us",
+             "grace-layer/contiguous/flat": "layer_overhead_us", "grace-layer/contiguous/gather": "gather_overhead_us",
+             "grace-layer/contiguous/gather-ring": "gather_ring_overhead_us"}
+    out = {names[v]: t for v, t in fixed_us.items() if v in names}
+    if "grace-layer/contiguous/hierarchical" in fixed_us:  # what the second hop adds
+        out["hop_overhead_us"] = max(fixed_us["grace-layer/contiguous/hierarchical"] - out["layer_overhead_us"], 0.0)
+    return out
+
+
+def untimed_pass(layer, runtime, kind: str, x: torch.Tensor, ids: torch.Tensor, shape: LayerShape, topology: Topology,
+                 rank: int, row_bytes: int, dtype: torch.dtype, busy: Stopwatch) -> dict:
+    """One eager forward: bytes sent, pairs per GPU, the output, its expert time."""
+    world = topology.num_gpus
+    eager_out = None
+    with torch.no_grad():
+        if runtime is not None:
+            runtime.traffic[0] = Traffic()
+            runtime.measure = True
+            eager_out = layer(x)
+            runtime.measure = False
+            traffic = runtime.traffic[0]
+            sent = [traffic.cross_node_bytes, traffic.intra_node_bytes]
+            per_gpu = torch.zeros(world, dtype=torch.float64)
+            per_gpu[rank] = traffic.pairs_computed
+        elif kind == "megatron":
+            layer(x)
+            routed = layer.routing_map.reshape(ids.shape[0], -1)
+            if not torch.equal(routed, replay_bias(ids, shape.num_experts) > 0):
+                raise RuntimeError("megatron's router did not take the replayed top-k")
+            sent, per_gpu = pairs_traffic(ids, shape.num_experts, topology, rank, row_bytes)
+        else:
+            layer(x)
+            sent = deepspeed_traffic(layer.capacity, shape, topology, rank, dtype)
+            per_gpu = torch.zeros(world, dtype=torch.float64)
+    return {"sent": sent, "per_gpu": per_gpu, "eager_out": eager_out, "busy_ms": sum(busy.milliseconds()),
+            "bias": layer.bias}
+
+
+def time_together(together: list[tuple], args, world: int, device: torch.device) -> list[dict]:
+    """Times the (record, state, layer, runtime, x, busy) entries round-robin (TIMING_ROUNDS rounds), then
+    finishes them; warm-up forwards (args.warmup, then one a round) count in the busy time, not the median."""
+    if not together:
+        return []
+    rounds = min(TIMING_ROUNDS, args.iters)
+    times: list[list[float]] = [[] for _ in together]
+    forwards = [0] * len(together)
+    busy_ms = [0.0] * len(together)
+    replays = [e[3].gather_graphs.replays if e[3] is not None and e[3].gather_graphs else 0 for e in together]
+    for round_ in range(rounds):
+        iters = args.iters // rounds + (round_ < args.iters % rounds)
+        for i, (_, state, layer, _, x, busy) in enumerate(together):
+            layer.bias = state["bias"]
+            warmup = args.warmup if round_ == 0 else 1
+            times[i] += slowest_rank(timed(layer, x, iters, warmup, device), device)
+            busy_ms[i] += sum(busy.milliseconds())
+            forwards[i] += iters + warmup
+    results = []
+    for i, (record, state, layer, runtime, x, _) in enumerate(together):
+        layer.bias = state["bias"]
+        finish(results, record, state, times[i], busy_ms[i] / forwards[i], replays[i], layer, runtime, x, world, device)
     return results
+
+
+def finish(results: list[dict], record: dict, state: dict, times: list[float], busy_per_iter: float, replays: int,
+           layer, runtime, x: torch.Tensor, world: int, device: torch.device) -> None:
+    """Fills a record from its timed forwards and keeps it (every rank takes part: collectives)."""
+    graphed = runtime is not None and runtime.gather_graphs is not None and runtime.gather_graphs.replays > replays
+    graph_error = None
+    if graphed:  # replayed graphs record no events: the eager pass's expert time stands for them
+        busy_per_iter = state["busy_ms"]
+        with torch.no_grad():
+            replayed = layer(x).float()
+        eager_out = state["eager_out"].float()
+        graph_error = float((replayed - eager_out).abs().max() / eager_out.abs().max())
+    busy_all = torch.tensor([busy_per_iter], dtype=torch.float64, device=device)
+    gathered = [torch.zeros_like(busy_all) for _ in range(world)]
+    dist.all_gather(gathered, busy_all)
+    totals = summed(state["sent"] + state["per_gpu"].tolist(), device)
+    median = statistics.median(times)
+    kind = record["policy"] or ("deepspeed" if record["variant"] == "deepspeed-native" else "megatron")
+    record.update({
+        "median_ms": median, "p10_ms": sorted(times)[len(times) // 10], "iters": len(times),
+        "cross_node_bytes": totals[0], "intra_node_bytes": totals[1],
+        "pairs_per_gpu": totals[2:] if kind != "deepspeed" else None,
+        "gpu_busy_ms": [float(g) for g in torch.cat(gathered).tolist()],
+        "capacity": layer.capacity if kind == "deepspeed" else None, "cuda_graph": graphed,
+        "graph_vs_eager_error": graph_error,
+    })
+    record["idle_fraction"] = [max(0.0, 1 - b / median) for b in record["gpu_busy_ms"]]
+    keep(results, record, dist.get_rank(), f"{record['case']:<40} {record['batch']:<14} {record['variant']}")
 
 
 def make_layer(case: dict, shape: LayerShape, kind: str, mode: str | None, topology: Topology, rank: int,
@@ -276,33 +348,10 @@ def make_layer(case: dict, shape: LayerShape, kind: str, mode: str | None, topol
         return deepspeed_layer(shape, topology.num_gpus, device, dtype, busy).eval(), None
     if kind == "megatron":
         return megatron_layer(shape, topology.num_gpus, device, dtype, busy).eval(), None
-    runtime = GraceRuntime(PlacementPlan.load(case["plans"][kind]), rank, None, "tar", mode, device=device)
+    # gather-ring: the gather exchange over NCCL's ring all-gather / reduce-scatter instead of by node
+    runtime = GraceRuntime(PlacementPlan.load(case["plans"][kind]), rank, None, "tar", mode.removesuffix("-ring"),
+                           device=device, hierarchical_gather=mode != "gather-ring")
     return GraceLayer(shape, runtime, device, dtype, busy).to(device).eval(), runtime
-
-
-def measure_overheads(case: dict, args, topology: Topology, rank: int, device: torch.device,
-                      dtype: torch.dtype) -> dict:
-    """Fixed cost of a layer (one token per GPU): GRACE flat, what hierarchical adds, DeepSpeed's."""
-    shape = (TINY_SHAPES if args.tiny else SHAPES)[case["shape"]]
-    replay = torch.load(case["replay"], weights_only=True).long()
-    ids = replay[rank:rank + 1].to(device)
-    x = torch.randn(1, shape.hidden, dtype=dtype, device=device)
-    out = {}
-    variants = [("deepspeed_overhead_us", "deepspeed", None), ("layer_overhead_us", "contiguous", "flat")]
-    if HAVE_MEGATRON:
-        variants.append(("megatron_overhead_us", "megatron", None))
-    if topology.num_nodes > 1 and max(topology.gpus_per_node) > 1:
-        variants.append(("hierarchical_overhead_us", "contiguous", "hierarchical"))
-    if topology.num_gpus > 1:
-        variants.append(("gather_overhead_us", "contiguous", "gather"))
-    for key, kind, mode in variants:
-        layer, _ = make_layer(case, shape, kind, mode, topology, rank, device, dtype, Stopwatch(device))
-        layer.bias = replay_bias(ids, shape.num_experts)
-        out[key] = statistics.median(slowest_rank(timed(layer, x, args.iters, args.warmup, device), device)) * 1e3
-        del layer
-    if "hierarchical_overhead_us" in out:
-        out["hop_overhead_us"] = max(out.pop("hierarchical_overhead_us") - out["layer_overhead_us"], 0.0)
-    return out
 
 
 def profile_decode(case: dict, args, topology: Topology, rank: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -359,23 +408,27 @@ def worker(rank: int, world: int, args, cases: list[dict], model_case: dict | No
     try:
         topology = Topology.uniform(nodes, per_node)
         links = measure_links(topology, rank, device, dtype, args.link_bytes)
-        if cases:
-            links.update(measure_overheads(cases[0], args, topology, rank, device, dtype))
         if rank == 0:
             print(f"measured: {json.dumps(links)}", flush=True)
         if args.profile_decode:
             profile_decode(cases[0], args, topology, rank, device, dtype)
-        results = []
+        results, fixed = [], {}
         for case in cases if not args.profile_decode else []:
-            results += run_case(case, args, topology, rank, device, dtype)
+            case_results, fixed[case["case"]] = run_case(case, args, topology, rank, device, dtype)
+            results += case_results
             if rank == 0:  # what is measured so far survives a run cut short by its time limit
-                (args.out / "bench_gpu_partial.json").write_text(json.dumps({"links": links, "results": results}))
+                print(f"fixed costs of {case['case']}: {json.dumps(fixed[case['case']])}", flush=True)
+                (args.out / "bench_gpu_partial.json").write_text(json.dumps({"links": links, "fixed_costs": fixed,
+                                                                             "results": results}))
+        if fixed:  # the first case's stand for the run (predict_layout reads them here)
+            links.update(next(iter(fixed.values())))
         model_results = []
         if model_case is not None and not args.profile_decode:
             replay = torch.load(model_case["replay"], weights_only=True).long()
             model_results = bench_model.run_model(model_case["plans"], replay, args, rank, world, device, dtype)
         if rank == 0:
-            Path(result_file).write_text(json.dumps({"links": links, "results": results, "model": model_results,
+            Path(result_file).write_text(json.dumps({"links": links, "fixed_costs": fixed, "results": results,
+                                                     "model": model_results,
                                                      "model_trace": model_case and model_case["trace"]}))
         dist.barrier()
     finally:
@@ -399,9 +452,11 @@ def calibrated_links(links: dict) -> LinkModel:
 def add_model_and_floor(report: dict, cases: list[dict], topology: Topology, args) -> None:
     """modeled_ms: the simulator with the measured figures (DeepSpeed: the same alpha-beta terms on its
     capacity-padded exchange and padded expert rows). floor_ms: cross-node bytes through one node's
-    link at the best measured rate (dispatch, then combine) + the busiest GPU's expert FLOPs."""
+    link at the best measured rate (dispatch, then combine) + the busiest GPU's expert FLOPs. Each case
+    takes the fixed costs measured in its own rounds (runs before 2026-11-28: the run's, in links)."""
     links = calibrated_links(report["links"])
-    calibrated = Topology(topology.gpus_per_node, links)
+    case_figures = {case: {**report["links"], **fixed} for case, fixed in report.get("fixed_costs", {}).items()}
+    case_links = {case: calibrated_links(figures) for case, figures in case_figures.items()}
     shapes = TINY_SHAPES if args.tiny else SHAPES
     replays = {c["case"]: torch.load(c["replay"], weights_only=True).long() for c in cases}
     plans = {(c["case"], p): PlacementPlan.load(f) for c in cases for p, f in c["plans"].items()}
@@ -410,6 +465,8 @@ def add_model_and_floor(report: dict, cases: list[dict], topology: Topology, arg
     flops_rate = links.expert_tflops * 1e6  # flop per microsecond
     simulated: dict[tuple, object] = {}
     for r in report["results"]:
+        figures = case_figures.get(r["case"], report["links"])
+        calibrated = Topology(topology.gpus_per_node, case_links.get(r["case"], links))
         shape = shapes[r["shape"]]
         flops_per_pair = 6.0 * shape.hidden * shape.inter
         ids = replays[r["case"]][:r["tokens"]]
@@ -427,11 +484,13 @@ def add_model_and_floor(report: dict, cases: list[dict], topology: Topology, arg
         else:  # the same alpha-beta terms over what DeepSpeed or megatron move and compute
             if r["variant"] == "deepspeed-native":  # every rank computes E/W experts x W ranks x C padded rows
                 max_pairs = shape.num_experts // world * world * r["capacity"]
-                overhead = report["links"].get("deepspeed_overhead_us", 0.0)
+                overhead = figures.get("deepspeed_overhead_us", 0.0)
             else:  # one copy per (token, expert) pair, experts in contiguous blocks
                 max_pairs = max(r["pairs_per_gpu"])
-                overhead = report["links"].get("megatron_overhead_us", 0.0)
-            exchange = node_bytes / inter_Bpus + 2 * links.inter_node_latency_us if topology.num_nodes > 1 else 0.0
+                overhead = figures.get("megatron_overhead_us", 0.0)
+            # The fixed cost, when measured, holds the collectives' start-ups (as in the simulator).
+            alpha = 0.0 if overhead > 0 else 2 * links.inter_node_latency_us
+            exchange = node_bytes / inter_Bpus + alpha if topology.num_nodes > 1 else 0.0
             r["modeled_ms"] = (exchange + max_pairs * flops_per_pair / flops_rate + overhead) / 1e3
         r["floor_ms"] = (node_bytes / peak_Bpus + max_pairs * flops_per_pair / flops_rate) / 1e3
         r["achieved_cross_node_GBps"] = node_bytes / (r["median_ms"] * 1e-3) / 1e9 if r["median_ms"] else 0.0
@@ -464,14 +523,26 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--replica-slots", type=int, default=1)
     p.add_argument("--link-bytes", type=int, default=64 << 20, help="bytes per peer when measuring links")
+    p.add_argument("--batches", help=f"comma-separated subset of {','.join(BATCHES)} (default: all)")
     p.add_argument("--tiny", action="store_true", help="small shapes and batches (CPU smoke run)")
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the whole-model prefill/decode runs")
     p.add_argument("--model-only", action="store_true", help="the whole-model runs alone, no single-layer cases")
     p.add_argument("--profile-decode", action="store_true",
                    help="instead of the benchmark: torch.profiler's op table of the GRACE layer at decode-256 "
                         "(profile_decode.txt)")
+    p.add_argument("--remodel", type=Path, metavar="MEASURED_JSON",
+                   help="no run: redo the modeled time and floor of a run's bench_gpu_measured.json "
+                        "(its layout, shapes and replica slots) into --out/bench_gpu.json")
     args = p.parse_args()
+    if args.remodel:
+        setting = json.loads(args.remodel.read_text())["setting"]
+        args.gpus, args.nodes, args.tiny = setting["ranks"], setting["nodes"], setting["tiny"]
+        args.replica_slots = setting["replica_slots"]
+        args.shapes = ",".join(dict.fromkeys(r["shape"] for r in json.loads(args.remodel.read_text())["results"]))
     args.shapes = args.shapes.split(",")
+    args.batches = args.batches.split(",") if args.batches else None
+    if args.batches and set(args.batches) - set(BATCHES):
+        p.error(f"unknown batches {sorted(set(args.batches) - set(BATCHES))}; choose from {sorted(BATCHES)}")
     unknown = set(args.shapes) - set(SHAPES)
     if unknown:
         p.error(f"unknown shapes {sorted(unknown)}; choose from {sorted(SHAPES)}")
@@ -484,6 +555,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"{world} ranks as {args.nodes} logical node(s) x {world // args.nodes}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.remodel:  # the same plans and replays again (deterministic), the run's measurements as they were
+            report = json.loads(args.remodel.read_text())
+            report["setting"]["remodeled"] = time.strftime("%Y-%m-%d")
+            add_model_and_floor(report, prepare(args, topology, Path(tmp)), topology, args)
+            (args.out / "bench_gpu.json").write_text(json.dumps(report, indent=1))
+            print_table(report)
+            return
         cases = [] if args.model_only else prepare(args, topology, Path(tmp))
         model_case = prepare_model(args, topology, Path(tmp))
         result_file = str(Path(tmp, "results.json"))

@@ -1,6 +1,6 @@
 """docs/benchmarks.md and docs/benchmarks.png from the GPU benchmark's JSON (scripts/bench_gpu.py).
 
-    python scripts/benchmark_report.py docs/bench-gpu-2x1.json [--earlier docs/bench-gpu-2x1-earlier.json]
+    python scripts/benchmark_report.py docs/bench-gpu-2x2.json [--earlier EARLIER.json ...] [--also OTHER.json ...]
 """
 from __future__ import annotations
 
@@ -132,65 +132,39 @@ def model_lines(report: dict) -> list[str]:
     return lines
 
 
-def parse_log(path: Path) -> dict:
-    """A bench_gpu.py log (what rank 0 prints as each median comes) as a report of medians only: for a
-    run cut short before it wrote its JSON."""
-    results, model, links = [], [], {}
-    for line in path.read_text().splitlines():
-        if line.startswith("measured: "):
-            links = json.loads(line[len("measured: "):])
-            continue
-        parts = line.split()
-        if len(parts) < 4 or parts[-1] != "ms":
-            continue
-        if parts[0].startswith("model/") and len(parts) == 4:
-            _, policy, mode = parts[0].split("/")
-            model.append({"policy": policy, "mode": mode, "batch": parts[1], "median_ms": float(parts[2])})
-        elif len(parts) == 5:
-            case, batch, variant, ms = parts[:4]
-            grace = variant.startswith("grace-layer/")
-            results.append({"case": case, "batch": batch, "variant": variant, "median_ms": float(ms),
-                            "policy": variant.split("/")[1] if grace else None,
-                            "mode": variant.split("/")[2] if grace else None})
-    return {"results": results, "model": model, "links": links}
-
-
-def log_section(path: Path, main: dict) -> list[str]:
-    """Ratios and the whole model's times from a log of medians; what CUDA graphs changed against the
-    main report (the same benchmark, gather exchange run eagerly)."""
-    report = parse_log(path)
-    lines = [f"## 2 logical nodes x 2 GPUs, CUDA graphs at decode: `{shown(path)}` (medians only)", "",
-             "The same benchmark after the gather exchange's CUDA graphs landed (bf16 decode calls replay one "
-             "graph per layer and token bucket). The run reached its time limit after its last measurement, "
-             "before it wrote its JSON: this section is rendered from the medians the script prints as it "
-             "goes (no traffic, model or floor columns). Measured figures: "
-             + ", ".join(f"{k} = {v:.4g}" for k, v in report["links"].items()) + ".", ""]
-    decode = {"results": [r for r in report["results"] if r["batch"].startswith("decode")]}
-
-    def grace_gather(results: list[dict]) -> list[float]:
-        return [r["median_ms"] for r in results if r["variant"] == "grace-layer/grace/gather"]
-
-    eager_gather, graphed = grace_gather(main["results"]), grace_gather(decode["results"])
-    if eager_gather and graphed and "gather_overhead_us" in main["links"] and "gather_overhead_us" in report["links"]:
-        lines += [f"- **what the graphs changed**: the gather exchange's fixed cost (one token per GPU) "
-                  f"{main['links']['gather_overhead_us'] / 1e3:.2f} ms eager (`{MAIN_NAME[0]}`) -> "
-                  f"{report['links']['gather_overhead_us'] / 1e3:.2f} ms replayed; the GRACE plan's decode layer "
-                  f"{_span(eager_gather, ' ms')} eager -> {_span(graphed, ' ms')} replayed.", ""]
-    pivot = [v for v in dict.fromkeys(r["variant"] for r in decode["results"]) if v.startswith("grace-layer/")]
-    lines += ["Decode, the GRACE plan's fastest exchange against each baseline (higher = GRACE faster):", "",
-              *ratio_lines(decode), "", "Decode layer ms of every plan and exchange:", "",
-              "| case | batch | " + " | ".join(v.removeprefix("grace-layer/") for v in pivot) + " |",
-              "|---|---|" + "---:|" * len(pivot)]
-    for case, batch in dict.fromkeys((r["case"], r["batch"]) for r in decode["results"]):
-        cells = [next((f"{r['median_ms']:.2f}" for r in decode["results"]
-                       if (r["case"], r["batch"], r["variant"]) == (case, batch, v)), "") for v in pivot]
-        lines.append(f"| {case} | {batch} | " + " | ".join(cells) + " |")
-    lines += ["", "Whole model (OLMoE shape, 2 layers, attention + MoE); `auto` takes the gather exchange at decode:",
-              "", *model_lines(report), ""]
+def must_show_lines(runs: list[tuple[str, dict]]) -> list[str]:
+    """The issue's must-shows per run (file name, report), so that run-to-run spread is in plain view:
+    prefill, the GRACE plan with hierarchical exchange against DeepSpeed, uniform-affinity flat, eplb
+    hierarchical and its own floor; decode, the GRACE plan's fastest exchange against the fastest other
+    variant; the model's variants within 25%."""
+    lines = ["| run | cross-node GB/s | case | prefill vs DeepSpeed | vs uniform-affinity flat | vs eplb hierarchical "
+             "| / floor | decode: vs fastest other variant | model within 25% |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for name, report in runs:
+        results = report["results"]
+        within = sum(abs(r["model_error"]) <= 0.25 for r in results)
+        for case in dict.fromkeys(r["case"] for r in results):
+            rows = {(r["batch"], r["variant"]): r for r in results if r["case"] == case}
+            prefill = [b for b, _ in rows if b.startswith("prefill")]
+            cells = ["", "", "", ""]
+            if prefill and (prefill[0], "grace-layer/grace/hierarchical") in rows:
+                batch = prefill[0]
+                grace = rows[(batch, "grace-layer/grace/hierarchical")]["median_ms"]
+                ratio = [rows[(batch, v)]["median_ms"] / grace if (batch, v) in rows else None
+                         for v in ("deepspeed-native", "grace-layer/uniform-affinity/flat", "grace-layer/eplb/hierarchical")]
+                cells = [f"{x:.2f}x" if x else "" for x in ratio]
+                cells.append(f"{grace / rows[(batch, 'grace-layer/grace/hierarchical')]['floor_ms']:.2f}x")
+            decode = []
+            for batch in dict.fromkeys(b for b, _ in rows if b.startswith("decode")):
+                mine = [r for (b, _), r in rows.items() if b == batch and r["policy"] == "grace"]
+                other = [r for (b, _), r in rows.items() if b == batch and r["policy"] != "grace"]
+                if mine and other:
+                    best, rival = grace_best(mine), min(other, key=lambda r: r["median_ms"])
+                    decode.append(f"{batch}: {rival['median_ms'] / best['median_ms']:.2f}x "
+                                  f"({rival['variant'].removeprefix('grace-layer/')})")
+            lines.append(f"| `{name}` | {report['links'].get('inter_node_GBps', 0):.2f} | {case} | " + " | ".join(cells)
+                         + f" | {'; '.join(decode)} | {within} of {len(results)} |")
     return lines
-
-
-MAIN_NAME = [""]  # the main report's path as shown, for the log section's comparison
 
 
 def plot(report: dict, path: Path) -> None:
@@ -199,17 +173,22 @@ def plot(report: dict, path: Path) -> None:
     variants = list(dict.fromkeys(r["variant"] for r in report["results"]))
     fig, axes = plt.subplots(len(batches), 1, figsize=(11, 3.2 * len(batches)))
     width = 0.8 / len(variants)
+    colors = plt.get_cmap("tab20").colors  # one colour per variant (up to 20)
     for ax, batch in zip(axes, batches):
         for v, variant in enumerate(variants):
             heights = [next((r["median_ms"] for r in report["results"]
                              if (r["case"], r["batch"], r["variant"]) == (c, batch, variant)), 0) for c in cases]
-            ax.bar([i + v * width for i in range(len(cases))], heights, width, label=variant)
+            ax.bar([i + v * width for i in range(len(cases))], heights, width, label=variant,
+                   color=colors[v % len(colors)])
         ax.set_yscale("log")
+        shown_ms = [r["median_ms"] for r in report["results"] if r["batch"] == batch]
+        ax.set_ylim(min(shown_ms) / 2, max(shown_ms) * 1.3)  # every bar rises visibly from the axis
         ax.set_ylabel("MoE layer ms (log)")
         ax.set_title(batch)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases, fontsize=8)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    legend_rows = -(-len(labels) // 3)
+    fig.tight_layout(rect=(0, 0.03 + 0.022 * legend_rows, 1, 1))  # room below the axes for the legend
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -224,15 +203,13 @@ def shown(path: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("report", type=Path)
-    p.add_argument("--earlier", type=Path, help="an earlier run of the same benchmark, for run-to-run spread")
+    p.add_argument("--earlier", type=Path, action="append", default=[],
+                   help="an earlier run of the same benchmark and layout, for run-to-run spread (repeatable)")
     p.add_argument("--also", type=Path, action="append", default=[],
                    help="another run (e.g. with more baselines) shown in a section of its own")
-    p.add_argument("--log", type=Path, action="append", default=[],
-                   help="a run's printed log (medians only), for a run cut short before its JSON")
     p.add_argument("--out", type=Path, default=DOCS / "benchmarks.md")
     args = p.parse_args()
     report = json.loads(args.report.read_text())
-    MAIN_NAME[0] = shown(args.report)
     setting, links = report["setting"], report["links"]
     plot(report, args.out.with_suffix(".png"))
     also_lines = []
@@ -243,7 +220,9 @@ def main() -> None:
         what = f"({', '.join(shapes)} shape)" if shapes else "(whole model only)"
         also_lines += [f"## {st['nodes']} logical nodes x {st['gpus_per_node']} GPU{'s' if st['gpus_per_node'] > 1 else ''}: "
                        f"`{shown(path)}` {what}", "",
-                       f"{st['device']}, run {st.get('date', '')}, {st['iters']} timed forwards after {st['warmup']}; "
+                       f"{st['device']}, run {st.get('date', '')}, {st['iters']} timed forwards after {st['warmup']}"
+                       + (f" (modeled and floor columns recomputed by `bench_gpu.py --remodel` on {st['remodeled']})"
+                          if st.get("remodeled") else "") + "; "
                        "its own link figures: " + ", ".join(f"{k} = {v:.4g}" for k, v in other["links"].items()) + ".",
                        ""]
         if other["results"]:
@@ -255,15 +234,17 @@ def main() -> None:
         "# GPU benchmark",
         "",
         f"Produced by `python scripts/benchmark_report.py {shown(args.report)}"
-        + (f" --earlier {shown(args.earlier)}" if args.earlier else "")
-        + "".join(f" --also {shown(a)}" for a in args.also) + "".join(f" --log {shown(a)}" for a in args.log)
-        + "` from the raw JSON files (and logs) beside this page, "
+        + "".join(f" --earlier {shown(e)}" for e in args.earlier)
+        + "".join(f" --also {shown(a)}" for a in args.also)
+        + "` from the raw JSON files beside this page, "
         f"each written by `bash scripts/bench_gpu.sh` on the GPU test machine ({setting['device']}, torch "
         f"{setting['torch']}) with its GPUs split into 2 logical nodes (NCCL_HOSTID per node: traffic between "
         "nodes takes NCCL's socket path, ~30 Gbit/s; inside a node NVLink).",
         "",
         "Median of 20 timed forwards after warm-up (each section says how many), CUDA events, the "
-        "slowest rank per iteration; bf16; random weights; routing replayed from real traces (gate top-k "
+        "slowest rank per iteration; since 2026-11-28 the variants of one trace take turns, 4 rounds of 5 "
+        "forwards each, so that the link's drift during a run falls on all of them alike (the cross-node "
+        "rate itself differs by up to a third between runs: each run's is listed); bf16; random weights; routing replayed from real traces (gate top-k "
         "forced to the recorded experts through each implementation's own gate), plans built from the first "
         "half of each trace and the second half replayed. Tokens per forward in the whole job: "
         + ", ".join(f"{k} = {v}" for k, v in setting["batches"].items())
@@ -277,14 +258,21 @@ def main() -> None:
         "Columns. modeled ms: `grace-ds simulate`'s cost model with the run's measured link and GEMM figures "
         "(each rank uses the slowest rank's), the fixed layer cost included (`layer_overhead_us`, "
         "`gather_overhead_us`, `deepspeed_overhead_us`, `megatron_overhead_us`: one layer's time with one token "
-        "per GPU; `hop_overhead_us`: what hierarchical adds); for "
-        "DeepSpeed and megatron the same alpha-beta terms over what they move and compute (capacity-padded "
-        "rows; one copy per token and expert). floor: cross-node bytes through one node's link at the best "
+        "per GPU, timed in the same rounds as the case since 2026-11-28 (`fixed_costs` in the JSON), before "
+        "that once per run; `hop_overhead_us`: what hierarchical adds); as that fixed cost holds every "
+        "collective's start-up, the per-stage latencies are not added again. For "
+        "DeepSpeed and megatron the same terms over what they move and compute (capacity-padded "
+        "rows; one copy per token and expert). `gather_ring_overhead_us`: the gather exchange's fixed cost "
+        "over NCCL's ring collectives instead of by node (for comparison; the runtime gathers by node). floor: cross-node bytes through one node's link at the best "
         "measured rate (dispatch then combine) + the busiest GPU's expert FLOPs at the measured GEMM rate. "
         "achieved GB/s: cross-node bytes per node / layer time. busy: time in expert GEMMs per forward; "
         "idle: 1 - busy / layer time.",
         "",
-        *[line for path in args.log for line in log_section(path, report)],
+        f"## The issue's must-shows, run by run ({setting['nodes']} logical nodes x {setting['gpus_per_node']} "
+        "GPUs, higher = GRACE faster)",
+        "",
+        *must_show_lines([(shown(args.report), report)] + [(shown(e), json.loads(e.read_text())) for e in args.earlier]),
+        "",
         *also_lines,
         f"## {setting['nodes']} logical nodes x {setting['gpus_per_node']} GPU{'s' if setting['gpus_per_node'] > 1 else ''}: "
         f"`{shown(args.report)}` "
@@ -338,23 +326,24 @@ def main() -> None:
     missing = sorted(every_shape - {r["shape"] for r in report["results"]})
     if missing:
         text.append(f"- `{shown(args.report)}`: the {', '.join(missing)} shape{'s' if len(missing) > 1 else ''} "
-                    "ran in the other layouts above only (the session's device time went to the shapes listed).")
+                    "are in the other runs above, not in this one.")
     for path, other in zip(args.also, others):
         if not other.get("model") and other["setting"]["gpus_per_node"] > 1:
-            text.append(f"- `{shown(path)}`: only the shapes and traces listed there and no whole-model run (the "
-                        "4-GPU machine came with the session's last minutes of device time).")
+            text.append(f"- `{shown(path)}`: only the shapes and traces listed there; no whole-model run in that "
+                        "run (the whole model ran with the OLMoE shape, in the main run).")
     text += ["- DeepSpeed AutoEP: in DeepSpeed 0.19.8 it replaces MoE blocks inside `deepspeed.initialize` for "
              "presets (Mixtral, Qwen3-MoE, DeepSeek) and has no OLMoE preset; not wired into this layer benchmark.",
              ""]
     if args.earlier:
-        earlier = json.loads(args.earlier.read_text())
-        text += ["## Run-to-run spread (an earlier run, same machine kind and layer code)", "",
-                 "| case | batch | variant | this run ms | earlier run ms |", "|---|---|---|---:|---:|"]
+        earlier = [json.loads(e.read_text()) for e in args.earlier]
+        text += ["## Run-to-run spread (earlier runs, same machine kind and layout)", "",
+                 "| case | batch | variant | this run ms | " + " | ".join(f"`{shown(e)}` ms" for e in args.earlier) + " |",
+                 "|---|---|---|---:|" + "---:|" * len(earlier)]
         for r in report["results"]:
-            old = next((e for e in earlier["results"]
-                        if (e["case"], e["batch"], e["variant"]) == (r["case"], r["batch"], r["variant"])), None)
-            if old:
-                text.append(f"| {r['case']} | {r['batch']} | {r['variant']} | {r['median_ms']:.2f} | {old['median_ms']:.2f} |")
+            old = [next((f"{e['median_ms']:.2f}" for e in run["results"]
+                         if (e["case"], e["batch"], e["variant"]) == (r["case"], r["batch"], r["variant"])), "")
+                   for run in earlier]
+            text.append(f"| {r['case']} | {r['batch']} | {r['variant']} | {r['median_ms']:.2f} | " + " | ".join(old) + " |")
         text.append("")
     args.out.write_text("\n".join(text))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

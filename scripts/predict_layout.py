@@ -32,8 +32,6 @@ from grace_ds.trace import RoutingTrace  # noqa: E402
 
 def predict(calibration: dict, topology: Topology, traces: Path, shapes: list[str], replica_slots: int) -> list[dict]:
     """One row per (case, plan, exchange, batch) with the modeled MoE-layer time in ms."""
-    links = calibrated_links(calibration["links"])
-    calibrated = Topology(topology.gpus_per_node, links)
     rows = []
     for name in shapes:
         shape = SHAPES[name]
@@ -45,6 +43,9 @@ def predict(calibration: dict, topology: Topology, traces: Path, shapes: list[st
             half = ids.shape[0] // 2
             profile = RoutingProfile.from_topk_ids(ids[:half, None, :], shape.num_experts, model_name=file)
             case = f"{name}/{Path(file).stem}/L{layer}"
+            # The fixed costs timed with this case (runs since 2026-11-28), else the run's.
+            figures = {**calibration["links"], **calibration.get("fixed_costs", {}).get(case, {})}
+            calibrated = Topology(topology.gpus_per_node, calibrated_links(figures))
             for policy in POLICIES:
                 plan = dataclasses.replace(make_plan(policy, profile, topology, replica_slots), topology=calibrated)
                 for batch, tokens in BATCHES.items():
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replica-slots", type=int, default=1)
     parser.add_argument("--traces", type=Path, default=ROOT.parent / "shared" / "data" / "routing")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--measured", type=Path,
+                        help="a bench_gpu.py run at the target layout: its medians beside the prediction")
     args = parser.parse_args(argv)
     calibration = json.loads(args.calibration.read_text())
     setting = calibration["setting"]
@@ -78,29 +81,50 @@ def main(argv: list[str] | None = None) -> None:
     at_calibration = predict(calibration, here, args.traces, shapes, args.replica_slots)
     measured = {(r["case"], r["policy"], r["mode"], r["batch"]): r["median_ms"]
                 for r in calibration["results"] if r["policy"] is not None}
+    at_target_measured = {}
+    if args.measured:
+        run = json.loads(args.measured.read_text())
+        if (run["setting"]["nodes"], run["setting"]["gpus_per_node"]) != (args.nodes, args.gpus_per_node):
+            parser.error(f"{args.measured} ran at {run['setting']['nodes']}x{run['setting']['gpus_per_node']}, "
+                         f"not the target {args.nodes}x{args.gpus_per_node}")
+        at_target_measured = {(r["case"], r["policy"], r["mode"], r["batch"]): r["median_ms"]
+                              for r in run["results"] if r["policy"] is not None}
     label = f"{args.nodes}x{args.gpus_per_node}"
     (args.out / f"predicted-{label}.json").write_text(json.dumps(
         {"calibration": str(args.calibration.name), "target": target.describe(), "rows": at_target,
          "calibration_rows": at_calibration}, indent=1) + "\n")
     lines = [f"# Predicted GPU layer times at {target.describe()}", "",
              f"By `python scripts/predict_layout.py --calibration {args.calibration.relative_to(ROOT) if args.calibration.is_relative_to(ROOT) else args.calibration} "
-             f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node} --traces {args.traces.name}` (the traces "
+             f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node} --traces {args.traces.name}"
+             + (f" --measured {args.measured.relative_to(ROOT) if args.measured.is_relative_to(ROOT) else args.measured}"
+                if args.measured else "") + "` (the traces "
              "scripts/prepare_gpu_carry.sh puts in `.bench_data`): the simulator's cost model with the link, "
              f"GEMM and fixed-cost figures measured at {here.describe()} ({setting['device']}, {setting.get('date', '')}), "
              "plans made at each layout from the first half of each trace, the second half replayed. Assumes the "
              "fixed per-layer and per-hop costs measured there carry over to the new layout (more ranks usually "
-             "raise them). The measured column is the calibration run itself, to show the model's error there; "
-             f"the {label} figures are to be checked when that machine is lent (issue: benchmark at 2 x 4).", "",
-             f"| case | plan / exchange | batch | predicted {here.describe()} ms | measured {here.describe()} ms "
-             f"| predicted {target.describe()} ms | {label} / {setting['nodes']}x{setting['gpus_per_node']} |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             "raise them). The first measured column is the calibration run itself, to show the model's error "
+             "there; "
+             + (f"the last is `{args.measured.name}`, measured at {target.describe()}."
+                if args.measured else f"the {label} figures are to be checked when that machine is lent."), ""]
     base = {(r["case"], r["policy"], r["mode"], r["batch"]): r["modeled_ms"] for r in at_calibration}
+    checked = [(row["batch"], row["modeled_ms"] / at_target_measured[key] - 1) for row in at_target
+               if (key := (row["case"], row["policy"], row["mode"], row["batch"])) in at_target_measured]
+    if checked:
+        prefill = [error for batch, error in checked if batch.startswith("prefill")]
+        lines += [f"Against the {label} measurement: within 25% for {sum(abs(e) <= 0.25 for _, e in checked)} of "
+                  f"{len(checked)} GRACE-layer variants (prefill {sum(abs(e) <= 0.25 for e in prefill)} of "
+                  f"{len(prefill)}); largest error {max((e for _, e in checked), key=abs):+.0%}.", ""]
+    lines += [f"| case | plan / exchange | batch | predicted {here.describe()} ms | measured {here.describe()} ms "
+              f"| predicted {target.describe()} ms | {label} / {setting['nodes']}x{setting['gpus_per_node']} |"
+              + (f" measured {target.describe()} ms |" if args.measured else ""),
+              "|---|---|---|---:|---:|---:|---:|" + ("---:|" if args.measured else "")]
     for row in at_target:
         key = (row["case"], row["policy"], row["mode"], row["batch"])
-        seen = measured.get(key)
+        seen, there = measured.get(key), at_target_measured.get(key)
         lines.append(f"| {row['case']} | {row['policy']} / {row['mode']} | {row['batch']} | {base[key]:.2f} | "
                      f"{'-' if seen is None else f'{seen:.2f}'} | {row['modeled_ms']:.2f} | "
-                     f"{row['modeled_ms'] / base[key]:.2f}x |")
+                     f"{row['modeled_ms'] / base[key]:.2f}x |"
+                     + ((f" {there:.2f} |" if there is not None else " - |") if args.measured else ""))
     (args.out / f"predicted-{label}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

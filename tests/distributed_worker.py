@@ -49,7 +49,7 @@ def check_family(family: str, rank: int, world: int, topology: Topology, policie
         for router in routers:
             for mode in modes:
                 model = copy.deepcopy(reference)
-                convert_model(model, GraceRuntime(plan, rank, None, router, mode, device=DEVICE))
+                convert_model(model, make_runtime(plan, rank, router, mode))
                 with torch.no_grad():
                     out = model(ids[mine]).logits
                 results[f"{policy}/{router}/{mode}"] = relative_error(out, ref_logits[mine])
@@ -87,8 +87,15 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str, spec: str) 
 
 
 def exchange_modes(topology: Topology) -> list[str]:
-    """flat; hierarchical across nodes; gather with more than one rank."""
-    return ["flat"] + ["hierarchical"] * (topology.num_nodes > 1) + ["gather"] * (topology.num_gpus > 1)
+    """flat; hierarchical across nodes; gather with more than one rank (across nodes: by node, and ring)."""
+    return (["flat"] + ["hierarchical"] * (topology.num_nodes > 1) + ["gather"] * (topology.num_gpus > 1)
+            + ["gather-ring"] * (topology.num_nodes > 1))
+
+
+def make_runtime(plan, rank: int, router: str, mode: str) -> GraceRuntime:
+    """mode: a communication mode, or gather-ring (the gather exchange over NCCL's ring collectives)."""
+    return GraceRuntime(plan, rank, None, router, mode.removesuffix("-ring"), device=DEVICE,
+                        hierarchical_gather=mode != "gather-ring")
 
 
 class ExpertMLP(torch.nn.Module):
@@ -132,7 +139,7 @@ def check_deepspeed(rank: int, world: int, topology: Topology, policies, ks) -> 
         for policy in policies:
             for mode in exchange_modes(topology):
                 plan = make_plan(policy, profile, topology, replica_slots=1)
-                runtime = GraceRuntime(plan, rank, None, "tar", mode, device=DEVICE)
+                runtime = make_runtime(plan, rank, "tar", mode)
                 layer = GraceMoE(hidden, ExpertMLP(hidden, inner), num_experts, runtime, layer=0, k=k).to(DEVICE).eval()
                 layer.set_deepspeed_parallelism()
                 with torch.no_grad():

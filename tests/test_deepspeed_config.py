@@ -34,8 +34,10 @@ def test_bad_sections_give_one_clear_error(section, message):
 
 
 def test_exchange_settings_reach_the_section():
-    _, section = split_config({"grace_moe": {"communication": "gather", "gather_max_tokens": 64, "cuda_graphs": False}})
+    _, section = split_config({"grace_moe": {"communication": "gather", "gather_max_tokens": 64, "cuda_graphs": False,
+                                             "hierarchical_gather": False}})
     assert (section.communication, section.gather_max_tokens, section.cuda_graphs) == ("gather", 64, False)
+    assert section.hierarchical_gather is False
 
 
 def test_unreadable_json_names_the_file(tmp_path):

@@ -24,3 +24,69 @@ def test_token_buckets_are_powers_of_two_up_to_the_limit():
     assert [token_bucket(n, 128) for n in (1, 8, 9, 64, 65, 128)] == [8, 8, 16, 64, 128, 128]
     assert token_bucket(100, 96) is None  # larger than the limit: eager
     assert token_bucket(90, 96) == 96  # the limit caps the bucket
+
+
+class _ScaleBySlot:
+    """An expert per global slot s that multiplies its row by s + 1; rows of other ranks' slots (-1) give 0."""
+
+    accepts_unrouted = True
+
+    def __init__(self, rank: int, slots_per_gpu: int) -> None:
+        self.first = rank * slots_per_gpu
+
+    def __call__(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        return rows * torch.where(slot >= 0, self.first + slot + 1, 0).unsqueeze(-1).to(rows.dtype)
+
+
+def _gather_worker(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from grace_ds.dispatch import Traffic
+    from grace_ds.dispatch_gather import gather_and_compute
+    from grace_ds.logical_nodes import join_logical_node
+
+    join_logical_node(rank, world, nodes, port)
+    try:
+        slots_per_gpu, top_k, per_node = 3, 2, world // nodes
+        node_of_gpu = [g // per_node for g in range(world)]
+        counts = [2 + g % 3 for g in range(world)]  # uneven: padded to the largest
+        torch.manual_seed(rank)
+        hidden = torch.randn(counts[rank], 5)
+        slots = torch.randint(0, world * slots_per_gpu, (counts[rank], top_k))
+        weights = torch.rand(counts[rank], top_k)
+        expected = (weights.unsqueeze(-1) * hidden.unsqueeze(1) * (slots + 1).unsqueeze(-1)).sum(1)
+        report = {}
+        for hierarchical in (True, False):
+            traffic = Traffic()
+            got = gather_and_compute(hidden, slots, weights, slots_per_gpu, rank, world, max(counts),
+                                     _ScaleBySlot(rank, slots_per_gpu), None, traffic, node_of_gpu, "", hierarchical)
+            report[str(hierarchical)] = {"error": float((got - expected).abs().max()),
+                                         "cross": traffic.cross_node_bytes, "intra": traffic.intra_node_bytes}
+        Path(out_dir, f"{rank}.json").write_text(json.dumps(report))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("nodes, per_node", [(3, 2), (2, 1)])
+def test_gather_by_node_equals_the_ring_and_crosses_nodes_once_per_token(nodes, per_node, tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world = nodes * per_node
+    mp.spawn(_gather_worker, args=(world, nodes, port, str(tmp_path)), nprocs=world, join=True)
+    for rank in range(world):
+        report = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert report["True"]["error"] < 1e-5 and report["False"]["error"] < 1e-5, report
+        # By node, this rank's rows cross to one peer per remote node; the ring's logical count sends
+        # them to every GPU off its node.
+        remote_gpus, remote_nodes = world - per_node, nodes - 1
+        assert report["True"]["cross"] * remote_gpus == report["False"]["cross"] * remote_nodes

@@ -45,7 +45,7 @@ def layouts() -> list:
 
 @pytest.mark.parametrize("world, nodes", layouts())
 def test_outputs_match_the_unmodified_model(world, nodes, tmp_path):
-    modes = ["flat"] + ["hierarchical"] * (nodes > 1) + ["gather"] * (world > 1)
+    modes = ["flat"] + ["hierarchical"] * (nodes > 1) + ["gather"] * (world > 1) + ["gather-ring"] * (nodes > 1)
     # OLMoE gets every policy x router x mode; the other families every policy with tar.
     checks = {family: ({"policies": POLICIES, "routers": ["tar"], "modes": modes} if family != "olmoe"
                        else every_combination(modes)) for family in FAMILIES}

@@ -35,6 +35,12 @@ def test_modeled_time_follows_alpha_beta():
     # Gather: the token (1000 bytes, + 8 of slot and weight going out) reaches the other node, its output
     # comes back: 11.008 + 11.0 us.
     assert abs(m["modeled_layer_time_us_gather"] - (11.008 + 11.0 + compute)) < 1e-9
+    # 2 x 2, gather by node: GPU 0's padded row (1 token a GPU at most) and its node-mate's cross to their
+    # peers (2 x 1008 bytes through the node link + 10 us), then the node's 2 rows go to the mate
+    # (2 x 1008 bytes over 1 byte/ns + 1 us); the combine returns 1000-byte partials the reverse way.
+    m = layer_traffic(torch.tensor([[1]]), torch.tensor([0]), Topology.uniform(2, 2, links),
+                      CostSettings(hidden=500, ffn_hidden=1, dtype_bytes=2))
+    assert abs(m["modeled_layer_time_us_gather"] - ((2.016 + 10 + 2.016 + 1) + (2.0 + 10 + 2.0 + 1) + compute)) < 1e-9
 
 
 def test_simulate_trace_runs_every_layer():
