@@ -331,8 +331,10 @@ def main() -> None:
         if not other.get("model") and other["setting"]["gpus_per_node"] > 1:
             text.append(f"- `{shown(path)}`: only the shapes and traces listed there; no whole-model run in that "
                         "run (the whole model ran with the OLMoE shape, in the main run).")
-    text += ["- DeepSpeed AutoEP: in DeepSpeed 0.19.8 it replaces MoE blocks inside `deepspeed.initialize` for "
-             "presets (Mixtral, Qwen3-MoE, DeepSeek) and has no OLMoE preset; not wired into this layer benchmark.",
+    text += ["- DeepSpeed AutoEP: in DeepSpeed 0.19.8 it replaces MoE blocks inside `deepspeed.initialize` (the "
+             "training engine) for presets (Mixtral, Qwen3-MoE, DeepSeek) or for modules named by custom patterns "
+             "(`moe_layer_pattern`, `expert_pattern`, `router_pattern`), which could cover OLMoE's fused experts; "
+             "not wired into this layer benchmark yet.",
              ""]
     if args.earlier:
         earlier = [json.loads(e.read_text()) for e in args.earlier]
