@@ -1,10 +1,10 @@
 """CUDA graphs of the gather exchange: a decode MoE call replayed in one launch.
 
-A decode call moves few bytes and computes little; launching its ~40 kernels and two collectives from
-Python takes longer than running them (4x H200 as 2 x 2, OLMoE shape: the gather exchange's fixed cost
-3.03 ms eager, 1.36 ms replayed; docs/benchmarks.md). So each (layer, token bucket) is captured once:
-router -> pack -> all-gather -> experts -> reduce-scatter, on static buffers padded to the bucket.
-A call copies its tokens in, marks how many are real, replays, and copies its rows out. Every rank
+A decode call moves few bytes and computes little; launching its ~40 kernels and its collectives from
+Python takes longer than running them (4x H200 as 2 x 2, OLMoE shape, ring collectives: the gather
+exchange's fixed cost 3.03 ms eager, 1.36 ms replayed, in two runs of 2026-11-28 kept in git history).
+So each (layer, token bucket) is captured once: router -> pack -> gather exchange -> experts -> partial
+outputs summed back, on static buffers padded to the bucket. A call copies its tokens in, marks how many are real, replays, and copies its rows out. Every rank
 picks the same bucket from the same token counts, so their graphs hold matching collectives.
 
 Padding rows get slot -1 (no rank computes them) and come after the real tokens, so the replica

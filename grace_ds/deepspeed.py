@@ -86,7 +86,7 @@ class GraceMoEConfig(DeepSpeedConfigModel):
     4x H200 as 2 x 2."""
     gather_max_tokens: int = Field(DEFAULT_GATHER_MAX_TOKENS, ge=0)
     """With `auto`: MoE calls whose largest rank holds at most this many tokens (decode) take the gather
-    exchange (all-gather tokens, reduce-scatter outputs; no host synchronisation; 0: never)."""
+    exchange (every token to every GPU, summed outputs back; no host synchronisation; 0: never)."""
     cuda_graphs: bool = True
     """On GPUs, bf16 gather calls replay CUDA graphs (one per layer and token bucket, captured on first use)."""
     hierarchical_gather: bool = True

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_model  # noqa: E402
-from bench_layers import (GraceLayer, LayerShape, Stopwatch, deepspeed_layer, keep, megatron_layer,  # noqa: E402
-                          pairs_traffic, release, replay_bias, slowest_rank, summed, timed)
+from bench_layers import (GraceLayer, LayerShape, Stopwatch, autoep_layer, deepspeed_layer, keep,  # noqa: E402
+                          megatron_layer, pairs_traffic, release, replay_bias, slowest_rank, summed, timed)
 from grace_ds.dispatch import Traffic  # noqa: E402
 from grace_ds.layer import GraceRuntime  # noqa: E402
 from grace_ds.logical_nodes import join_logical_node  # noqa: E402
@@ -66,6 +66,7 @@ REPLAYS = {
 BATCHES = {"prefill-32768": 32768, "decode-256": 256, "decode-512": 512}
 POLICIES = ("contiguous", "eplb", "uniform-affinity", "grace")
 HAVE_MEGATRON = importlib.util.find_spec("megatron") is not None
+HAVE_AUTOEP = importlib.util.find_spec("deepspeed.module_inject.auto_ep") is not None  # DeepSpeed >= 0.19
 E2E_TRACE = "olmoe_arxiv.safetensors"
 
 
@@ -204,9 +205,13 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
     variants = [("deepspeed-native", "deepspeed", None)]
     if HAVE_MEGATRON:
         variants.append(("megatron-alltoall", "megatron", None))
+    if HAVE_AUTOEP:
+        variants.append(("deepspeed-autoep", "autoep", None))
     variants += [(f"grace-layer/{p}/{m}", p, m) for p in POLICIES for m in modes]
     if topology.num_nodes > 1:  # at the fixed-cost batch only: the gather exchange over NCCL's ring, to compare
         variants.append(("grace-layer/contiguous/gather-ring", "contiguous", "gather-ring"))
+    if args.variants:
+        variants = [v for v in variants if any(v[0].startswith(prefix) for prefix in args.variants)]
     batches = []
     # One token per GPU, in the same rounds: each variant's fixed cost, which calibrates the cost model.
     fixed_ids = replay[rank:rank + 1].to(device)
@@ -229,7 +234,7 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
         layer, runtime = make_layer(case, shape, kind, mode, topology, rank, device, dtype, busy)
         for batch_name, tokens, x, ids in batches:
             if batch_name == FIXED_COST_BATCH:
-                if kind not in ("deepspeed", "megatron", "contiguous"):
+                if kind not in ("deepspeed", "megatron", "autoep", "contiguous"):
                     continue
             elif mode == "gather-ring" or (mode == "gather" and not batch_name.startswith("decode")):
                 continue
@@ -248,11 +253,13 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
 def fixed_costs(fixed_us: dict[str, float]) -> dict[str, float]:
     """The cost model's fixed terms (LinkModel names) from the one-token-per-GPU times by variant."""
     names = {"deepspeed-native": "deepspeed_overhead_us", "megatron-alltoall": "megatron_overhead_us",
+             "deepspeed-autoep": "autoep_overhead_us",
              "grace-layer/contiguous/flat": "layer_overhead_us", "grace-layer/contiguous/gather": "gather_overhead_us",
              "grace-layer/contiguous/gather-ring": "gather_ring_overhead_us"}
     out = {names[v]: t for v, t in fixed_us.items() if v in names}
-    if "grace-layer/contiguous/hierarchical" in fixed_us:  # what the second hop adds
-        out["hop_overhead_us"] = max(fixed_us["grace-layer/contiguous/hierarchical"] - out["layer_overhead_us"], 0.0)
+    hierarchical, flat = "grace-layer/contiguous/hierarchical", "grace-layer/contiguous/flat"
+    if hierarchical in fixed_us and flat in fixed_us:  # what the second hop adds
+        out["hop_overhead_us"] = max(fixed_us[hierarchical] - fixed_us[flat], 0.0)
     return out
 
 
@@ -276,6 +283,11 @@ def untimed_pass(layer, runtime, kind: str, x: torch.Tensor, ids: torch.Tensor, 
             routed = layer.routing_map.reshape(ids.shape[0], -1)
             if not torch.equal(routed, replay_bias(ids, shape.num_experts) > 0):
                 raise RuntimeError("megatron's router did not take the replayed top-k")
+            sent, per_gpu = pairs_traffic(ids, shape.num_experts, topology, rank, row_bytes)
+        elif kind == "autoep":  # like megatron: one row per (token, expert) pair, experts in contiguous blocks
+            layer(x)
+            if not torch.equal(layer.selected_experts.sort(-1).values, ids.sort(-1).values):
+                raise RuntimeError("AutoEP's router did not take the replayed top-k")
             sent, per_gpu = pairs_traffic(ids, shape.num_experts, topology, rank, row_bytes)
         else:
             layer(x)
@@ -326,7 +338,7 @@ def finish(results: list[dict], record: dict, state: dict, times: list[float], b
     dist.all_gather(gathered, busy_all)
     totals = summed(state["sent"] + state["per_gpu"].tolist(), device)
     median = statistics.median(times)
-    kind = record["policy"] or ("deepspeed" if record["variant"] == "deepspeed-native" else "megatron")
+    kind = record["policy"] or ("deepspeed" if record["variant"] == "deepspeed-native" else "pairs")
     record.update({
         "median_ms": median, "p10_ms": sorted(times)[len(times) // 10], "iters": len(times),
         "cross_node_bytes": totals[0], "intra_node_bytes": totals[1],
@@ -348,6 +360,8 @@ def make_layer(case: dict, shape: LayerShape, kind: str, mode: str | None, topol
         return deepspeed_layer(shape, topology.num_gpus, device, dtype, busy).eval(), None
     if kind == "megatron":
         return megatron_layer(shape, topology.num_gpus, device, dtype, busy).eval(), None
+    if kind == "autoep":
+        return autoep_layer(shape, topology.num_gpus, device, dtype, busy).eval(), None
     # gather-ring: the gather exchange over NCCL's ring all-gather / reduce-scatter instead of by node
     runtime = GraceRuntime(PlacementPlan.load(case["plans"][kind]), rank, None, "tar", mode.removesuffix("-ring"),
                            device=device, hierarchical_gather=mode != "gather-ring")
@@ -481,13 +495,14 @@ def add_model_and_floor(report: dict, cases: list[dict], topology: Topology, arg
             r["modeled_ms"] = {"hierarchical": metrics.modeled_layer_time_us, "flat": metrics.modeled_layer_time_us_flat,
                                "gather": metrics.modeled_layer_time_us_gather}[r["mode"]] / 1e3
             max_pairs = max(r["pairs_per_gpu"])
-        else:  # the same alpha-beta terms over what DeepSpeed or megatron move and compute
+        else:  # the same alpha-beta terms over what DeepSpeed, megatron or AutoEP move and compute
             if r["variant"] == "deepspeed-native":  # every rank computes E/W experts x W ranks x C padded rows
                 max_pairs = shape.num_experts // world * world * r["capacity"]
                 overhead = figures.get("deepspeed_overhead_us", 0.0)
             else:  # one copy per (token, expert) pair, experts in contiguous blocks
                 max_pairs = max(r["pairs_per_gpu"])
-                overhead = figures.get("megatron_overhead_us", 0.0)
+                key = "autoep_overhead_us" if r["variant"] == "deepspeed-autoep" else "megatron_overhead_us"
+                overhead = figures.get(key, 0.0)
             # The fixed cost, when measured, holds the collectives' start-ups (as in the simulator).
             alpha = 0.0 if overhead > 0 else 2 * links.inter_node_latency_us
             exchange = node_bytes / inter_Bpus + alpha if topology.num_nodes > 1 else 0.0
@@ -524,6 +539,8 @@ def main() -> None:
     p.add_argument("--replica-slots", type=int, default=1)
     p.add_argument("--link-bytes", type=int, default=64 << 20, help="bytes per peer when measuring links")
     p.add_argument("--batches", help=f"comma-separated subset of {','.join(BATCHES)} (default: all)")
+    p.add_argument("--variants", help="comma-separated name prefixes of the variants to run, e.g. "
+                   "deepspeed-autoep,grace-layer/grace (default: all)")
     p.add_argument("--tiny", action="store_true", help="small shapes and batches (CPU smoke run)")
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the whole-model prefill/decode runs")
     p.add_argument("--model-only", action="store_true", help="the whole-model runs alone, no single-layer cases")
@@ -541,6 +558,7 @@ def main() -> None:
         args.shapes = ",".join(dict.fromkeys(r["shape"] for r in json.loads(args.remodel.read_text())["results"]))
     args.shapes = args.shapes.split(",")
     args.batches = args.batches.split(",") if args.batches else None
+    args.variants = args.variants.split(",") if args.variants else None
     if args.batches and set(args.batches) - set(BATCHES):
         p.error(f"unknown batches {sorted(set(args.batches) - set(BATCHES))}; choose from {sorted(BATCHES)}")
     unknown = set(args.shapes) - set(SHAPES)

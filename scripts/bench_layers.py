@@ -269,6 +269,47 @@ def megatron_layer(shape: LayerShape, ep_size: int, device: torch.device, dtype:
     return Layer()
 
 
+def autoep_layer(shape: LayerShape, ep_size: int, device: torch.device, dtype: torch.dtype,
+                 busy: Stopwatch) -> nn.Module:
+    """DeepSpeed AutoEP (0.19.8): a transformers OLMoE sparse block at the shape (gate + fused experts), which
+    `deepspeed.initialize` swaps for its AutoEPMoELayer (custom module patterns: AutoEP has no OLMoE
+    preset); its router's gate logits get the replay bias; shared experts beside it as in the others."""
+    import deepspeed
+    from transformers import OlmoeConfig
+    from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+
+    config = OlmoeConfig(hidden_size=shape.hidden, intermediate_size=shape.inter, num_experts=shape.num_experts,
+                         num_experts_per_tok=shape.top_k, norm_topk_prob=False)
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = config  # AutoEP reads top-k and expert count from the model's config
+            self.mlp = OlmoeSparseMoeBlock(config)
+            self.shared = SwiGLU(shape.hidden, shape.shared_inter) if shape.shared_inter else None
+            self.bias = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.mlp(x.unsqueeze(0))
+            out = (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
+            return out + self.shared(x) if self.shared is not None else out
+
+    layer = Layer().to(device, dtype)
+    engine, *_ = deepspeed.initialize(model=layer, config={
+        "train_micro_batch_size_per_gpu": 1,  # no precision section: the layer is already in dtype, no optimizer
+        "expert_parallel": {"enabled": True, "autoep_size": ep_size, "moe_layer_pattern": "mlp",
+                            "router_pattern": "gate", "expert_pattern": "experts"}})
+    layer = engine.module
+    moe = layer.mlp
+    if type(moe).__name__ != "AutoEPMoELayer":
+        raise RuntimeError(f"AutoEP left the block as {type(moe).__name__}")
+    moe.router.gate.register_forward_hook(lambda module, args, out: out + layer.bias.to(out.dtype))
+    moe.router.register_forward_hook(lambda module, args, out: setattr(layer, "selected_experts", out[1]))
+    moe.experts.register_forward_pre_hook(lambda module, args: setattr(layer, "_busy", busy.start()))
+    moe.experts.register_forward_hook(lambda module, args, out: busy.stop(layer._busy))
+    return layer
+
+
 def pairs_traffic(topk_ids: torch.Tensor, num_experts: int, topology, rank: int, row_bytes: int,
                   ) -> tuple[list[float], torch.Tensor]:
     """A dispatcher that sends one copy per (token, expert) pair (megatron's alltoall) with experts in

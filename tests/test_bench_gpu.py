@@ -23,7 +23,7 @@ def test_bench_gpu_runs_every_variant_on_cpu(shared_data, tmp_path):
     report = json.loads((out / "bench_gpu.json").read_text())
     results = report["results"]
     variants = {r["variant"] for r in results}
-    assert variants == {"deepspeed-native", "megatron-alltoall"} | {f"grace-layer/{p}/{m}" for p in
+    assert variants == {"deepspeed-native", "megatron-alltoall", "deepspeed-autoep"} | {f"grace-layer/{p}/{m}" for p in
                                                 ("contiguous", "eplb", "uniform-affinity", "grace")
                                                 for m in ("flat", "gather")}
     assert {r["batch"] for r in results} == {"prefill-32768", "decode-256", "decode-512"}
@@ -31,7 +31,12 @@ def test_bench_gpu_runs_every_variant_on_cpu(shared_data, tmp_path):
     assert report["links"]["gather_overhead_us"] > 0
     # Fixed costs are timed per case in its rounds (one token per GPU), and kept out of the results.
     fixed = report["fixed_costs"]["olmoe/olmoe_arxiv/L1"]
-    assert {"layer_overhead_us", "gather_overhead_us", "gather_ring_overhead_us", "deepspeed_overhead_us"} <= set(fixed)
+    assert {"layer_overhead_us", "gather_overhead_us", "gather_ring_overhead_us", "deepspeed_overhead_us",
+            "autoep_overhead_us"} <= set(fixed)
+    # AutoEP took the replayed routing (checked in the run) and moves one row per (token, expert) like megatron.
+    autoep = next(r for r in results if r["variant"] == "deepspeed-autoep" and r["batch"] == "prefill-32768")
+    megatron_rows = next(r for r in results if r["variant"] == "megatron-alltoall" and r["batch"] == "prefill-32768")
+    assert autoep["cross_node_bytes"] == megatron_rows["cross_node_bytes"] > 0
     assert "grace-layer/contiguous/gather-ring" not in {r["variant"] for r in results}
     for r in results:
         assert r["median_ms"] > 0 and r["floor_ms"] > 0 and r["modeled_ms"] > 0 and r["iters"] == 2
