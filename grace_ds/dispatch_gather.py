@@ -9,7 +9,7 @@ onto its own rank. Two collectives, no host synchronisation. A token reaches eve
 little more than the all-to-all when its top-k covers most GPUs anyway, and the replica router's
 choices (which GPU computes each pair) are the same as under the all-to-all exchanges. Inference only.
 
-Across nodes (`hierarchical`) the rows cross a node boundary once per token and remote node, as in
+Across nodes (with a `NodeLayout`) the rows cross a node boundary once per token and remote node, as in
 GRACE's hierarchical all-to-all: first to the GPU with the same local index on every other node, then
 inside each node over NVLink; partial outputs come back the reverse way, summed on the node before they
 cross. NCCL's ring all-gather instead walks every chunk through every GPU, over the node boundary more
@@ -130,20 +130,20 @@ def _sum_by_node(partial: torch.Tensor, layout: NodeLayout, world: int, group, w
 
 def gather_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor, slots_per_gpu: int,
                        rank: int, world: int, padded_tokens: int, compute, group=None, traffic=None,
-                       node_of_gpu: list[int] | None = None, where: str = "", hierarchical: bool = False) -> torch.Tensor:
+                       node_of_gpu: list[int] | None = None, where: str = "", layout: NodeLayout | None = None,
+                       ) -> torch.Tensor:
     """hidden [N, H] this rank's tokens; slot_ids [N, k] physical slots from the replica router; topk_weights
     [N, k]; padded_tokens >= every rank's N. Returns sum_k weight * expert(hidden) per token, [N, H].
     `compute(rows, slot)` gets every gathered pair, slot -1 where another rank computes it, when it has
     `accepts_unrouted` (SlotExperts: no host synchronisation); otherwise only this rank's pairs.
-    hierarchical: across nodes then inside them (node_of_gpu: equal nodes, numbered node by node);
-    otherwise one all-gather and one reduce-scatter over all ranks."""
+    layout (NodeLayout.of this rank): across nodes then inside them; None: one all-gather and one
+    reduce-scatter over all ranks."""
     if torch.is_grad_enabled() and hidden.requires_grad:
         raise RuntimeError("the gather exchange is for inference; run under torch.no_grad() or use flat/hierarchical")
     num_tokens, top_k = slot_ids.shape
     if padded_tokens < num_tokens:
         raise ValueError(f"padded_tokens {padded_tokens} < this rank's {num_tokens} tokens")
     node_of_gpu = node_of_gpu or [0] * world
-    layout = NodeLayout.of(rank, node_of_gpu) if hierarchical else None
     packed = _pack(hidden, slot_ids, topk_weights, padded_tokens)
     if layout is not None:
         gathered = _gather_by_node(packed, layout, world, group, where)

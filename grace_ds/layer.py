@@ -17,7 +17,7 @@ from torch import nn
 from grace_ds import faults
 from grace_ds.dispatch import ExpertCompute, Traffic, choose_mode, exchange_and_compute
 from grace_ds.decode_graphs import GatherGraphs, capturable, token_bucket
-from grace_ds.dispatch_gather import gather_and_compute
+from grace_ds.dispatch_gather import NodeLayout, gather_and_compute
 from grace_ds.plan import PlacementPlan
 from grace_ds.routing import ReplicaRouter
 
@@ -50,9 +50,10 @@ class GraceRuntime:
         self.hierarchical_min_tokens = hierarchical_min_tokens if comm_mode == "auto" else 0
         self.gather_max_tokens = gather_max_tokens if comm_mode == "auto" and plan.num_gpus > 1 else 0
         self.mode_calls = {"flat": 0, "hierarchical": 0, "gather": 0}
-        # The gather exchange crosses nodes once per token and node (False: NCCL's ring collectives).
+        # The gather exchange crosses equal nodes once per token and node (None: NCCL's ring collectives).
         sizes = plan.topology.gpus_per_node
-        self.hierarchical_gather = hierarchical_gather and len(sizes) > 1 and len(set(sizes)) == 1
+        self.gather_layout = (NodeLayout.of(rank, plan.topology.node_of_gpu.tolist())
+                              if hierarchical_gather and len(sizes) > 1 and len(set(sizes)) == 1 else None)
         self._counts: list[int] | None = None  # every rank's tokens in this forward's calls
         self._counts_layer = -1
         self.router_policy, self.router_sampling, self.device = router_policy, router_sampling, torch.device(device)
@@ -156,7 +157,7 @@ class GraceRuntime:
             out = gather_and_compute(hidden, self.router.route(layer, top_k_index, self.rank), top_k_weights,
                                      self.plan.slots_per_gpu, self.rank, topology.num_gpus, largest, compute,
                                      self.group, traffic, topology.node_of_gpu.tolist(), f" of layer {layer}",
-                                     self.hierarchical_gather)
+                                     self.gather_layout)
         else:
             out = exchange_and_compute(hidden, self.router.route(layer, top_k_index, self.rank), top_k_weights,
                                        self.plan.slots_per_gpu, self.plan.topology, self.rank, compute, mode,

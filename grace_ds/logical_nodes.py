@@ -7,9 +7,17 @@ NVLink) and each node sees only its own GPUs, numbered from 0 as on a real node.
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a job's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def join_logical_node(rank: int, world: int, nodes: int, port: int, device_type: str = "cpu") -> tuple[torch.device, str]:

@@ -19,7 +19,6 @@ import dataclasses
 import gc
 import importlib.util
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from bench_layers import (GraceLayer, LayerShape, Stopwatch, autoep_layer, deeps
                           megatron_layer, pairs_traffic, release, replay_bias, slowest_rank, summed, timed)
 from grace_ds.dispatch import Traffic  # noqa: E402
 from grace_ds.layer import GraceRuntime  # noqa: E402
-from grace_ds.logical_nodes import join_logical_node  # noqa: E402
+from grace_ds.logical_nodes import free_port, join_logical_node  # noqa: E402
 from grace_ds.plan import PlacementPlan  # noqa: E402
 from grace_ds.planners import make_plan  # noqa: E402
 from grace_ds.profile import RoutingProfile  # noqa: E402
@@ -519,10 +518,6 @@ def print_table(report: dict) -> None:
               f"{r['floor_ms']:9.3f} {r['cross_node_bytes'] / 1e6:9.1f}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from grace_ds.experts import SlotExperts  # noqa: E402
 from grace_ds.layer import GraceRuntime  # noqa: E402
-from grace_ds.logical_nodes import join_logical_node  # noqa: E402
+from grace_ds.logical_nodes import free_port, join_logical_node  # noqa: E402
 from grace_ds.online import OnlineReplanner, OnlineSettings  # noqa: E402
 from grace_ds.plan_agreement import broadcast_plan  # noqa: E402
 from grace_ds.planners import make_plan  # noqa: E402
@@ -196,10 +195,6 @@ def summarize(result: dict, drift_step: int) -> dict:
             "planning_s_mean": statistics.mean([r.get("planning_s", 0.0) for r in moves]) if moves else 0.0}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from grace_ds import faults  # noqa: E402
+from grace_ds.logical_nodes import free_port  # noqa: E402
 
 PHASES = ("profiling", "plan loading", "dispatch", "combine")
 WORLD, NODES, FAULTY = 4, 2, 2  # the faulty rank is not rank 0, whose host keeps the job's store
@@ -114,16 +114,12 @@ def _worker(rank: int, scenarios: list[dict], port: int, timeout_s: float, out_d
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(scenarios: list[dict], timeout_s: float) -> list[dict]:
     """Runs the scenarios in one job (a 'die' scenario must come last); every rank's outcome."""
     with tempfile.TemporaryDirectory() as out:
-        context = mp.start_processes(_worker, args=(scenarios, _free_port(), timeout_s, out), nprocs=WORLD,
+        context = mp.start_processes(_worker, args=(scenarios, free_port(), timeout_s, out), nprocs=WORLD,
                                      join=False, start_method="spawn")
         deadline = time.monotonic() + 60 + len(scenarios) * 4 * (timeout_s + 2)
         for process in context.processes:

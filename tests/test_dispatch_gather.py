@@ -45,7 +45,7 @@ def _gather_worker(rank: int, world: int, nodes: int, port: int, out_dir: str) -
     import torch.distributed as dist
 
     from grace_ds.dispatch import Traffic
-    from grace_ds.dispatch_gather import gather_and_compute
+    from grace_ds.dispatch_gather import NodeLayout, gather_and_compute
     from grace_ds.logical_nodes import join_logical_node
 
     join_logical_node(rank, world, nodes, port)
@@ -62,7 +62,8 @@ def _gather_worker(rank: int, world: int, nodes: int, port: int, out_dir: str) -
         for hierarchical in (True, False):
             traffic = Traffic()
             got = gather_and_compute(hidden, slots, weights, slots_per_gpu, rank, world, max(counts),
-                                     _ScaleBySlot(rank, slots_per_gpu), None, traffic, node_of_gpu, "", hierarchical)
+                                     _ScaleBySlot(rank, slots_per_gpu), None, traffic, node_of_gpu, "",
+                                     NodeLayout.of(rank, node_of_gpu) if hierarchical else None)
             report[str(hierarchical)] = {"error": float((got - expected).abs().max()),
                                          "cross": traffic.cross_node_bytes, "intra": traffic.intra_node_bytes}
         Path(out_dir, f"{rank}.json").write_text(json.dumps(report))
@@ -74,15 +75,13 @@ def _gather_worker(rank: int, world: int, nodes: int, port: int, out_dir: str) -
 @pytest.mark.parametrize("nodes, per_node", [(3, 2), (2, 1)])
 def test_gather_by_node_equals_the_ring_and_crosses_nodes_once_per_token(nodes, per_node, tmp_path):
     import json
-    import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from grace_ds.logical_nodes import free_port
+
     world = nodes * per_node
-    mp.spawn(_gather_worker, args=(world, nodes, port, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_gather_worker, args=(world, nodes, free_port(), str(tmp_path)), nprocs=world, join=True)
     for rank in range(world):
         report = json.loads((tmp_path / f"{rank}.json").read_text())
         assert report["True"]["error"] < 1e-5 and report["False"]["error"] < 1e-5, report

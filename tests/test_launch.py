@@ -12,7 +12,7 @@ from grace_ds.hooks import RoutingRecorder
 from grace_ds.models import find_moe_blocks
 from grace_ds.planners import make_plan
 from grace_ds.topology import Topology
-from tests.test_runtime_exactness import free_port
+from grace_ds.logical_nodes import free_port
 from tests.tiny_models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

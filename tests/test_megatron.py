@@ -11,7 +11,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from tests import megatron_worker
-from tests.test_runtime_exactness import free_port
+from grace_ds.logical_nodes import free_port
 
 
 def layout() -> tuple[int, int]:

@@ -3,11 +3,11 @@ x 2), for every policy, router and communication mode: transformers MoE blocks o
 GraceMoE against DeepSpeed's own MoE layer."""
 import json
 import os
-import socket
 
 import pytest
 import torch.multiprocessing as mp
 
+from grace_ds.logical_nodes import free_port
 from tests import distributed_worker
 from tests.tiny_models import FAMILIES
 
@@ -16,10 +16,6 @@ ROUTERS = ["tar", "wrr", "static", "modulo"]
 TOLERANCE = 1e-5  # relative, fp32; only summation order differs
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(world: int, nodes: int, checks: dict, tmp_path, deepspeed: dict | None = None,
