@@ -57,10 +57,11 @@ def all_to_all_rows(rows: torch.Tensor, send_splits: list[int], recv_splits: lis
 @dataclass
 class Hop:
     """One exchange. After `Hop.send`, `rows` [M, H] and `pairs` [Q, 4] are what this rank received from
-    the other ranks; pairs[:, _ROW] indexes `rows`. A rank's share for itself never enters the
-    all-to-all: `own_rows` and `own_pairs` hold it, and `own_results` what `overlap` computed on it while
-    the rows were in flight. `return_rows` sends per-received-row results back and gives the sender its
-    per-row sums, own results included."""
+    the other ranks; pairs[:, _ROW] indexes `rows`, and pairs come sorted by it (so do own_pairs and both
+    halves of split_final) when the sent pairs were sorted by row, as a layer's are. A rank's share for
+    itself never enters the all-to-all: `own_rows` and `own_pairs` hold it, and `own_results` what
+    `overlap` computed on it while the rows were in flight. `return_rows` sends per-received-row results
+    back and gives the sender its per-row sums, own results included."""
 
     rows: torch.Tensor
     pairs: torch.Tensor
@@ -174,7 +175,8 @@ def _weights_of(pairs: torch.Tensor) -> torch.Tensor:
     return pairs[:, _WEIGHT].int().view(torch.float32)
 
 
-ExpertCompute = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows [M, H], local slot [M]) -> [M, H]
+# (rows [M, H], local slot [M]) -> [M, H]; SlotExperts adds weighted_sum, which the exchanges prefer.
+ExpertCompute = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -202,12 +204,16 @@ class Traffic:
 
 
 def _compute_pairs(rows: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, compute: ExpertCompute) -> torch.Tensor:
-    """Weighted expert outputs of `pairs`, summed per row of `rows`."""
-    out = rows.new_zeros(rows.shape)
+    """Weighted expert outputs of `pairs`, summed per row of `rows`. Expert modules with `weighted_sum`
+    (SlotExperts) gather and sum by index maps; any other callable gets the pairs' rows and slots."""
     if pairs.shape[0] == 0:
-        return out + 0.0 * rows.sum()  # keeps the graph connected for backward on idle ranks
+        return rows.new_zeros(rows.shape) + 0.0 * rows.sum()  # keeps the graph connected for backward on idle ranks
     row = pairs[:, _ROW]
+    fused = getattr(compute, "weighted_sum", None)
+    if fused is not None:
+        return fused(rows, row, pairs[:, _SLOT], weights, pairs_by_row=True)  # Hop delivers pairs by row
     expert_out = compute(rows[row], pairs[:, _SLOT])
+    out = rows.new_zeros(rows.shape)
     return out.index_add(0, row, (expert_out * weights.unsqueeze(-1).to(expert_out.dtype)).to(out.dtype))
 
 

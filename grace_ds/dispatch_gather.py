@@ -134,8 +134,8 @@ def gather_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weight
                        ) -> torch.Tensor:
     """hidden [N, H] this rank's tokens; slot_ids [N, k] physical slots from the replica router; topk_weights
     [N, k]; padded_tokens >= every rank's N. Returns sum_k weight * expert(hidden) per token, [N, H].
-    `compute(rows, slot)` gets every gathered pair, slot -1 where another rank computes it, when it has
-    `accepts_unrouted` (SlotExperts: no host synchronisation); otherwise only this rank's pairs.
+    Expert modules with `weighted_sum` (SlotExperts) get every gathered pair, slot -1 where another rank
+    computes it (no host synchronisation); a plain `compute(rows, slot)` gets only this rank's pairs.
     layout (NodeLayout.of this rank): across nodes then inside them; None: one all-gather and one
     reduce-scatter over all ranks."""
     if torch.is_grad_enabled() and hidden.requires_grad:
@@ -155,10 +155,9 @@ def gather_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weight
     mine = (flat_slot >= 0) & (flat_slot // slots_per_gpu == rank)
     local_slot = torch.where(mine, flat_slot % slots_per_gpu, -1)
     pair_row = torch.arange(rows.shape[0], device=rows.device).repeat_interleave(top_k)
-    if getattr(compute, "accepts_unrouted", False):
-        expert_out = compute(rows[pair_row], local_slot)
-        weighted = torch.where(mine.unsqueeze(-1), expert_out.float() * weights.reshape(-1, 1), 0.0)
-        partial = weighted.view(rows.shape[0], top_k, -1).sum(1).to(hidden.dtype)
+    fused = getattr(compute, "weighted_sum", None)
+    if fused is not None:  # skips slot -1 on the device: no host synchronisation
+        partial = fused(rows, pair_row, local_slot, weights.reshape(-1), pairs_by_row=True)
     else:  # arbitrary expert modules: compute this rank's pairs alone (finding them waits for the device)
         pick = mine.nonzero().flatten()
         expert_out = compute(rows[pair_row[pick]], local_slot[pick])

@@ -14,9 +14,9 @@ class SlotExperts(nn.Module):
     """gate_up_proj [U, 2I, H], down_proj [U, H, I] for the U occupied of this rank's S slots;
     slot_expert [S] the logical expert in each slot (-1: empty, holds no weights).
     forward(rows [M, H], slot [M]) -> act(rows W_gate) * (rows W_up) W_down per row; rows with slot -1
-    (pairs another rank computes, in the gather exchange) are skipped: their output rows are unspecified."""
-
-    accepts_unrouted = True
+    (pairs another rank computes, in the gather exchange) are skipped: their output rows are unspecified.
+    weighted_sum(rows, pair_row, pair_slot, pair_weight): the same per (token, expert) pair, weighted and
+    summed per row, without the per-pair copies (what the exchanges call)."""
 
     def __init__(self, slot_expert: torch.Tensor, hidden_size: int, intermediate_size: int,
                  act_fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype = torch.float32,
@@ -92,25 +92,58 @@ class SlotExperts(nn.Module):
         self.register_buffer("row_of_slot", row_of_slot.to(device), persistent=False)
         self.register_buffer("slot_expert", slot_expert.clone().long().to(device), persistent=False)
 
-    def forward(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    def _slot_order(self, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order that groups rows by slot, skipped rows (slot -1) last; rows per occupied slot [U])."""
         num_slots = self.gate_up_proj.shape[0]
-        routed = slot >= 0
-        slot = torch.where(routed, self.row_of_slot[slot.clamp(min=0)], num_slots)  # skipped rows sort last
-        order = torch.argsort(slot, stable=True)
-        x = rows[order]
+        group = torch.where(slot >= 0, self.row_of_slot[slot.clamp(min=0)], num_slots)
         # scatter_add, not bincount: bincount reads its input's max on the host (a device sync).
         counts = torch.zeros(num_slots + 1, dtype=torch.long, device=slot.device)
-        counts = counts.scatter_add_(0, slot, torch.ones_like(slot))[:num_slots]
+        counts = counts.scatter_add_(0, group, torch.ones_like(group))[:num_slots]
+        return torch.argsort(group, stable=True), counts
+
+    def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [M, H] grouped by slot (counts[u] rows for occupied slot u, then skipped rows) -> [M, H]; the
+        skipped rows' outputs are unspecified."""
         if _HAS_GROUPED_MM and x.shape[0] > 0 and x.dtype in (torch.float32, torch.bfloat16):
             offs = torch.cumsum(counts, 0).to(torch.int32)  # rows past offs[-1] (skipped) are left out
             gate, up = F.grouped_mm(x, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-            out = F.grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
-        else:  # a loop over slots where grouped GEMM is missing
-            out = x.new_empty(x.shape)
-            for s, (start, end) in enumerate(zip((torch.cumsum(counts, 0) - counts).tolist(), torch.cumsum(counts, 0).tolist())):
-                if end > start:
-                    gate, up = F.linear(x[start:end], self.gate_up_proj[s]).chunk(2, dim=-1)
-                    out[start:end] = F.linear(self.act_fn(gate) * up, self.down_proj[s])
+            return F.grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+        out = x.new_empty(x.shape)  # a loop over slots where grouped GEMM is missing
+        for s, (start, end) in enumerate(zip((torch.cumsum(counts, 0) - counts).tolist(), torch.cumsum(counts, 0).tolist())):
+            if end > start:
+                gate, up = F.linear(x[start:end], self.gate_up_proj[s]).chunk(2, dim=-1)
+                out[start:end] = F.linear(self.act_fn(gate) * up, self.down_proj[s])
+        return out
+
+    def forward(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        order, counts = self._slot_order(slot)
+        out = self._grouped(rows[order], counts)
         result = torch.empty_like(out)
         result[order] = out
         return result
+
+    def weighted_sum(self, rows: torch.Tensor, pair_row: torch.Tensor, pair_slot: torch.Tensor,
+                     pair_weight: torch.Tensor, pairs_by_row: bool = False) -> torch.Tensor:
+        """rows [R, H]; per (token, expert) pair its row, local slot (-1: another rank computes it, skipped)
+        and routing weight. Returns sum over pairs of weight * expert(row) per row, [R, H] in rows' dtype.
+        Permute and unpermute are fused into index maps: one gather from `rows` straight into slot order,
+        and back without a pair-ordered copy of the rows. pairs_by_row (the pairs come sorted by row, as
+        every exchange delivers them): back by a gather into pair order and a sum per row over contiguous
+        pairs; otherwise one weighted scatter-add, in float32 (atomic adds: slower)."""
+        order, counts = self._slot_order(pair_slot)
+        out = self._grouped(rows[pair_row[order]], counts)
+        num_rows = rows.shape[0]
+        routed = pair_slot >= 0
+        if pairs_by_row:
+            position = torch.empty_like(order)
+            position[order] = torch.arange(order.numel(), device=order.device)
+            # Skipped pairs' outputs are unspecified (maybe not finite): zeroed, not weighted by 0.
+            per_pair = torch.where(routed.unsqueeze(-1), out[position] * pair_weight.unsqueeze(-1).to(out.dtype), 0)
+            per_row = torch.zeros(num_rows, dtype=torch.long, device=rows.device)
+            per_row = per_row.scatter_add_(0, pair_row, torch.ones_like(pair_row))
+            return torch.segment_reduce(per_pair, "sum", lengths=per_row, unsafe=True)  # unsafe: no host check
+        # Skipped pairs land on a spare row.
+        into = torch.where(routed, pair_row, num_rows)[order]
+        weighted = out * pair_weight[order].float().unsqueeze(-1)  # float32, in one pass
+        summed = torch.zeros((num_rows + 1, rows.shape[1]), dtype=torch.float32, device=rows.device)
+        return summed.index_add_(0, into, weighted)[:num_rows].to(rows.dtype)

@@ -148,7 +148,7 @@ class GraceRuntime:
         graphs = self.gather_graphs
         bucket = None
         if (mode == "gather" and graphs is not None and traffic is None and not needs_grad
-                and getattr(compute, "accepts_unrouted", False) and (capturable(compute) or not graphs.capture)):
+                and hasattr(compute, "weighted_sum") and (capturable(compute) or not graphs.capture)):
             bucket = token_bucket(largest, graphs.max_tokens)
         if bucket is not None:
             out = graphs(layer, hidden, top_k_index, top_k_weights, bucket, compute)

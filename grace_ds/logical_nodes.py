@@ -7,15 +7,31 @@ NVLink) and each node sees only its own GPUs, numbered from 0 as on a real node.
 from __future__ import annotations
 
 import os
+import random
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 
 def free_port() -> int:
-    """A TCP port free on this host now, for a job's rendezvous."""
-    with socket.socket() as s:
+    """A TCP port free on this host now, for a job's rendezvous. Taken below the ephemeral range: a port
+    the kernel hands out (bind to 0) can go to an outgoing connection (NCCL's socket transport opens
+    many) before the rendezvous listens on it."""
+    try:
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 32768
+    candidates = range(max(1024, first_ephemeral - 12000), first_ephemeral)
+    for port in random.sample(candidates, min(200, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything below the range taken: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

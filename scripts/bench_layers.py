@@ -128,38 +128,46 @@ def replay_bias(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return bias.scatter_(1, topk_ids.long(), REPLAY_BIAS)
 
 
+class TimedSlotExperts(SlotExperts):
+    """SlotExperts whose expert work (grouped GEMMs, permute and unpermute) counts as the GPU's busy time."""
+
+    busy: Stopwatch
+
+    def forward(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        started = self.busy.start()
+        out = super().forward(rows, slot)
+        self.busy.stop(started)
+        return out
+
+    def weighted_sum(self, rows: torch.Tensor, pair_row: torch.Tensor, pair_slot: torch.Tensor,
+                     pair_weight: torch.Tensor, pairs_by_row: bool = False) -> torch.Tensor:
+        started = self.busy.start()
+        out = super().weighted_sum(rows, pair_row, pair_slot, pair_weight, pairs_by_row)
+        self.busy.stop(started)
+        return out
+
+
 class GraceLayer(nn.Module):
     """Gate + GRACE routed experts (grouped GEMM over this rank's slots) + shared experts."""
 
     def __init__(self, shape: LayerShape, runtime: GraceRuntime, device: torch.device, dtype: torch.dtype,
                  busy: Stopwatch) -> None:
         super().__init__()
-        self.shape, self.runtime, self.busy = shape, runtime, busy
+        self.shape, self.runtime = shape, runtime
         self.gate = nn.Linear(shape.hidden, shape.num_experts, bias=False, device=device)  # fp32, as DeepSpeed's
-        self.slots = SlotExperts(runtime.local_slots(0), shape.hidden, shape.inter, F.silu, dtype, device)
+        self.slots = TimedSlotExperts(runtime.local_slots(0), shape.hidden, shape.inter, F.silu, dtype, device)
+        self.slots.busy = busy
         with torch.no_grad():
             self.slots.gate_up_proj.normal_(0, shape.hidden ** -0.5)
             self.slots.down_proj.normal_(0, shape.inter ** -0.5)
         self.shared = SwiGLU(shape.hidden, shape.shared_inter).to(device, dtype) if shape.shared_inter else None
         self.bias: torch.Tensor | None = None
 
-    def _experts(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        started = self.busy.start()
-        out = self.slots(rows, slot)
-        self.busy.stop(started)
-        return out
-
-    _experts.accepts_unrouted = SlotExperts.accepts_unrouted  # the gather exchange may pass slot -1
-
-    @property
-    def capturable(self) -> bool:  # the gather exchange's CUDA graphs may hold _experts
-        return self.slots.capturable
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.gate.weight) + self.bias
         weights, ids = torch.topk(logits.softmax(-1), self.shape.top_k, dim=-1)
         weights = weights / weights.sum(-1, keepdim=True)
-        out = self.runtime.route_and_compute(0, x, ids, weights, self._experts)
+        out = self.runtime.route_and_compute(0, x, ids, weights, self.slots)
         return out + self.shared(x) if self.shared is not None else out
 
 

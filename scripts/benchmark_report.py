@@ -195,6 +195,41 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def expert_compute_lines(path: Path) -> list[str]:
+    """The section on one GPU's expert work from scripts/bench_expert_compute.py's JSON."""
+    run = json.loads(path.read_text())
+    st = run["setting"]
+    lines = [f"## One GPU's expert work: fused permute and unpermute (`{shown(path)}`)", "",
+             f"`scripts/bench_expert_compute.py` (run by `bash scripts/bench_gpu.sh`) on one {st['device']}, "
+             f"{st['dtype'].replace('torch.', '')}, torch {st['torch']}, {st['date']}: median of {st['iters']} after "
+             f"{st['warmup']}, CUDA events. This GPU holds 1/{st['gpus']} of the experts; routing is the trace's "
+             "replayed half. fused: `SlotExperts.weighted_sum`, the path every exchange takes (one gather from the "
+             "rows straight into slot order, grouped GEMMs, a gather back into pair order and a sum per row over "
+             "contiguous pairs, as pairs arrive sorted by row). scatter: the same for pairs in any order, back "
+             "by one weighted scatter-add (atomic adds). per-row: "
+             "what the exchanges did before (the pairs' rows copied out, forward's own sort, copy and copy back, "
+             "weighted, summed). gemm: the grouped GEMMs alone on rows already in slot order. permute + unpermute "
+             "is the time above gemm. Decode rows are eager, so kernel launches count (the runtime replays "
+             "decode as CUDA graphs).", "",
+             "| shape | batch | rows | pairs (here) | fused ms | scatter ms | per-row ms | gemm ms | per-row / fused "
+             "| permute + unpermute ms, fused / per-row | max rel. diff |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in run["results"]:
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['rows']} | {r['pairs']} ({r['pairs_here']}) | "
+                     f"{r['fused_ms']:.3f} | {r['scatter_ms']:.3f} | {r['per_row_ms']:.3f} | {r['gemm_ms']:.3f} | "
+                     f"{r['per_row_ms'] / r['fused_ms']:.2f}x | {r['fused_ms'] - r['gemm_ms']:.3f} / "
+                     f"{r['per_row_ms'] - r['gemm_ms']:.3f} | {r['max_rel_diff']:.1e} |")
+    graphed = [r for r in run["results"] if "fused_graphed_ms" in r]
+    if graphed:
+        lines += ["", "Decode as the runtime runs it, each path captured in a CUDA graph and replayed:", "",
+                  "| shape | batch | fused ms | scatter ms | per-row ms | gemm ms | per-row / fused |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['shape']} | {r['batch']} | {r['fused_graphed_ms']:.3f} | {r['scatter_graphed_ms']:.3f} | "
+                  f"{r['per_row_graphed_ms']:.3f} | {r['gemm_graphed_ms']:.3f} | "
+                  f"{r['per_row_graphed_ms'] / r['fused_graphed_ms']:.2f}x |" for r in graphed]
+    return lines + [""]
+
+
 def shown(path: Path) -> str:
     """The path as a reader would type it from the repository root, when it lies inside."""
     path = path.resolve()
@@ -208,6 +243,7 @@ def main() -> None:
                    help="an earlier run of the same benchmark and layout, for run-to-run spread (repeatable)")
     p.add_argument("--also", type=Path, action="append", default=[],
                    help="another run (e.g. with more baselines) shown in a section of its own")
+    p.add_argument("--expert-compute", type=Path, help="scripts/bench_expert_compute.py's JSON: a section of its own")
     p.add_argument("--out", type=Path, default=DOCS / "benchmarks.md")
     args = p.parse_args()
     report = json.loads(args.report.read_text())
@@ -237,6 +273,7 @@ def main() -> None:
         f"Produced by `python scripts/benchmark_report.py {shown(args.report)}"
         + "".join(f" --earlier {shown(e)}" for e in args.earlier)
         + "".join(f" --also {shown(a)}" for a in args.also)
+        + (f" --expert-compute {shown(args.expert_compute)}" if args.expert_compute else "")
         + "` from the raw JSON files beside this page, "
         f"each written by `bash scripts/bench_gpu.sh` on the GPU test machine ({setting['device']}, torch "
         f"{setting['torch']}) with its GPUs split into 2 logical nodes (NCCL_HOSTID per node: traffic between "
@@ -266,7 +303,8 @@ def main() -> None:
         "rows; one copy per token and expert). `gather_ring_overhead_us`: the gather exchange's fixed cost "
         "over NCCL's ring collectives instead of by node (for comparison; the runtime gathers by node). floor: cross-node bytes through one node's link at the best "
         "measured rate (dispatch then combine) + the busiest GPU's expert FLOPs at the measured GEMM rate. "
-        "achieved GB/s: cross-node bytes per node / layer time. busy: time in expert GEMMs per forward; "
+        "achieved GB/s: cross-node bytes per node / layer time. busy: time in expert work per forward (for the GRACE "
+        "layer since 2026-11-28 permute, grouped GEMMs and unpermute; before, from the pairs' rows to their outputs); "
         "idle: 1 - busy / layer time.",
         "",
         f"## The issue's must-shows, run by run ({setting['nodes']} logical nodes x {setting['gpus_per_node']} "
@@ -303,6 +341,8 @@ def main() -> None:
         *model_lines(report),
         "",
     ]
+    if args.expert_compute:
+        text += expert_compute_lines(args.expert_compute)
     profile = DOCS / "profile-decode-h200x2.txt"
     if profile.is_file():
         text += ["## Where the decode time goes", "",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU test machine, in one call: install the carried wheels (.whl, see README), then run the
 # exactness tests over NCCL, one GPU a rank, logical nodes told apart by NCCL_HOSTID, and the
-# deepspeed-launcher run with emulated nodes. Writes the pytest log under $OUT when set.
+# deepspeed-launcher run with emulated nodes (arguments: test files to run instead of all of them). Writes
+# the pytest log under $OUT when set.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -19,5 +20,6 @@ echo "GPUs: $GPUS, layouts (nodes x GPUs per node): $GRACE_TEST_LAYOUTS"
 python3 -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)'
 tests=(tests/test_runtime_exactness.py tests/test_megatron.py tests/test_online_replanning.py)
 [ "$GPUS" -ge 2 ] && tests+=(tests/test_launch.py)
+[ $# -gt 0 ] && tests=("$@")  # a subset, e.g. one test file
 set -o pipefail
 python3 -m pytest -p no:cacheprovider -v "${tests[@]}" 2>&1 | tee "${OUT:-/tmp}/gpu_exactness.log"

@@ -118,3 +118,23 @@ def test_predict_layout_models_every_plan_and_exchange_at_two_by_four(shared_dat
     before = {r["policy"]: r["modeled_ms"] for r in report["calibration_rows"]
               if r["mode"] == "flat" and r["batch"] == "prefill-32768"}
     assert all(flat[p] > before[p] for p in flat)
+
+
+def test_expert_compute_benchmark_times_fused_per_row_and_gemm_alike(shared_data, tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "scripts/bench_expert_compute.py"), "--device", "cpu", "--tiny",
+                    "--iters", "2", "--warmup", "1", "--traces", str(shared_data / "routing"), "--out", str(tmp_path)],
+                   check=True, cwd=ROOT, timeout=300)
+    results = json.loads((tmp_path / "expert_compute.json").read_text())["results"]
+    assert {(r["shape"], r["batch"]) for r in results} == {
+        (s, b) for s in ("olmoe", "qwen3", "dsv2lite") for b in ("prefill", "decode-256", "decode-512")}
+    for r in results:
+        assert r["max_rel_diff"] < 1e-5  # the fused path computes what the per-row path computed
+        assert 0 < r["pairs_here"] <= r["pairs"] and min(r["fused_ms"], r["scatter_ms"], r["per_row_ms"], r["gemm_ms"]) > 0
+        if r["batch"] == "prefill":
+            assert r["pairs_here"] == r["pairs"]  # the all-to-all brings only this GPU's pairs
+    # The docs page gives it a section of its own.
+    subprocess.run([sys.executable, str(ROOT / "scripts/benchmark_report.py"), str(ROOT / "docs/bench-gpu-2x2.json"),
+                    "--expert-compute", str(tmp_path / "expert_compute.json"), "--out", str(tmp_path / "benchmarks.md")],
+                   check=True, cwd=ROOT, timeout=120)
+    page = (tmp_path / "benchmarks.md").read_text()
+    assert "fused permute and unpermute" in page and "| olmoe | prefill |" in page

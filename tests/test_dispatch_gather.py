@@ -27,15 +27,25 @@ def test_token_buckets_are_powers_of_two_up_to_the_limit():
 
 
 class _ScaleBySlot:
-    """An expert per global slot s that multiplies its row by s + 1; rows of other ranks' slots (-1) give 0."""
-
-    accepts_unrouted = True
+    """An expert per global slot s that multiplies its row by s + 1: a plain callable, given this rank's
+    pairs only."""
 
     def __init__(self, rank: int, slots_per_gpu: int) -> None:
         self.first = rank * slots_per_gpu
 
     def __call__(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        return rows * torch.where(slot >= 0, self.first + slot + 1, 0).unsqueeze(-1).to(rows.dtype)
+        assert (slot >= 0).all()
+        return rows * (self.first + slot + 1).unsqueeze(-1).to(rows.dtype)
+
+
+class _ScaleBySlotPairs(_ScaleBySlot):
+    """The same experts with `weighted_sum`, as SlotExperts: every gathered pair, slot -1 skipped."""
+
+    def weighted_sum(self, rows: torch.Tensor, pair_row: torch.Tensor, pair_slot: torch.Tensor,
+                     pair_weight: torch.Tensor, pairs_by_row: bool = False) -> torch.Tensor:
+        assert not pairs_by_row or bool((pair_row[1:] >= pair_row[:-1]).all())
+        scale = torch.where(pair_slot >= 0, self.first + pair_slot + 1, 0).to(rows.dtype) * pair_weight
+        return torch.zeros_like(rows).index_add_(0, pair_row, rows[pair_row] * scale.unsqueeze(-1))
 
 
 def _gather_worker(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
@@ -60,12 +70,14 @@ def _gather_worker(rank: int, world: int, nodes: int, port: int, out_dir: str) -
         expected = (weights.unsqueeze(-1) * hidden.unsqueeze(1) * (slots + 1).unsqueeze(-1)).sum(1)
         report = {}
         for hierarchical in (True, False):
-            traffic = Traffic()
-            got = gather_and_compute(hidden, slots, weights, slots_per_gpu, rank, world, max(counts),
-                                     _ScaleBySlot(rank, slots_per_gpu), None, traffic, node_of_gpu, "",
-                                     NodeLayout.of(rank, node_of_gpu) if hierarchical else None)
-            report[str(hierarchical)] = {"error": float((got - expected).abs().max()),
-                                         "cross": traffic.cross_node_bytes, "intra": traffic.intra_node_bytes}
+            for experts in (_ScaleBySlot, _ScaleBySlotPairs):
+                traffic = Traffic()
+                got = gather_and_compute(hidden, slots, weights, slots_per_gpu, rank, world, max(counts),
+                                         experts(rank, slots_per_gpu), None, traffic, node_of_gpu, "",
+                                         NodeLayout.of(rank, node_of_gpu) if hierarchical else None)
+                report[f"{hierarchical} {experts.__name__}"] = {
+                    "error": float((got - expected).abs().max()), "cross": traffic.cross_node_bytes,
+                    "intra": traffic.intra_node_bytes}
         Path(out_dir, f"{rank}.json").write_text(json.dumps(report))
         dist.barrier()
     finally:
@@ -84,8 +96,9 @@ def test_gather_by_node_equals_the_ring_and_crosses_nodes_once_per_token(nodes, 
     mp.spawn(_gather_worker, args=(world, nodes, free_port(), str(tmp_path)), nprocs=world, join=True)
     for rank in range(world):
         report = json.loads((tmp_path / f"{rank}.json").read_text())
-        assert report["True"]["error"] < 1e-5 and report["False"]["error"] < 1e-5, report
+        assert len(report) == 4 and all(r["error"] < 1e-5 for r in report.values()), report
         # By node, this rank's rows cross to one peer per remote node; the ring's logical count sends
         # them to every GPU off its node.
         remote_gpus, remote_nodes = world - per_node, nodes - 1
-        assert report["True"]["cross"] * remote_gpus == report["False"]["cross"] * remote_nodes
+        by_node, ring = report["True _ScaleBySlotPairs"], report["False _ScaleBySlotPairs"]
+        assert by_node["cross"] * remote_gpus == ring["cross"] * remote_nodes
