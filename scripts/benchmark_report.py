@@ -111,11 +111,12 @@ def findings(report: dict) -> list[str]:
                     ratios[b].append(other["median_ms"] / best["median_ms"])
         errors = [abs(r["model_error"]) for r in results if r["batch"].startswith(kind)]
         within = sum(e <= 0.25 for e in errors)
+        missed = sorted({r["variant"] for r in results if r["batch"].startswith(kind) and abs(r["model_error"]) > 0.25})
         out.append(f"- **{kind}**: GRACE (grace plan) is "
                    + "; ".join(f"{_span(v)} vs {b}" for b, v in ratios.items() if v)
                    + f" (faster when > 1); {_span(floors)} its floor; the modeled time is "
                    f"within 25% of the measured for {within} of {len(errors)} variants (largest error "
-                   f"{max(errors):.0%}).")
+                   f"{max(errors):.0%}" + (f"; outside: {', '.join(missed)}" if missed else "") + ").")
     return out
 
 
@@ -288,6 +289,13 @@ def main() -> None:
         + ", ".join(f"{k} = {v}" for k, v in setting["batches"].items())
         + " (prefill 256 x 128 and 512 x 64 both bring 32768 tokens to a MoE layer).",
         "",
+        "Variants: `deepspeed-native` (deepspeed.moe.layer.MoE, drop_tokens=False); `megatron-alltoall` "
+        "(megatron-core's MoELayer, alltoall dispatcher, its local SequentialMLP experts: the grouped-GEMM ones "
+        "need Transformer Engine or grouped_gemm); `deepspeed-autoep` (a transformers OLMoE sparse block at the "
+        "shape that `deepspeed.initialize` swaps for DeepSpeed's AutoEPMoELayer through custom module patterns, "
+        "0.19.8 having no OLMoE preset); `grace-layer/PLAN/EXCHANGE` (the GRACE layer with that plan and "
+        "exchange). Shared experts (DeepSeek-V2-Lite) run beside the routed ones alike in all.",
+        "",
         "Run it: `bash scripts/prepare_gpu_carry.sh` here (wheels and traces into the git-ignored `.whl/` and "
         "`.bench_data/`), then on the GPU machine `bash scripts/bench_gpu.sh` with both folders carried; it "
         "uses every GPU, split into 2 logical nodes. Then this script renders the page."
@@ -295,12 +303,12 @@ def main() -> None:
         "",
         "Columns. modeled ms: `grace-ds simulate`'s cost model with the run's measured link and GEMM figures "
         "(each rank uses the slowest rank's), the fixed layer cost included (`layer_overhead_us`, "
-        "`gather_overhead_us`, `deepspeed_overhead_us`, `megatron_overhead_us`: one layer's time with one token "
+        "`gather_overhead_us`, `deepspeed_overhead_us`, `megatron_overhead_us`, `autoep_overhead_us`: one layer's time with one token "
         "per GPU, timed in the same rounds as the case since 2026-11-28 (`fixed_costs` in the JSON), before "
         "that once per run; `hop_overhead_us`: what hierarchical adds); as that fixed cost holds every "
         "collective's start-up, the per-stage latencies are not added again. For "
-        "DeepSpeed and megatron the same terms over what they move and compute (capacity-padded "
-        "rows; one copy per token and expert). `gather_ring_overhead_us`: the gather exchange's fixed cost "
+        "DeepSpeed, megatron and AutoEP the same terms over what they move and compute (capacity-padded "
+        "rows; one copy per token and expert for the other two). `gather_ring_overhead_us`: the gather exchange's fixed cost "
         "over NCCL's ring collectives instead of by node (for comparison; the runtime gathers by node). floor: cross-node bytes through one node's link at the best "
         "measured rate (dispatch then combine) + the busiest GPU's expert FLOPs at the measured GEMM rate. "
         "achieved GB/s: cross-node bytes per node / layer time. busy: time in expert work per forward (for the GRACE "
