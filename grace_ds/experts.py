@@ -92,7 +92,7 @@ class SlotExperts(nn.Module):
         self.register_buffer("row_of_slot", row_of_slot.to(device), persistent=False)
         self.register_buffer("slot_expert", slot_expert.clone().long().to(device), persistent=False)
 
-    def _slot_order(self, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def slot_order(self, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(order that groups rows by slot, skipped rows (slot -1) last; rows per occupied slot [U])."""
         num_slots = self.gate_up_proj.shape[0]
         group = torch.where(slot >= 0, self.row_of_slot[slot.clamp(min=0)], num_slots)
@@ -101,7 +101,7 @@ class SlotExperts(nn.Module):
         counts = counts.scatter_add_(0, group, torch.ones_like(group))[:num_slots]
         return torch.argsort(group, stable=True), counts
 
-    def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, H] grouped by slot (counts[u] rows for occupied slot u, then skipped rows) -> [M, H]; the
         skipped rows' outputs are unspecified."""
         if _HAS_GROUPED_MM and x.shape[0] > 0 and x.dtype in (torch.float32, torch.bfloat16):
@@ -116,8 +116,8 @@ class SlotExperts(nn.Module):
         return out
 
     def forward(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        order, counts = self._slot_order(slot)
-        out = self._grouped(rows[order], counts)
+        order, counts = self.slot_order(slot)
+        out = self.grouped(rows[order], counts)
         result = torch.empty_like(out)
         result[order] = out
         return result
@@ -130,8 +130,8 @@ class SlotExperts(nn.Module):
         and back without a pair-ordered copy of the rows. pairs_by_row (the pairs come sorted by row, as
         every exchange delivers them): back by a gather into pair order and a sum per row over contiguous
         pairs; otherwise one weighted scatter-add, in float32 (atomic adds: slower)."""
-        order, counts = self._slot_order(pair_slot)
-        out = self._grouped(rows[pair_row[order]], counts)
+        order, counts = self.slot_order(pair_slot)
+        out = self.grouped(rows[pair_row[order]], counts)
         num_rows = rows.shape[0]
         routed = pair_slot >= 0
         if pairs_by_row:

@@ -159,9 +159,9 @@ def main() -> None:
                                                      shape.top_k)
                 else:
                     per_row = lambda: per_row_prefill(experts, rows, pair_row, pair_slot, pair_weight)  # noqa: E731
-                order, counts = experts._slot_order(pair_slot)
+                order, counts = experts.slot_order(pair_slot)
                 sorted_rows = rows[pair_row[order]]
-                gemm = lambda: experts._grouped(sorted_rows, counts)  # noqa: E731
+                gemm = lambda: experts.grouped(sorted_rows, counts)  # noqa: E731
                 a, b, c = fused().float(), per_row().float(), scatter().float()
                 scale = b.abs().max().clamp(min=1e-30)
                 record = {"shape": name, "batch": batch, "rows": rows.shape[0], "pairs": pair_row.numel(),
@@ -172,13 +172,13 @@ def main() -> None:
                     if gather and device.type == "cuda" and experts.capturable:
                         record[f"{label}_graphed_ms"] = time_graphed_ms(work, args.iters, args.warmup, device)
                 results.append(record)
+                labels = ("fused", "scatter", "per_row", "gemm")
                 if "fused_graphed_ms" in record:
-                    print(f"{name:9s} {batch:11s} graphed: " + "  ".join(
-                        f"{label} {record[f'{label}_graphed_ms']:7.3f}" for label in ("fused", "scatter", "per_row", "gemm"))
-                        + " ms", flush=True)
+                    print(f"{name:9s} {batch:11s} graphed: "
+                          + "  ".join(f"{label} {record[f'{label}_graphed_ms']:7.3f}" for label in labels) + " ms", flush=True)
                 print(f"{name:9s} {batch:11s} pairs {record['pairs']:6d} (here {record['pairs_here']:6d})  "
-                      f"fused {record['fused_ms']:7.3f}  scatter {record['scatter_ms']:7.3f}  per-row {record['per_row_ms']:7.3f}  "
-                      f"gemm {record['gemm_ms']:7.3f} ms  diff {record['max_rel_diff']:.1e}", flush=True)
+                      + "  ".join(f"{label} {record[f'{label}_ms']:7.3f}" for label in labels)
+                      + f" ms  diff {record['max_rel_diff']:.1e}", flush=True)
             del experts
     setting = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "dtype": str(dtype), "gpus": args.gpus, "iters": args.iters,

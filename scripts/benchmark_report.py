@@ -201,7 +201,7 @@ def expert_compute_lines(path: Path) -> list[str]:
     run = json.loads(path.read_text())
     st = run["setting"]
     lines = [f"## One GPU's expert work: fused permute and unpermute (`{shown(path)}`)", "",
-             f"`scripts/bench_expert_compute.py` (run by `bash scripts/bench_gpu.sh`) on one {st['device']}, "
+             f"`scripts/bench_expert_compute.py` (also run at the end of `bash scripts/bench_gpu.sh`) on one {st['device']}, "
              f"{st['dtype'].replace('torch.', '')}, torch {st['torch']}, {st['date']}: median of {st['iters']} after "
              f"{st['warmup']}, CUDA events. This GPU holds 1/{st['gpus']} of the experts; routing is the trace's "
              "replayed half. fused: `SlotExperts.weighted_sum`, the path every exchange takes (one gather from the "

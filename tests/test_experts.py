@@ -62,8 +62,8 @@ def test_forward_computes_each_row_with_its_slot():
 class _GarbageForSkipped(SlotExperts):
     """Unspecified outputs of skipped pairs made non-finite, as uninitialised memory may be."""
 
-    def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        out = super()._grouped(x, counts)
+    def grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        out = super().grouped(x, counts)
         out[int(counts.sum()):] = float("nan")
         return out
 
