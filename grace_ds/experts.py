@@ -16,7 +16,7 @@ class SlotExperts(nn.Module):
     forward(rows [M, H], slot [M]) -> act(rows W_gate) * (rows W_up) W_down per row; rows with slot -1
     (pairs another rank computes, in the gather exchange) are skipped: their output rows are unspecified.
     weighted_sum(rows, pair_row, pair_slot, pair_weight): the same per (token, expert) pair, weighted and
-    summed per row, without the per-pair copies (what the exchanges call)."""
+    summed per row, without forward's copies (what the exchanges call)."""
 
     def __init__(self, slot_expert: torch.Tensor, hidden_size: int, intermediate_size: int,
                  act_fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype = torch.float32,
@@ -126,10 +126,11 @@ class SlotExperts(nn.Module):
                      pair_weight: torch.Tensor, pairs_by_row: bool = False) -> torch.Tensor:
         """rows [R, H]; per (token, expert) pair its row, local slot (-1: another rank computes it, skipped)
         and routing weight. Returns sum over pairs of weight * expert(row) per row, [R, H] in rows' dtype.
-        Permute and unpermute are fused into index maps: one gather from `rows` straight into slot order,
-        and back without a pair-ordered copy of the rows. pairs_by_row (the pairs come sorted by row, as
-        every exchange delivers them): back by a gather into pair order and a sum per row over contiguous
-        pairs; otherwise one weighted scatter-add, in float32 (atomic adds: slower)."""
+        Permute and unpermute are fused into index maps: the rows are gathered once, straight into slot
+        order (no pair-ordered copy first, no copy back as in forward). pairs_by_row (the pairs come sorted
+        by row, as every exchange delivers them): the outputs return by one gather into pair order and a sum
+        over each row's contiguous pairs, without atomics; otherwise by one weighted scatter-add in float32
+        (atomic adds: slower on a GPU)."""
         order, counts = self.slot_order(pair_slot)
         out = self.grouped(rows[pair_row[order]], counts)
         num_rows = rows.shape[0]
