@@ -13,7 +13,7 @@ import torch
 from grace_ds.plan import PlacementPlan
 from grace_ds.profile import RoutingProfile
 from grace_ds.routing import LayerCopies, ReplicaRouter, expected_copy_loads
-from grace_ds.topology import Topology
+from grace_ds.topology import LinkModel, Topology
 
 COST_MODEL_EXPLANATION = """\
 Modeled MoE-layer time (per layer, microseconds), alpha-beta links + expert GEMM rate:
@@ -69,6 +69,12 @@ class CostSettings:
     dtype_bytes: int = 2
 
 
+def _start_ups(links: LinkModel, fixed_cost_us: float) -> tuple[float, float]:
+    """(intra, inter) per-collective latency to add: none once a fixed cost is calibrated, as it already
+    holds every collective's start-up."""
+    return (0.0, 0.0) if fixed_cost_us > 0 else (links.intra_node_latency_us, links.inter_node_latency_us)
+
+
 def _alpha_beta(bytes_: torch.Tensor, bandwidth_bytes_per_us: float, latency_us: float) -> torch.Tensor:
     return torch.where(bytes_ > 0, bytes_ / bandwidth_bytes_per_us + latency_us, torch.zeros_like(bytes_))
 
@@ -104,9 +110,7 @@ def layer_traffic(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Top
     node_in_flat = node_onehot.T @ inter_flat.sum(0)
     intra_g_flat = torch.maximum(intra_flat.sum(1), intra_flat.sum(0)) * bytes_per_copy
     inter_n_flat = torch.maximum(node_out_flat, node_in_flat) * bytes_per_copy
-    # A calibrated fixed cost already holds every collective's start-up: the alpha terms then go.
-    alpha_intra, alpha_inter = ((0.0, 0.0) if links.layer_overhead_us > 0
-                                else (links.intra_node_latency_us, links.inter_node_latency_us))
+    alpha_intra, alpha_inter = _start_ups(links, links.layer_overhead_us)
     dispatch_flat = torch.maximum(_alpha_beta(intra_g_flat, intra_bw, alpha_intra),
                                   _alpha_beta(inter_n_flat, inter_bw, alpha_inter)[node_of_gpu]).max()
 
@@ -155,8 +159,7 @@ def _gather_exchange_us(padded_tokens: int, top_k: int, topology: Topology, byte
     """Rows of padded_tokens from every GPU (hidden state + k slots and weights) to every GPU, then the
     hidden-size partials back summed: by node across equal nodes (as the runtime does), else ring."""
     links = topology.links
-    calibrated = (links.gather_overhead_us or links.layer_overhead_us) > 0  # start-ups inside the fixed cost
-    alpha_intra, alpha_inter = (0.0, 0.0) if calibrated else (links.intra_node_latency_us, links.inter_node_latency_us)
+    alpha_intra, alpha_inter = _start_ups(links, links.gather_overhead_us or links.layer_overhead_us)
     intra_bw = links.intra_node_bandwidth_GBps * 1e3
     inter_bw = links.inter_node_bandwidth_Gbps * 1e3 / 8
     nodes, sizes = topology.num_nodes, set(topology.gpus_per_node)
