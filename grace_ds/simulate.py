@@ -29,8 +29,16 @@ Modeled MoE-layer time (per layer, microseconds), alpha-beta links + expert GEMM
   combine          = dispatch (partial outputs return the way tokens came; the hierarchical combine
                      pre-reduces a token's outputs on the destination node, so it crosses once too)
   layer time       = dispatch + compute + combine + layer_overhead (+ hop_overhead, hierarchical):
-                     the fixed cost measured with one token per GPU, 0 unless calibrated; it holds every
+                     the fixed cost measured with a few tokens (every expert one pair from every GPU),
+                     0 unless calibrated; it holds every
                      collective's start-up, so once calibrated the alpha terms are left out
+  host overlap     = the host time after the layer's last wait for the device (tail, measured with the
+                     fixed cost: *_host_tail_us) is launches, which the device's work after that wait
+                     hides or is hidden by:
+                     time = (fixed - tail) + waited + max(tail, rest), waited + rest = the work above;
+                     waited = 0 flat (its one wait, for split sizes, comes before rows move),
+                     hierarchical the first stage (hop 2's split sizes wait for hop 1's rows);
+                     tail = 0 (uncalibrated) gives the sum
   gather exchange  = every GPU's tokens, padded to the largest GPU's count P, reach every GPU once
                      (all-gather, hidden state + 8k bytes of slots and weights), partial outputs
                      return summed (reduce-scatter):
@@ -41,7 +49,8 @@ Modeled MoE-layer time (per layer, microseconds), alpha-beta links + expert GEMM
   ring (one node, or unequal nodes): one all-gather and one reduce-scatter over all GPUs:
   gather dispatch  = max(max_n inter_gather(n) + alpha_inter, (GPUs - 1) * P rows / intra_bw + alpha_intra)
                      inter_gather(n) = max(P * GPUs off n, P * GPUs of n * (nodes - 1)) rows
-  gather time      = gather dispatch + compute + gather combine + gather_overhead (else layer_overhead)
+  gather time      = gather dispatch + compute + gather combine + gather_overhead (else layer_overhead):
+                     no host overlap, the exchange is one CUDA graph launched when the host's work ends
 """
 
 
@@ -73,6 +82,14 @@ def _start_ups(links: LinkModel, fixed_cost_us: float) -> tuple[float, float]:
     """(intra, inter) per-collective latency to add: none once a fixed cost is calibrated, as it already
     holds every collective's start-up."""
     return (0.0, 0.0) if fixed_cost_us > 0 else (links.intra_node_latency_us, links.inter_node_latency_us)
+
+
+def with_host_overlap(fixed_us: float, tail_us: float, waited_us: float, rest_us: float) -> float:
+    """Layer time from its fixed cost (a few tokens) and device work: the fixed cost up to the last
+    host wait, the work that wait waits for, then the remaining work beside the host's remaining
+    launches (`tail_us` of the fixed cost), whichever is longer."""
+    tail = min(tail_us, fixed_us)
+    return fixed_us - tail + waited_us + max(tail, rest_us)
 
 
 def _alpha_beta(bytes_: torch.Tensor, bandwidth_bytes_per_us: float, latency_us: float) -> torch.Tensor:
@@ -130,9 +147,9 @@ def layer_traffic(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Top
     fan_sent = torch.zeros(num_gpus, dtype=torch.float64).index_add_(0, peer_gpu_of_dest[fanout], torch.ones(int(fanout.sum()), dtype=torch.float64))
     fan_recv = fanout.double().sum(0)
     intra_fan = torch.maximum(fan_sent, fan_recv) * bytes_per_copy
-    dispatch_h = (torch.maximum(_alpha_beta(inter_n_h, inter_bw, alpha_inter)[node_of_gpu],
-                                _alpha_beta(intra_local, intra_bw, alpha_intra)).max()
-                  + _alpha_beta(intra_fan, intra_bw, alpha_intra).max())
+    first_stage_h = torch.maximum(_alpha_beta(inter_n_h, inter_bw, alpha_inter)[node_of_gpu],
+                                  _alpha_beta(intra_local, intra_bw, alpha_intra)).max()
+    dispatch_h = first_stage_h + _alpha_beta(intra_fan, intra_bw, alpha_intra).max()
 
     pairs = torch.bincount(dest_gpu.reshape(-1), minlength=num_gpus).double()
     compute = (pairs.max() * 6.0 * cost.hidden * cost.ffn_hidden / (links.expert_tflops * 1e6))
@@ -148,8 +165,11 @@ def layer_traffic(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Top
         "cross_node_bytes_flat": 2 * float(inter_flat.sum()) * bytes_per_copy,
         "intra_node_bytes": 2 * float(local_matrix.sum() + fanout.sum()) * bytes_per_copy,
         "intra_node_bytes_flat": 2 * float(intra_flat.sum()) * bytes_per_copy,
-        "modeled_layer_time_us": float(2 * dispatch_h + compute) + links.layer_overhead_us + links.hop_overhead_us,
-        "modeled_layer_time_us_flat": float(2 * dispatch_flat + compute) + links.layer_overhead_us,
+        "modeled_layer_time_us": with_host_overlap(links.layer_overhead_us + links.hop_overhead_us,
+                                                   links.hierarchical_host_tail_us, float(first_stage_h),
+                                                   float(2 * dispatch_h + compute - first_stage_h)),
+        "modeled_layer_time_us_flat": with_host_overlap(links.layer_overhead_us, links.layer_host_tail_us, 0.0,
+                                                        float(2 * dispatch_flat + compute)),
         "modeled_layer_time_us_gather": float(gather + compute) + (links.gather_overhead_us or links.layer_overhead_us),
         "modeled_compute_us": float(compute),
     }

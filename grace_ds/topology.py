@@ -22,15 +22,21 @@ class LinkModel:
     inter_node_latency_us: float = 30.0  # per all-to-all stage across nodes
     expert_tflops: float = 250.0  # achieved bf16 expert GEMM rate per GPU
     # Fixed cost of one MoE layer whatever its traffic (kernel launches, host syncs, every collective's
-    # start-up): what one token per GPU takes; measured by scripts/bench_gpu.py, 0 when unknown.
+    # start-up): what a few tokens take (every expert one pair from every GPU); measured by
+    # scripts/bench_gpu.py, 0 when unknown.
     layer_overhead_us: float = 0.0
     hop_overhead_us: float = 0.0  # what the hierarchical mode's second hop adds to that fixed cost
     gather_overhead_us: float = 0.0  # the gather exchange's fixed cost in place of layer_overhead_us, 0: the same
+    # Of the fixed cost, the host time after the layer's last wait for the device (launches that overlap
+    # the device's work once there is work; measured with the fixed cost, 0 when unknown). The gather
+    # exchange has none to overlap: on a GPU it is one CUDA graph, launched at that time's end.
+    layer_host_tail_us: float = 0.0  # flat
+    hierarchical_host_tail_us: float = 0.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            may_be_zero = f.name in ("layer_overhead_us", "hop_overhead_us", "gather_overhead_us")
+            may_be_zero = f.name.endswith(("_overhead_us", "_host_tail_us"))
             if not (isinstance(value, (int, float)) and value == value and (value > 0 or (may_be_zero and value == 0))):
                 raise GraceInputError(f"link model: {f.name} must be a positive number, got {value!r}")
 

@@ -33,15 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_model  # noqa: E402
-from bench_layers import (GraceLayer, LayerShape, Stopwatch, autoep_layer, deepspeed_layer, keep,  # noqa: E402
-                          megatron_layer, pairs_traffic, release, replay_bias, slowest_rank, summed, timed)
+from bench_layers import (GraceLayer, LayerShape, Stopwatch, autoep_layer, deepspeed_layer, host_tail_ms,  # noqa: E402
+                          keep, megatron_layer, pairs_traffic, release, replay_bias, slowest_rank, summed, timed)
 from grace_ds.dispatch import Traffic  # noqa: E402
 from grace_ds.layer import GraceRuntime  # noqa: E402
 from grace_ds.logical_nodes import free_port, join_logical_node  # noqa: E402
 from grace_ds.plan import PlacementPlan  # noqa: E402
 from grace_ds.planners import make_plan  # noqa: E402
 from grace_ds.profile import RoutingProfile  # noqa: E402
-from grace_ds.simulate import CostSettings, simulate_trace  # noqa: E402
+from grace_ds.simulate import CostSettings, simulate_trace, with_host_overlap  # noqa: E402
 from grace_ds.topology import LinkModel, Topology  # noqa: E402
 from grace_ds.trace import RoutingTrace  # noqa: E402
 
@@ -190,7 +190,14 @@ def measure_links(topology: Topology, rank: int, device: torch.device, dtype: to
 # rounds forwards in turn, so that the cross-node link's drift during a run falls on all of them alike
 # rather than on whichever ran in a slow minute.
 TIMING_ROUNDS = 4
-FIXED_COST_BATCH = "fixed-cost"  # one token per GPU
+FIXED_COST_BATCH = "fixed-cost"
+
+
+def fixed_cost_ids(shape: LayerShape) -> torch.Tensor:
+    """[ceil(E / k), k] top-k ids of a GPU's fixed-cost batch: token t picks experts t*k .. t*k + k - 1
+    (mod E), so every expert gets a pair and no token picks one twice."""
+    tokens = -(-shape.num_experts // shape.top_k)
+    return (torch.arange(tokens).view(-1, 1) * shape.top_k + torch.arange(shape.top_k)) % shape.num_experts
 
 
 def run_case(case: dict, args, topology: Topology, rank: int, device: torch.device,
@@ -212,10 +219,12 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
     if args.variants:
         variants = [v for v in variants if any(v[0].startswith(prefix) for prefix in args.variants)]
     batches = []
-    # One token per GPU, in the same rounds: each variant's fixed cost, which calibrates the cost model.
-    fixed_ids = replay[rank:rank + 1].to(device)
+    # Each variant's fixed cost, which calibrates the cost model, timed in the same rounds: the fewest
+    # tokens that give every expert a pair from every GPU (a loop over experts launches its work then).
+    fixed_ids = fixed_cost_ids(shape).to(device)
     torch.manual_seed(2000 + rank)
-    batches.append((FIXED_COST_BATCH, world, torch.randn(1, shape.hidden, dtype=dtype, device=device), fixed_ids))
+    batches.append((FIXED_COST_BATCH, fixed_ids.shape[0] * world,
+                    torch.randn(fixed_ids.shape[0], shape.hidden, dtype=dtype, device=device), fixed_ids))
     for batch_name, total_tokens in BATCHES.items():
         if args.batches and batch_name not in args.batches:
             continue
@@ -243,19 +252,33 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
             state = untimed_pass(layer, runtime, kind, x, ids, shape, topology, rank, row_bytes, dtype, busy)
             together.append((record, state, layer, runtime, x, busy))
     results = time_together(together, args, world, device)
+    # With the fixed cost, the host time after each variant's last wait for the device: launches that
+    # overlap the device's work once there is work to overlap (the median forward; slowest rank).
+    tails_us = {}
+    for record, state, layer, _, x, _ in together:
+        if record["batch"] == FIXED_COST_BATCH:
+            layer.bias = state["bias"]
+            tails = slowest_rank(host_tail_ms(layer, x, TAIL_FORWARDS, device), device)
+            tails_us[record["variant"]] = statistics.median(tails) * 1e3
     del together, layer
     release(device)
     fixed = {r["variant"]: r["median_ms"] * 1e3 for r in results if r["batch"] == FIXED_COST_BATCH}
-    return [r for r in results if r["batch"] != FIXED_COST_BATCH], fixed_costs(fixed)
+    return [r for r in results if r["batch"] != FIXED_COST_BATCH], fixed_costs(fixed, tails_us)
 
 
-def fixed_costs(fixed_us: dict[str, float]) -> dict[str, float]:
-    """The cost model's fixed terms (LinkModel names) from the one-token-per-GPU times by variant."""
-    names = {"deepspeed-native": "deepspeed_overhead_us", "megatron-alltoall": "megatron_overhead_us",
-             "deepspeed-autoep": "autoep_overhead_us",
-             "grace-layer/contiguous/flat": "layer_overhead_us", "grace-layer/contiguous/gather": "gather_overhead_us",
-             "grace-layer/contiguous/gather-ring": "gather_ring_overhead_us"}
-    out = {names[v]: t for v, t in fixed_us.items() if v in names}
+TAIL_FORWARDS = 9
+FIXED_COST_NAMES = {"deepspeed-native": "deepspeed", "megatron-alltoall": "megatron", "deepspeed-autoep": "autoep",
+                    "grace-layer/contiguous/flat": "layer", "grace-layer/contiguous/hierarchical": "hierarchical",
+                    "grace-layer/contiguous/gather": "gather", "grace-layer/contiguous/gather-ring": "gather_ring"}
+
+
+def fixed_costs(fixed_us: dict[str, float], tails_us: dict[str, float] | None = None) -> dict[str, float]:
+    """The cost model's fixed terms (LinkModel names) from the fixed-cost batch's times by variant:
+    `<name>_overhead_us` the layer time, `<name>_host_tail_us` its host time after the last wait for
+    the device (hierarchical: its own; its overhead is what the second hop adds to flat's)."""
+    out = {f"{FIXED_COST_NAMES[v]}_overhead_us": t for v, t in fixed_us.items()
+           if v in FIXED_COST_NAMES and v != "grace-layer/contiguous/hierarchical"}
+    out |= {f"{FIXED_COST_NAMES[v]}_host_tail_us": t for v, t in (tails_us or {}).items() if v in FIXED_COST_NAMES}
     hierarchical, flat = "grace-layer/contiguous/hierarchical", "grace-layer/contiguous/flat"
     if hierarchical in fixed_us and flat in fixed_us:  # what the second hop adds
         out["hop_overhead_us"] = max(fixed_us[hierarchical] - fixed_us[flat], 0.0)
@@ -458,8 +481,9 @@ def calibrated_links(links: dict) -> LinkModel:
         inter_node_bandwidth_Gbps=links.get("inter_node_GBps", defaults.inter_node_bandwidth_Gbps / 8) * 8,
         intra_node_latency_us=links.get("intra_node_latency_us", defaults.intra_node_latency_us),
         inter_node_latency_us=links.get("inter_node_latency_us", defaults.inter_node_latency_us),
-        expert_tflops=links["gemm_tflops"], layer_overhead_us=links.get("layer_overhead_us", 0.0),
-        hop_overhead_us=links.get("hop_overhead_us", 0.0), gather_overhead_us=links.get("gather_overhead_us", 0.0))
+        expert_tflops=links["gemm_tflops"],
+        **{name: links.get(name, 0.0) for name in ("layer_overhead_us", "hop_overhead_us", "gather_overhead_us",
+                                                    "layer_host_tail_us", "hierarchical_host_tail_us")})
 
 
 def add_model_and_floor(report: dict, cases: list[dict], topology: Topology, args) -> None:
@@ -495,17 +519,18 @@ def add_model_and_floor(report: dict, cases: list[dict], topology: Topology, arg
                                "gather": metrics.modeled_layer_time_us_gather}[r["mode"]] / 1e3
             max_pairs = max(r["pairs_per_gpu"])
         else:  # the same alpha-beta terms over what DeepSpeed, megatron or AutoEP move and compute
+            name = FIXED_COST_NAMES[r["variant"]]
             if r["variant"] == "deepspeed-native":  # every rank computes E/W experts x W ranks x C padded rows
                 max_pairs = shape.num_experts // world * world * r["capacity"]
-                overhead = figures.get("deepspeed_overhead_us", 0.0)
             else:  # one copy per (token, expert) pair, experts in contiguous blocks
                 max_pairs = max(r["pairs_per_gpu"])
-                key = "autoep_overhead_us" if r["variant"] == "deepspeed-autoep" else "megatron_overhead_us"
-                overhead = figures.get(key, 0.0)
+            overhead = figures.get(f"{name}_overhead_us", 0.0)
             # The fixed cost, when measured, holds the collectives' start-ups (as in the simulator).
             alpha = 0.0 if overhead > 0 else 2 * links.inter_node_latency_us
             exchange = node_bytes / inter_Bpus + alpha if topology.num_nodes > 1 else 0.0
-            r["modeled_ms"] = (exchange + max_pairs * flops_per_pair / flops_rate + overhead) / 1e3
+            # Each waits for the device once, for split sizes or capacity, before any row moves.
+            r["modeled_ms"] = with_host_overlap(overhead, figures.get(f"{name}_host_tail_us", 0.0), 0.0,
+                                                exchange + max_pairs * flops_per_pair / flops_rate) / 1e3
         r["floor_ms"] = (node_bytes / peak_Bpus + max_pairs * flops_per_pair / flops_rate) / 1e3
         r["achieved_cross_node_GBps"] = node_bytes / (r["median_ms"] * 1e-3) / 1e9 if r["median_ms"] else 0.0
         r["model_error"] = r["modeled_ms"] / r["median_ms"] - 1
@@ -584,7 +609,8 @@ def main() -> None:
                              "gpus_per_node": world // args.nodes,
                              "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
                              "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup,
-                             "replica_slots": args.replica_slots, "tiny": args.tiny, "batches": BATCHES}
+                             "replica_slots": args.replica_slots, "tiny": args.tiny, "batches": BATCHES,
+                             "fixed_cost_batch": "every expert one pair from every GPU"}
         # The measurements first, as they are, before anything else can go wrong.
         (args.out / "bench_gpu_measured.json").write_text(json.dumps(report, indent=1))
         add_model_and_floor(report, cases, topology, args)

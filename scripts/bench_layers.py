@@ -7,6 +7,7 @@ top-k is what DeepSpeed's TopKGate and GRACE's top-k both pick, through their ow
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,49 @@ def timed(forward, x, iters: int, warmup: int, device: torch.device, after=None)
             if i < warmup:
                 watch.milliseconds()
     return watch.milliseconds()
+
+
+SYNC_WARNING = "called a synchronizing CUDA operation"  # torch's sync debug mode says this at every host wait
+
+
+def host_tail_ms(forward, x, iters: int, device: torch.device) -> list[float]:
+    """Per iteration, the host time in ms from forward(x)'s last synchronisation with the device to its
+    return (all of it when there is none): the launches the device's work can overlap. On a CPU the
+    host does the work itself, so there is no such time: zeros."""
+    if device.type != "cuda":
+        return [0.0] * iters
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        return tails_after_sync_warnings(forward, x, iters, lambda: torch.cuda.synchronize(device))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def tails_after_sync_warnings(forward, x, iters: int, drain) -> list[float]:
+    """host_tail_ms's clock: torch raises a C++ warning as a Python one when the call that synchronised
+    returns, so the last warning's moment is where the host stopped waiting. `drain()` empties the
+    device's queues before each iteration (untimed)."""
+    tails = []
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("always", message=f".*{SYNC_WARNING}")
+        warned: list[float] = []
+        show = warnings.showwarning
+
+        def note(message, *args, **kwargs) -> None:
+            if SYNC_WARNING in str(message):
+                warned.append(time.perf_counter())
+            else:
+                show(message, *args, **kwargs)
+
+        warnings.showwarning = note  # catch_warnings puts the original back
+        for _ in range(iters):
+            drain()
+            warned.clear()
+            started = time.perf_counter()
+            forward(x)
+            ended = time.perf_counter()
+            tails.append((ended - max(warned, default=started)) * 1e3)
+    return tails
 
 
 def slowest_rank(values: list[float], device: torch.device) -> list[float]:

@@ -134,6 +134,14 @@ def model_lines(report: dict) -> list[str]:
     return lines
 
 
+def cost_model_form(report: dict) -> str:
+    """How a run's modeled times were formed: with the host's launches after the last wait overlapping the
+    device's work (runs that measured that tail), or summed."""
+    tails = any(k.endswith("_host_tail_us") for k in report["links"])
+    batch = report["setting"].get("fixed_cost_batch")
+    return ("host overlap" if tails else "sum") + (f", fixed cost: {batch}" if batch else "")
+
+
 def must_show_lines(runs: list[tuple[str, dict]]) -> list[str]:
     """The issue's must-shows per run (file name, report), so that run-to-run spread is in plain view:
     prefill, the GRACE plan with hierarchical exchange against DeepSpeed, uniform-affinity flat, eplb
@@ -168,7 +176,8 @@ def must_show_lines(runs: list[tuple[str, dict]]) -> list[str]:
                         column.append(f"{batch}: {rival['median_ms'] / best['median_ms']:.2f}x "
                                       f"({rival['variant'].removeprefix('grace-layer/')})")
             lines.append(f"| `{name}` | {report['links'].get('inter_node_GBps', 0):.2f} | {case} | " + " | ".join(cells)
-                         + f" | {'; '.join(baseline)} | {'; '.join(anything)} | {within} of {len(results)} |")
+                         + f" | {'; '.join(baseline)} | {'; '.join(anything)} | {within} of {len(results)} "
+                         f"({cost_model_form(report)}) |")
     return lines
 
 
@@ -264,6 +273,7 @@ def main() -> None:
                        f"{st['device']}, run {st.get('date', '')}, {st['iters']} timed forwards after {st['warmup']}"
                        + (f" (modeled and floor columns recomputed by `bench_gpu.py --remodel` on {st['remodeled']})"
                           if st.get("remodeled") else "") + "; "
+                       f"cost model: {cost_model_form(other)}; "
                        "its own link figures: " + ", ".join(f"{k} = {v:.4g}" for k, v in other["links"].items()) + ".",
                        ""]
         if other["results"]:
@@ -306,11 +316,23 @@ def main() -> None:
         "",
         "Columns. modeled ms: `grace-ds simulate`'s cost model with the run's measured link and GEMM figures "
         "(each rank uses the slowest rank's), the fixed layer cost included (`layer_overhead_us`, "
-        "`gather_overhead_us`, `deepspeed_overhead_us`, `megatron_overhead_us`, `autoep_overhead_us`: one layer's time with one token "
-        "per GPU, timed in the same rounds as the case since 2026-11-28 (`fixed_costs` in the JSON), before "
-        "that once per run; `hop_overhead_us`: what hierarchical adds); as that fixed cost holds every "
-        "collective's start-up, the per-stage latencies are not added again. For "
-        "DeepSpeed, megatron and AutoEP the same terms over what they move and compute (capacity-padded "
+        "`gather_overhead_us`, `deepspeed_overhead_us`, `megatron_overhead_us`, `autoep_overhead_us`: one "
+        "layer's time on a fixed-cost batch, timed in the same rounds as the case since 2026-11-28 "
+        "(`fixed_costs` in the JSON), before that once per run; `hop_overhead_us`: what hierarchical adds); as "
+        "that fixed cost holds every collective's start-up, the per-stage latencies are not added again. The "
+        "fixed-cost batch: in `docs/bench-gpu-2x2.json` and `docs/bench-gpu-2x2-qwen3-dsv2lite.json` (and runs "
+        "that name it) every expert gets one pair from every GPU (ceil(E/k) tokens per GPU: megatron's "
+        "SequentialMLP launches no GEMM for an expert without rows, so one token per GPU left most of its "
+        "launches out); in the earlier runs one token per GPU. Cost model `host overlap` (runs with "
+        "`*_host_tail_us`): of the fixed cost, the host time from the layer's last wait for the device (the "
+        "return of its last synchronising CUDA call, as torch's sync debug mode reports them) to the forward's "
+        "return, median of 9 forwards on the slowest rank, is kernel launches that the device's work after "
+        "that wait runs beside: modeled = (fixed - tail) + waited + max(tail, rest), where waited is the work "
+        "the last wait waits for (none for flat, DeepSpeed, megatron and AutoEP, whose one wait, for split "
+        "sizes or capacity, comes before any row moves; hierarchical: its first stage, as hop 2's split sizes "
+        "wait for hop 1's rows) and rest the remaining transfers and GEMMs; the gather exchange is one CUDA "
+        "graph launched at the host's end, so it is summed. Cost model `sum`: fixed cost + transfers + GEMMs. "
+        "For DeepSpeed, megatron and AutoEP the same terms over what they move and compute (capacity-padded "
         "rows; one copy per token and expert for the other two). `gather_ring_overhead_us`: the gather exchange's fixed cost "
         "over NCCL's ring collectives instead of by node (for comparison; the runtime gathers by node). floor: cross-node bytes through one node's link at the best "
         "measured rate (dispatch then combine) + the busiest GPU's expert FLOPs at the measured GEMM rate. "
@@ -330,7 +352,8 @@ def main() -> None:
         f"{'s' if len({r['shape'] for r in report['results']}) > 1 else ''}"
         f"{', whole model' if report.get('model') else ''})",
         "",
-        "Measured figures: " + ", ".join(f"{k} = {v:.4g}" for k, v in links.items()) + ".",
+        f"Cost model: {cost_model_form(report)}. Measured figures: "
+        + ", ".join(f"{k} = {v:.4g}" for k, v in links.items()) + ".",
         "",
         "### Findings (ranges over the cases below)",
         "",

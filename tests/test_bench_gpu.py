@@ -1,7 +1,10 @@
 """The GPU benchmark's code path, run small on gloo: every variant times, traffic and model are filled in."""
+import dataclasses
 import json
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,8 @@ from grace_ds.topology import LinkModel, Topology
 from tests.conftest import tiny_trace
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench_layers  # noqa: E402
 
 
 def test_bench_gpu_runs_every_variant_on_cpu(shared_data, tmp_path):
@@ -29,10 +34,14 @@ def test_bench_gpu_runs_every_variant_on_cpu(shared_data, tmp_path):
     assert {r["batch"] for r in results} == {"prefill-32768", "decode-256", "decode-512"}
     assert {r["batch"] for r in results if r["mode"] == "gather"} == {"decode-256", "decode-512"}
     assert report["links"]["gather_overhead_us"] > 0
-    # Fixed costs are timed per case in its rounds (one token per GPU), and kept out of the results.
+    # Fixed costs are timed per case in its rounds (every expert one pair from every GPU), kept out of the results.
     fixed = report["fixed_costs"]["olmoe/olmoe_arxiv/L1"]
     assert {"layer_overhead_us", "gather_overhead_us", "gather_ring_overhead_us", "deepspeed_overhead_us",
             "autoep_overhead_us"} <= set(fixed)
+    # The host's launches after its last wait are measured beside them; on a CPU the host does the work.
+    tails = {k: v for k, v in fixed.items() if k.endswith("_host_tail_us")}
+    assert {"layer_host_tail_us", "gather_host_tail_us", "deepspeed_host_tail_us", "megatron_host_tail_us",
+            "autoep_host_tail_us"} <= set(tails) and set(tails.values()) == {0.0}
     # AutoEP took the replayed routing (checked in the run) and moves one row per (token, expert) like megatron.
     autoep = next(r for r in results if r["variant"] == "deepspeed-autoep" and r["batch"] == "prefill-32768")
     megatron_rows = next(r for r in results if r["variant"] == "megatron-alltoall" and r["batch"] == "prefill-32768")
@@ -82,13 +91,62 @@ def test_fixed_cost_adds_to_the_modeled_time_in_place_of_the_start_up_latencies(
         times.append(simulate_trace(plan, trace)[0])
     assert times[1].modeled_layer_time_us_flat == pytest.approx(times[0].modeled_layer_time_us_flat + 100.0)
     assert times[1].modeled_layer_time_us == pytest.approx(times[0].modeled_layer_time_us + 100.0)
-    # Measured with one token per GPU, the fixed cost holds every collective's start-up already.
+    # Measured with a few tokens, the fixed cost holds every collective's start-up already.
     assert times[2].modeled_layer_time_us_flat == pytest.approx(times[0].modeled_layer_time_us_flat)
     assert times[2].modeled_layer_time_us_gather == pytest.approx(times[0].modeled_layer_time_us_gather)
     # Uncalibrated (no fixed cost), the start-ups are the alpha terms.
     assert times[3].modeled_layer_time_us_flat > times[0].modeled_layer_time_us_flat - 100.0
     with pytest.raises(Exception, match="layer_overhead_us"):
         LinkModel(layer_overhead_us=-1.0)
+
+
+def test_host_tail_overlaps_the_device_work_after_the_last_wait():
+    trace = tiny_trace()
+    profile = RoutingProfile.from_topk_ids(trace, 8)
+    # A link so slow that the work after the last wait outlasts every tail.
+    slow = LinkModel(inter_node_bandwidth_Gbps=1e-3, intra_node_bandwidth_GBps=1e-3, layer_overhead_us=100.0,
+                     hop_overhead_us=40.0, gather_overhead_us=60.0)
+    variants = [slow, dataclasses.replace(slow, layer_host_tail_us=30.0, hierarchical_host_tail_us=50.0),
+                dataclasses.replace(slow, inter_node_bandwidth_Gbps=1e6, intra_node_bandwidth_GBps=1e6,
+                                    expert_tflops=1e6),
+                dataclasses.replace(slow, inter_node_bandwidth_Gbps=1e6, intra_node_bandwidth_GBps=1e6,
+                                    expert_tflops=1e6, layer_host_tail_us=30.0, hierarchical_host_tail_us=50.0)]
+    m = [simulate_trace(make_plan("contiguous", profile, Topology.uniform(2, 2, links)), trace)[0]
+         for links in variants]
+    # Work longer than the tail: the tail is hidden behind it.
+    assert m[1].modeled_layer_time_us_flat == pytest.approx(m[0].modeled_layer_time_us_flat - 30.0)
+    assert m[1].modeled_layer_time_us == pytest.approx(m[0].modeled_layer_time_us - 50.0)
+    # The gather exchange is one CUDA graph launched at the end of the host's work: nothing to overlap.
+    assert m[1].modeled_layer_time_us_gather == pytest.approx(m[0].modeled_layer_time_us_gather)
+    # Work shorter than the tail: it hides behind the launches, and the fixed cost is what is left.
+    assert m[3].modeled_layer_time_us_flat == pytest.approx(100.0)
+    assert m[3].modeled_layer_time_us == pytest.approx(140.0, abs=0.01)
+    assert m[3].modeled_layer_time_us_gather == pytest.approx(60.0, abs=0.01)
+    assert m[2].modeled_layer_time_us_flat > m[3].modeled_layer_time_us_flat
+    with pytest.raises(Exception, match="layer_host_tail_us"):
+        LinkModel(layer_host_tail_us=-1.0)
+
+
+@pytest.mark.filterwarnings("ignore:some other warning")
+def test_host_tail_is_the_time_after_the_last_synchronising_call():
+    def forward(wait_s: float, tail_s: float, syncs: int):
+        def run(_x):
+            for _ in range(syncs):
+                time.sleep(wait_s)
+                warnings.warn(f"{bench_layers.SYNC_WARNING} (a test's)")
+            warnings.warn("some other warning, not a wait")
+            time.sleep(tail_s)
+        return run
+
+    tails = bench_layers.tails_after_sync_warnings(forward(0.05, 0.02, 2), None, 2, lambda: None)
+    assert len(tails) == 2 and all(20.0 <= t < 50.0 for t in tails)
+    # No wait at all: every moment of the forward is launch time the device can overlap.
+    assert all(t >= 20.0 for t in bench_layers.tails_after_sync_warnings(forward(0.05, 0.02, 0), None, 1,
+                                                                          lambda: None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the capture leaves no filter or display hook behind
+        with pytest.raises(UserWarning):
+            warnings.warn(bench_layers.SYNC_WARNING)
 
 
 def test_bench_gpu_model_only_times_the_auto_exchange_at_two_by_two(shared_data, tmp_path):
@@ -138,3 +196,13 @@ def test_expert_compute_benchmark_times_fused_per_row_and_gemm_alike(shared_data
                    check=True, cwd=ROOT, timeout=120)
     page = (tmp_path / "benchmarks.md").read_text()
     assert "fused permute and unpermute" in page and "| olmoe | prefill |" in page
+
+
+def test_fixed_cost_batch_gives_every_expert_a_pair():
+    import bench_gpu
+
+    for shape in bench_gpu.SHAPES.values():
+        ids = bench_gpu.fixed_cost_ids(shape)
+        assert ids.shape == (-(-shape.num_experts // shape.top_k), shape.top_k)
+        assert set(ids.flatten().tolist()) == set(range(shape.num_experts))
+        assert all(len(set(row)) == shape.top_k for row in ids.tolist())
