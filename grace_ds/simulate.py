@@ -30,8 +30,8 @@ Modeled MoE-layer time (per layer, microseconds), alpha-beta links + expert GEMM
                      pre-reduces a token's outputs on the destination node, so it crosses once too)
   layer time       = dispatch + compute + combine + layer_overhead (+ hop_overhead, hierarchical):
                      the fixed cost measured with a few tokens (every expert one pair from every GPU),
-                     0 unless calibrated; it holds every
-                     collective's start-up, so once calibrated the alpha terms are left out
+                     0 unless calibrated; it holds every collective's start-up, so once calibrated the
+                     alpha terms are left out
   host overlap     = the host time after the layer's last wait for the device (tail, measured with the
                      fixed cost: *_host_tail_us) is launches, which the device's work after that wait
                      hides or is hidden by:
