@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_model  # noqa: E402
 from bench_layers import (GraceLayer, LayerShape, Stopwatch, autoep_layer, deepspeed_layer, host_tail_ms,  # noqa: E402
-                          keep, megatron_layer, pairs_traffic, release, replay_bias, slowest_rank, summed, timed)
+                          keep, megatron_layer, pairs_traffic, release, replay_bias, round_robin, slowest_rank,
+                          summed, timed)
 from grace_ds.dispatch import Traffic  # noqa: E402
 from grace_ds.layer import GraceRuntime  # noqa: E402
 from grace_ds.logical_nodes import free_port, join_logical_node  # noqa: E402
@@ -186,10 +187,6 @@ def measure_links(topology: Topology, rank: int, device: torch.device, dtype: to
     return dict(zip(keys, values.tolist()))
 
 
-# Variants are timed together, round-robin: this many rounds, each giving every (variant, batch) iters /
-# rounds forwards in turn, so that the cross-node link's drift during a run falls on all of them alike
-# rather than on whichever ran in a slow minute.
-TIMING_ROUNDS = 4
 FIXED_COST_BATCH = "fixed-cost"
 
 
@@ -320,23 +317,23 @@ def untimed_pass(layer, runtime, kind: str, x: torch.Tensor, ids: torch.Tensor, 
 
 
 def time_together(together: list[tuple], args, world: int, device: torch.device) -> list[dict]:
-    """Times the (record, state, layer, runtime, x, busy) entries round-robin (TIMING_ROUNDS rounds), then
-    finishes them; warm-up forwards (args.warmup, then one a round) count in the busy time, not the median."""
+    """Times the (record, state, layer, runtime, x, busy) entries round-robin (bench_layers.round_robin),
+    then finishes them; warm-up forwards count in the busy time, not the median."""
     if not together:
         return []
-    rounds = min(TIMING_ROUNDS, args.iters)
     times: list[list[float]] = [[] for _ in together]
     forwards = [0] * len(together)
     busy_ms = [0.0] * len(together)
     replays = [e[3].gather_graphs.replays if e[3] is not None and e[3].gather_graphs else 0 for e in together]
-    for round_ in range(rounds):
-        iters = args.iters // rounds + (round_ < args.iters % rounds)
-        for i, (_, state, layer, _, x, busy) in enumerate(together):
-            layer.bias = state["bias"]
-            warmup = args.warmup if round_ == 0 else 1
-            times[i] += slowest_rank(timed(layer, x, iters, warmup, device), device)
-            busy_ms[i] += sum(busy.milliseconds())
-            forwards[i] += iters + warmup
+
+    def run(i: int, iters: int, warmup: int) -> None:
+        _, state, layer, _, x, busy = together[i]
+        layer.bias = state["bias"]
+        times[i] += slowest_rank(timed(layer, x, iters, warmup, device), device)
+        busy_ms[i] += sum(busy.milliseconds())
+        forwards[i] += iters + warmup
+
+    round_robin(len(together), args.iters, args.warmup, run)
     results = []
     for i, (record, state, layer, runtime, x, _) in enumerate(together):
         layer.bias = state["bias"]

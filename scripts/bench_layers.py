@@ -98,6 +98,21 @@ def timed(forward, x, iters: int, warmup: int, device: torch.device, after=None)
     return watch.milliseconds()
 
 
+# Variants are timed together, round-robin: this many rounds, each giving every (variant, batch) iters /
+# rounds forwards in turn, so that the cross-node link's drift during a run falls on all of them alike
+# rather than on whichever ran in a slow minute.
+TIMING_ROUNDS = 4
+
+
+def round_robin(entries: int, iters: int, warmup: int, run) -> None:
+    """run(entry, iters, warmup) for every entry in turn, TIMING_ROUNDS rounds (fewer when iters is
+    smaller) sharing the iters; `warmup` forwards before the first round's, one before each later's."""
+    rounds = min(TIMING_ROUNDS, iters)
+    for round_ in range(rounds):
+        for entry in range(entries):
+            run(entry, iters // rounds + (round_ < iters % rounds), warmup if round_ == 0 else 1)
+
+
 SYNC_WARNING = "called a synchronizing CUDA operation"  # torch's sync debug mode says this at every host wait
 
 

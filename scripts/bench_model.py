@@ -10,7 +10,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from bench_layers import keep, release, replay_bias, slowest_rank, timed
+from bench_layers import keep, release, replay_bias, round_robin, slowest_rank, timed
 from grace_ds.layer import DEFAULT_GATHER_MAX_TOKENS, DEFAULT_HIERARCHICAL_MIN_TOKENS, GraceRuntime
 from grace_ds.models import convert_model, find_moe_blocks
 from grace_ds.plan import PlacementPlan
@@ -58,51 +58,71 @@ def bias_for(ids: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
 
 def run_model(plans: dict[str, str], replay: torch.Tensor, args, rank: int, world: int, device: torch.device,
               dtype: torch.dtype) -> list[dict]:
-    """replay [T, LAYERS, k]; one record per (plan, batch) with the median forward time in ms."""
+    """replay [T, LAYERS, k]; one record per (plan, mode, batch) with the median forward time in ms. Every
+    (plan, mode) model is built first and they all take turns in rounds (bench_layers.round_robin), as
+    the single layers do, so that the link's drift falls on all of them alike."""
     from transformers import DynamicCache
 
-    results = []
-    modes = args.e2e_modes
+    entries = []  # (record, step, input_ids, bias, back)
+    models = []
     for policy, path in plans.items():
-        for mode in modes:
-            plan = PlacementPlan.load(path)
+        for mode in args.e2e_modes:
             model = olmoe_model(device, dtype, args.tiny)
-            runtime = GraceRuntime(plan, rank, None, "tar", mode, device=device,
+            runtime = GraceRuntime(PlacementPlan.load(path), rank, None, "tar", mode, device=device,
                                    hierarchical_min_tokens=DEFAULT_HIERARCHICAL_MIN_TOKENS,
                                    gather_max_tokens=DEFAULT_GATHER_MAX_TOKENS)
             convert_model(model, runtime)
             holder: dict = {}
             replay_routers(model, holder)
-            batches = []
-            for name, (sequences, length) in PREFILLS.items():
-                if args.tiny:
-                    sequences, length = max(sequences // 64, world), max(length // 8, 2)
-                per_rank = sequences // world
-                tokens = per_rank * length
-                ids = replay[rank * tokens:(rank + 1) * tokens].to(device)
-                batches.append((name, torch.randint(0, 50304, (per_rank, length), device=device), ids, None))
-            for name, sequences in DECODES.items():
-                if args.tiny:
-                    sequences = max(sequences // 64, world)
-                per_rank = sequences // world
-                ids = replay[rank * per_rank:(rank + 1) * per_rank].to(device)
-                batches.append((name, torch.randint(0, 50304, (per_rank, 1), device=device), ids,
-                                PROMPT if not args.tiny else 4))
-            for name, input_ids, ids, prompt in batches:
-                with torch.no_grad():
-                    cache = None
-                    if prompt:  # build the prompt's cache once; every timed step starts from it
-                        holder["bias"] = bias_for(replay[:input_ids.shape[0] * prompt].to(device), 64)
-                        cache = DynamicCache(config=model.config)
-                        model(torch.randint(0, 50304, (input_ids.shape[0], prompt), device=device), past_key_values=cache)
-                    holder["bias"] = bias_for(ids, 64)
-                    # serving keeps the last position's logits; decode steps restart from the prompt's cache
-                    step = functools.partial(model, past_key_values=cache, logits_to_keep=1)
-                    back = functools.partial(cache.crop, -input_ids.shape[1]) if cache is not None else None
-                    times = slowest_rank(timed(step, input_ids, args.iters, args.warmup, device, back), device)
-                record = {"policy": policy, "mode": mode, "batch": name, "layers": LAYERS,
-                          "median_ms": statistics.median(times)}
-                keep(results, record, rank, f"model/{policy}/{mode:<12} {name}")
-            del model
-            release(device)
+            models.append(model)
+            for name, input_ids, ids, prompt in model_batches(replay, args, rank, world, device):
+                cache = None
+                if prompt:  # build the prompt's cache once; every timed step starts from it
+                    # (the replay taken round again when one GPU holds more prompt tokens than it has)
+                    prompt_ids = replay[torch.arange(input_ids.shape[0] * prompt) % replay.shape[0]]
+                    holder["bias"] = bias_for(prompt_ids.to(device), 64)
+                    cache = DynamicCache(config=model.config)
+                    with torch.no_grad():
+                        model(torch.randint(0, 50304, (input_ids.shape[0], prompt), device=device),
+                              past_key_values=cache)
+                # serving keeps the last position's logits; decode steps restart from the prompt's cache
+                step = functools.partial(model, past_key_values=cache, logits_to_keep=1)
+                back = functools.partial(cache.crop, -input_ids.shape[1]) if cache is not None else None
+                entries.append(({"policy": policy, "mode": mode, "batch": name, "layers": LAYERS},
+                                step, input_ids, (holder, bias_for(ids, 64)), back))
+    times: list[list[float]] = [[] for _ in entries]
+
+    def run(i: int, iters: int, warmup: int) -> None:
+        _, step, input_ids, (holder, bias), back = entries[i]
+        holder["bias"] = bias
+        times[i] += slowest_rank(timed(step, input_ids, iters, warmup, device, back), device)
+
+    round_robin(len(entries), args.iters, args.warmup, run)
+    results = []
+    for (record, *_), timings in zip(entries, times):
+        record["median_ms"] = statistics.median(timings)
+        keep(results, record, rank, f"model/{record['policy']}/{record['mode']:<12} {record['batch']}")
+    del entries, models
+    release(device)
     return results
+
+
+def model_batches(replay: torch.Tensor, args, rank: int, world: int, device: torch.device) -> list[tuple]:
+    """(name, input ids [sequences, length] of this rank, replayed top-k [tokens, LAYERS, k], prompt length
+    or None) for each prefill and decode batch."""
+    batches = []
+    for name, (sequences, length) in PREFILLS.items():
+        if args.tiny:
+            sequences, length = max(sequences // 64, world), max(length // 8, 2)
+        per_rank = sequences // world
+        tokens = per_rank * length
+        ids = replay[rank * tokens:(rank + 1) * tokens].to(device)
+        batches.append((name, torch.randint(0, 50304, (per_rank, length), device=device), ids, None))
+    for name, sequences in DECODES.items():
+        if args.tiny:
+            sequences = max(sequences // 64, world)
+        per_rank = sequences // world
+        ids = replay[rank * per_rank:(rank + 1) * per_rank].to(device)
+        batches.append((name, torch.randint(0, 50304, (per_rank, 1), device=device), ids,
+                        PROMPT if not args.tiny else 4))
+    return batches

@@ -205,3 +205,12 @@ def test_fixed_cost_batch_gives_every_expert_a_pair():
         assert ids.shape == (-(-shape.num_experts // shape.top_k), shape.top_k)
         assert set(ids.flatten().tolist()) == set(range(shape.num_experts))
         assert all(len(set(row)) == shape.top_k for row in ids.tolist())
+
+
+def test_variants_take_turns_in_rounds_sharing_the_iterations():
+    calls = []
+    bench_layers.round_robin(2, 5, 3, lambda entry, iters, warmup: calls.append((entry, iters, warmup)))
+    assert calls == [(0, 2, 3), (1, 2, 3)] + [(0, 1, 1), (1, 1, 1)] * 3
+    calls.clear()  # fewer iterations than rounds: one round each
+    bench_layers.round_robin(3, 2, 1, lambda entry, iters, warmup: calls.append((entry, iters, warmup)))
+    assert calls == [(0, 1, 1), (1, 1, 1), (2, 1, 1)] * 2
