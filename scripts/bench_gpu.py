@@ -136,23 +136,26 @@ def prepare_model(args, topology: Topology, work: Path) -> dict | None:
 # ---- inside every rank -------------------------------------------------------------------------------
 
 def measure_links(topology: Topology, rank: int, device: torch.device, dtype: torch.dtype, big_bytes: int) -> dict:
-    """Cross-node (and same-node) all-to-all throughput and latency; bf16 GEMM rate."""
+    """Cross-node (and same-node) all-to-all throughput and latency; bf16 GEMM rate. Same-node also over
+    a process group of the node alone (`intra_node_group_*`): every collective over the world group
+    touches the other nodes' ranks too, which a same-node exchange can avoid."""
     world = topology.num_gpus
     node = topology.node_of_gpu.tolist()
     out = {}
 
-    def exchange(per_peer_bytes: int, same_node: bool, repeats: int) -> tuple[float, float]:
+    def exchange(per_peer_bytes: int, same_node: bool, repeats: int, group=None) -> tuple[float, float]:
         """(median, best) ms of an all-to-all sending per_peer_bytes to every peer on the same node
-        (same_node) or on the other nodes."""
+        (same_node) or on the other nodes; over `group` (this node's ranks) when given."""
         rows = max(per_peer_bytes // 2, 1)
-        splits = [rows if (node[p] == node[rank]) == same_node and p != rank else 0 for p in range(world)]
+        members = [p for p in range(world) if group is None or node[p] == node[rank]]
+        splits = [rows if (node[p] == node[rank]) == same_node and p != rank else 0 for p in members]
         send = torch.ones(sum(splits), dtype=dtype, device=device)
         buf = torch.empty(sum(splits), dtype=dtype, device=device)  # symmetric: receive what is sent
         watch = Stopwatch(device)
         for _ in range(repeats + 2):
             dist.barrier()
             started = watch.start()
-            dist.all_to_all_single(buf, send, splits, splits)
+            dist.all_to_all_single(buf, send, splits, splits, group=group)
             watch.stop(started)
         times = slowest_rank(watch.milliseconds()[2:], device)
         return statistics.median(times), min(times)
@@ -170,6 +173,12 @@ def measure_links(topology: Topology, rank: int, device: torch.device, dtype: to
         peers = sum(1 for p in range(world) if node[p] == node[rank] and p != rank)
         out["intra_node_GBps"] = big_bytes * max(peers, 1) / (ms * 1e-3) / 1e9
         out["intra_node_latency_us"] = exchange(1024, True, 20)[0] * 1e3
+        if topology.num_nodes > 1:  # every rank creates every node's group, in the same order
+            groups = [dist.new_group(list(range(first, first + size)))
+                      for first, size in zip(topology.first_gpu_of_node.tolist(), topology.gpus_per_node)]
+            mine = groups[node[rank]]
+            out["intra_node_group_GBps"] = big_bytes * max(peers, 1) / (exchange(big_bytes, True, 5, mine)[0] * 1e-3) / 1e9
+            out["intra_node_group_latency_us"] = exchange(1024, True, 20, mine)[0] * 1e3
     # bf16 GEMM rate at an expert's shape: [tokens, H] x [H, 2I].
     a = torch.randn(8192, 2048, dtype=dtype, device=device)
     b = torch.randn(2048, 2048, dtype=dtype, device=device)

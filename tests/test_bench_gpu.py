@@ -155,6 +155,8 @@ def test_bench_gpu_model_only_times_the_auto_exchange_at_two_by_two(shared_data,
                     "--traces", str(shared_data / "routing"), "--out", str(out)], check=True, cwd=ROOT, timeout=600)
     report = json.loads((out / "bench_gpu.json").read_text())
     assert report["results"] == []
+    # Same-node exchanges are also measured over a process group of the node alone.
+    assert report["links"]["intra_node_group_GBps"] > 0 and report["links"]["intra_node_group_latency_us"] > 0
     modes = {(r["policy"], r["mode"]) for r in report["model"]}
     assert {("grace", "flat"), ("grace", "hierarchical"), ("grace", "auto")} <= modes
     assert all(r["median_ms"] > 0 for r in report["model"])
