@@ -396,22 +396,25 @@ def make_layer(case: dict, shape: LayerShape, kind: str, mode: str | None, topol
     return GraceLayer(shape, runtime, device, dtype, busy).to(device).eval(), runtime
 
 
-def profile_decode(case: dict, args, topology: Topology, rank: int, device: torch.device, dtype: torch.dtype) -> None:
-    """torch.profiler over 10 decode-256 forwards of the GRACE layer (grace plan, flat): where its fixed
-    cost goes. Rank 0 writes the op table (by self CPU time, then by device time) to profile_decode.txt."""
+def profile_layer(case: dict, args, topology: Topology, rank: int, device: torch.device, dtype: torch.dtype) -> None:
+    """torch.profiler over forwards of the GRACE layer (grace plan) in args.profile's exchange and batch
+    ("flat:decode-256": 10 forwards; a prefill batch: 3): where the time goes. Rank 0 writes the op table
+    (by self CPU time, then by device time) to profile_<exchange>_<batch>.txt and, on a GPU, the timeline
+    (chrome://tracing, Perfetto) to profile_<exchange>_<batch>.json."""
     from torch.profiler import ProfilerActivity, profile
 
+    mode, batch = args.profile.split(":")
     shape = (TINY_SHAPES if args.tiny else SHAPES)[case["shape"]]
     replay = torch.load(case["replay"], weights_only=True).long()
-    per_rank = max(BATCHES["decode-256"] // topology.num_gpus, 1)
+    per_rank = max(BATCHES[batch] // topology.num_gpus // (64 if args.tiny else 1), 1)
     ids = replay[rank * per_rank:(rank + 1) * per_rank].to(device)
     x = torch.randn(per_rank, shape.hidden, dtype=dtype, device=device)
-    layer, _ = make_layer(case, shape, "grace", "flat", topology, rank, device, dtype, Stopwatch(device))
+    layer, _ = make_layer(case, shape, "grace", mode, topology, rank, device, dtype, Stopwatch(device))
     layer.bias = replay_bias(ids, shape.num_experts)
     timed(layer, x, 5, 5, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.no_grad(), profile(activities=activities) as prof:
-        for _ in range(10):
+        for _ in range(3 if batch.startswith("prefill") else 10):
             layer(x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -419,7 +422,8 @@ def profile_decode(case: dict, args, topology: Topology, rank: int, device: torc
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
         if device.type == "cuda":
             table += "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
-        Path(args.out, "profile_decode.txt").write_text(table)
+            prof.export_chrome_trace(str(Path(args.out, f"profile_{mode}_{batch}.json")))
+        Path(args.out, f"profile_{mode}_{batch}.txt").write_text(table)
     del layer
     release(device)
 
@@ -452,10 +456,10 @@ def worker(rank: int, world: int, args, cases: list[dict], model_case: dict | No
         links = measure_links(topology, rank, device, dtype, args.link_bytes)
         if rank == 0:
             print(f"measured: {json.dumps(links)}", flush=True)
-        if args.profile_decode:
-            profile_decode(cases[0], args, topology, rank, device, dtype)
+        if args.profile:
+            profile_layer(cases[0], args, topology, rank, device, dtype)
         results, fixed = [], {}
-        for case in cases if not args.profile_decode else []:
+        for case in cases if not args.profile else []:
             case_results, fixed[case["case"]] = run_case(case, args, topology, rank, device, dtype)
             results += case_results
             if rank == 0:  # what is measured so far survives a run cut short by its time limit
@@ -465,7 +469,7 @@ def worker(rank: int, world: int, args, cases: list[dict], model_case: dict | No
         if fixed:  # the first case's stand for the run (predict_layout reads them here)
             links.update(next(iter(fixed.values())))
         model_results = []
-        if model_case is not None and not args.profile_decode:
+        if model_case is not None and not args.profile:
             replay = torch.load(model_case["replay"], weights_only=True).long()
             model_results = bench_model.run_model(model_case["plans"], replay, args, rank, world, device, dtype)
         if rank == 0:
@@ -570,9 +574,11 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="small shapes and batches (CPU smoke run)")
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the whole-model prefill/decode runs")
     p.add_argument("--model-only", action="store_true", help="the whole-model runs alone, no single-layer cases")
-    p.add_argument("--profile-decode", action="store_true",
-                   help="instead of the benchmark: torch.profiler's op table of the GRACE layer at decode-256 "
-                        "(profile_decode.txt)")
+    p.add_argument("--profile", metavar="EXCHANGE:BATCH",
+                   help="instead of the benchmark: torch.profiler's op table (and timeline, on a GPU) of the GRACE "
+                        "layer, grace plan, e.g. hierarchical:prefill-32768 (profile_EXCHANGE_BATCH.txt / .json)")
+    p.add_argument("--profile-decode", dest="profile", action="store_const", const="flat:decode-256",
+                   help="the same as --profile flat:decode-256")
     p.add_argument("--remodel", type=Path, metavar="MEASURED_JSON",
                    help="no run: redo the modeled time and floor of a run's bench_gpu_measured.json "
                         "(its layout, shapes and replica slots) into --out/bench_gpu.json")
@@ -585,6 +591,10 @@ def main() -> None:
     args.shapes = args.shapes.split(",")
     args.batches = args.batches.split(",") if args.batches else None
     args.variants = args.variants.split(",") if args.variants else None
+    if args.profile and (args.profile.count(":") != 1 or args.profile.split(":")[1] not in BATCHES
+                         or args.profile.split(":")[0] not in ("flat", "hierarchical", "gather")):
+        p.error(f"--profile takes EXCHANGE:BATCH, an exchange of flat, hierarchical, gather and a batch of "
+                f"{sorted(BATCHES)}; got {args.profile!r}")
     if args.batches and set(args.batches) - set(BATCHES):
         p.error(f"unknown batches {sorted(set(args.batches) - set(BATCHES))}; choose from {sorted(BATCHES)}")
     unknown = set(args.shapes) - set(SHAPES)
@@ -620,8 +630,9 @@ def main() -> None:
         # The measurements first, as they are, before anything else can go wrong.
         (args.out / "bench_gpu_measured.json").write_text(json.dumps(report, indent=1))
         add_model_and_floor(report, cases, topology, args)
-    if args.profile_decode:
-        print((args.out / "profile_decode.txt").read_text())
+    if args.profile:
+        mode, batch = args.profile.split(":")
+        print((args.out / f"profile_{mode}_{batch}.txt").read_text())
         return
     (args.out / "bench_gpu.json").write_text(json.dumps(report, indent=1))
     print_table(report)

@@ -216,3 +216,12 @@ def test_variants_take_turns_in_rounds_sharing_the_iterations():
     calls.clear()  # fewer iterations than rounds: one round each
     bench_layers.round_robin(3, 2, 1, lambda entry, iters, warmup: calls.append((entry, iters, warmup)))
     assert calls == [(0, 1, 1), (1, 1, 1), (2, 1, 1)] * 2
+
+
+def test_profile_writes_the_op_table_of_the_asked_exchange_and_batch(shared_data, tmp_path):
+    run = [sys.executable, str(ROOT / "scripts/bench_gpu.py"), "--device", "cpu", "--tiny", "--gpus", "2", "--nodes",
+           "2", "--shapes", "olmoe", "--no-e2e", "--traces", str(shared_data / "routing"), "--out", str(tmp_path)]
+    subprocess.run(run + ["--profile-decode"], check=True, cwd=ROOT, timeout=300, capture_output=True)
+    assert "Self CPU time total" in (tmp_path / "profile_flat_decode-256.txt").read_text()
+    bad = subprocess.run(run + ["--profile", "hierarchical"], cwd=ROOT, timeout=60, capture_output=True, text=True)
+    assert bad.returncode == 2 and "EXCHANGE:BATCH" in bad.stderr
