@@ -63,8 +63,7 @@ def run_model(plans: dict[str, str], replay: torch.Tensor, args, rank: int, worl
     the single layers do, so that the link's drift falls on all of them alike."""
     from transformers import DynamicCache
 
-    entries = []  # (record, step, input_ids, bias, back)
-    models = []
+    entries = []  # (record, step, input ids, (the model's replay holder, this batch's bias), back)
     for policy, path in plans.items():
         for mode in args.e2e_modes:
             model = olmoe_model(device, dtype, args.tiny)
@@ -74,7 +73,6 @@ def run_model(plans: dict[str, str], replay: torch.Tensor, args, rank: int, worl
             convert_model(model, runtime)
             holder: dict = {}
             replay_routers(model, holder)
-            models.append(model)
             for name, input_ids, ids, prompt in model_batches(replay, args, rank, world, device):
                 cache = None
                 if prompt:  # build the prompt's cache once; every timed step starts from it
@@ -102,7 +100,7 @@ def run_model(plans: dict[str, str], replay: torch.Tensor, args, rank: int, worl
     for (record, *_), timings in zip(entries, times):
         record["median_ms"] = statistics.median(timings)
         keep(results, record, rank, f"model/{record['policy']}/{record['mode']:<12} {record['batch']}")
-    del entries, models
+    del entries  # the models go with their steps
     release(device)
     return results
 
