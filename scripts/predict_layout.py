@@ -30,8 +30,12 @@ from grace_ds.topology import Topology  # noqa: E402
 from grace_ds.trace import RoutingTrace  # noqa: E402
 
 
-def predict(calibration: dict, topology: Topology, traces: Path, shapes: list[str], replica_slots: int) -> list[dict]:
-    """One row per (case, plan, exchange, batch) with the modeled MoE-layer time in ms."""
+def predict(calibration: dict, topology: Topology, traces: Path, shapes: list[str], replica_slots: int,
+            shared_link: bool = False) -> list[dict]:
+    """One row per (case, plan, exchange, batch) with the modeled MoE-layer time in ms. `shared_link`: the
+    measured cross-node rate is one link that every node shares, so each node's share scales with the
+    calibration's nodes / this topology's."""
+    link_share = calibration["setting"]["nodes"] / topology.num_nodes if shared_link else 1.0
     rows = []
     for name in shapes:
         shape = SHAPES[name]
@@ -45,6 +49,7 @@ def predict(calibration: dict, topology: Topology, traces: Path, shapes: list[st
             case = f"{name}/{Path(file).stem}/L{layer}"
             # The fixed costs timed with this case (runs since 2026-11-28), else the run's.
             figures = {**calibration["links"], **calibration.get("fixed_costs", {}).get(case, {})}
+            figures["inter_node_GBps"] *= link_share
             calibrated = Topology(topology.gpus_per_node, calibrated_links(figures))
             for policy in POLICIES:
                 plan = dataclasses.replace(make_plan(policy, profile, topology, replica_slots), topology=calibrated)
@@ -71,14 +76,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--measured", type=Path,
                         help="a bench_gpu.py run at the target layout: its medians beside the prediction")
+    parser.add_argument("--shared-link", action="store_true",
+                        help="the cross-node rate is one link all nodes share (logical nodes on one host share its "
+                             "socket transport; so do nodes behind one switch uplink): each node's rate scales "
+                             "with the calibration's nodes / the target's")
     args = parser.parse_args(argv)
     calibration = json.loads(args.calibration.read_text())
     setting = calibration["setting"]
     here = Topology.uniform(setting["nodes"], setting["gpus_per_node"])
     target = Topology.uniform(args.nodes, args.gpus_per_node)
     shapes = args.shapes.split(",")
-    at_target = predict(calibration, target, args.traces, shapes, args.replica_slots)
-    at_calibration = predict(calibration, here, args.traces, shapes, args.replica_slots)
+    at_target = predict(calibration, target, args.traces, shapes, args.replica_slots, args.shared_link)
+    at_calibration = predict(calibration, here, args.traces, shapes, args.replica_slots, args.shared_link)
     measured = {(r["case"], r["policy"], r["mode"], r["batch"]): r["median_ms"]
                 for r in calibration["results"] if r["policy"] is not None}
     at_target_measured = {}
@@ -97,12 +106,16 @@ def main(argv: list[str] | None = None) -> None:
              f"By `python scripts/predict_layout.py --calibration {args.calibration.relative_to(ROOT) if args.calibration.is_relative_to(ROOT) else args.calibration} "
              f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node} --traces {args.traces.name}"
              + (f" --measured {args.measured.relative_to(ROOT) if args.measured.is_relative_to(ROOT) else args.measured}"
-                if args.measured else "") + "` (the traces "
+                if args.measured else "") + (" --shared-link" if args.shared_link else "") + "` (the traces "
              "scripts/prepare_gpu_carry.sh puts in `.bench_data`): the simulator's cost model with the link, "
              f"GEMM and fixed-cost figures measured at {here.describe()} ({setting['device']}, {setting.get('date', '')}), "
              "plans made at each layout from the first half of each trace, the second half replayed. Assumes the "
              "fixed per-layer and per-hop costs measured there carry over to the new layout (more ranks usually "
-             "raise them). The first measured column is the calibration run itself, to show the model's error "
+             "raise them). "
+             + (f"The measured cross-node rate is taken as one link all nodes share (logical nodes on one host share "
+                f"its socket transport), so each node gets {setting['nodes']}/{args.nodes} of the measured per-node "
+                "rate. " if args.shared_link else "")
+             + "The first measured column is the calibration run itself, to show the model's error "
              "there; "
              + (f"the last is `{args.measured.name}`, measured at {target.describe()}."
                 if args.measured else f"the {label} figures are to be checked when that machine is lent."), ""]

@@ -179,6 +179,20 @@ def test_predict_layout_models_every_plan_and_exchange_at_two_by_four(shared_dat
     assert all(flat[p] > before[p] for p in flat)
 
 
+def test_shared_link_divides_the_cross_node_rate_among_more_nodes(shared_data, tmp_path):
+    reports = {}
+    for name, extra in (("own", []), ("shared", ["--shared-link"])):
+        subprocess.run([sys.executable, str(ROOT / "scripts/predict_layout.py"), "--calibration",
+                        str(ROOT / "docs/bench-gpu-2x2.json"), "--nodes", "4", "--gpus-per-node", "1", "--traces",
+                        str(shared_data / "routing"), "--out", str(tmp_path)] + extra, check=True, cwd=ROOT, timeout=300)
+        reports[name] = json.loads((tmp_path / "predicted-4x1.json").read_text())
+    # At the calibration's own 2 nodes the share is the measured rate, so nothing changes there.
+    assert reports["own"]["calibration_rows"] == reports["shared"]["calibration_rows"]
+    prefill = {name: [r["modeled_ms"] for r in report["rows"] if r["batch"] == "prefill-32768"]
+               for name, report in reports.items()}
+    assert all(shared > own for own, shared in zip(prefill["own"], prefill["shared"]))
+
+
 def test_expert_compute_benchmark_times_fused_per_row_and_gemm_alike(shared_data, tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts/bench_expert_compute.py"), "--device", "cpu", "--tiny",
                     "--iters", "2", "--warmup", "1", "--traces", str(shared_data / "routing"), "--out", str(tmp_path)],
