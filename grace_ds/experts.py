@@ -1,6 +1,7 @@
 """This rank's expert slots, stored fused like transformers 5.x experts, computed as a grouped GEMM."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -128,9 +129,11 @@ class SlotExperts(nn.Module):
         and routing weight. Returns sum over pairs of weight * expert(row) per row, [R, H] in rows' dtype.
         Permute and unpermute are fused into index maps: the rows are gathered once, straight into slot
         order (no pair-ordered copy first, no copy back as in forward). pairs_by_row (the pairs come sorted
-        by row, as every exchange delivers them): the outputs return by one gather into pair order and a sum
-        over each row's contiguous pairs, without atomics; otherwise by one weighted scatter-add in float32
-        (atomic adds: slower on a GPU)."""
+        by row, as every exchange delivers them): the outputs return by one sparse-times-dense product (a
+        CSR matrix of the weights, a row per row and a column per slot-ordered output), where the sparse
+        kernels take the dtype and nothing needs a gradient; otherwise by one gather into pair order and a
+        sum over each row's contiguous pairs; both without atomics. Pairs in any order: one weighted
+        scatter-add in float32 (atomic adds: slower on a GPU)."""
         order, counts = self.slot_order(pair_slot)
         out = self.grouped(rows[pair_row[order]], counts)
         num_rows = rows.shape[0]
@@ -138,13 +141,56 @@ class SlotExperts(nn.Module):
         if pairs_by_row:
             position = torch.empty_like(order)
             position[order] = torch.arange(order.numel(), device=order.device)
-            # Skipped pairs' outputs are unspecified (maybe not finite): zeroed, not weighted by 0.
-            per_pair = torch.where(routed.unsqueeze(-1), out[position] * pair_weight.unsqueeze(-1).to(out.dtype), 0)
             per_row = torch.zeros(num_rows, dtype=torch.long, device=rows.device)
             per_row = per_row.scatter_add_(0, pair_row, torch.ones_like(pair_row))
+            if _sparse_sum_applies(out, pair_weight):
+                return _row_sums_by_sparse_product(out, position, per_row, pair_weight, routed)
+            # Skipped pairs' outputs are unspecified (maybe not finite): zeroed, not weighted by 0.
+            per_pair = torch.where(routed.unsqueeze(-1), out[position] * pair_weight.unsqueeze(-1).to(out.dtype), 0)
             return torch.segment_reduce(per_pair, "sum", lengths=per_row, unsafe=True)  # unsafe: no host check
         # Skipped pairs land on a spare row.
         into = torch.where(routed, pair_row, num_rows)[order]
         weighted = out * pair_weight[order].float().unsqueeze(-1)  # float32, in one pass
         summed = torch.zeros((num_rows + 1, rows.shape[1]), dtype=torch.float32, device=rows.device)
         return summed.index_add_(0, into, weighted)[:num_rows].to(rows.dtype)
+
+
+# Fewer pairs than this sum faster by the gather into pair order: the sparse product's set-up (descriptors,
+# workspace) costs more than it saves. Measured by `scripts/bench_expert_compute.py`'s sweep on one H200
+# (OLMoE prefill pairs, bf16): the gather wins up to 4096 pairs, they are even at 8192, the sparse product
+# wins from 16384 (docs/expert-compute-h200.json).
+SPARSE_SUM_MIN_PAIRS = 8192
+
+
+def _sparse_sum_applies(out: torch.Tensor, pair_weight: torch.Tensor) -> bool:
+    """Whether the per-row sums should be one sparse product: enough pairs (SPARSE_SUM_MIN_PAIRS), torch's
+    CSR x dense product computes in the outputs' dtype (CUDA: float32, bfloat16, float16; CPU: float32,
+    float64), no gradient is wanted (the pair-order path keeps autograd) and no CUDA graph is being
+    captured (the decode graphs keep the path they were measured with)."""
+    if out.shape[0] < SPARSE_SUM_MIN_PAIRS:
+        return False
+    if torch.is_grad_enabled() and (out.requires_grad or pair_weight.requires_grad):
+        return False
+    if out.is_cuda:
+        return out.dtype in (torch.float32, torch.bfloat16, torch.float16) and not torch.cuda.is_current_stream_capturing()
+    return out.device.type == "cpu" and out.dtype in (torch.float32, torch.float64)
+
+
+def _row_sums_by_sparse_product(out: torch.Tensor, position: torch.Tensor, pairs_per_row: torch.Tensor,
+                                pair_weight: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    """[R, H]: for each row, sum over its pairs (contiguous, pairs sorted by row) of weight * out[position]
+    as one CSR [R, Q] x out [Q, H] product: no pair-ordered copy of the outputs, the weights applied in the
+    product's accumulation. A skipped pair weighs 0 and reads output row 0, which is computed whenever a
+    pair is routed and zeroed here when none is (its outputs, like every skipped one's, are unspecified)."""
+    num_rows = pairs_per_row.shape[0]
+    if out.shape[0] == 0:
+        return out.new_zeros((num_rows, out.shape[1]))
+    out[:1] = torch.where(routed.any(), out[:1], 0)
+    crow = torch.cat([pairs_per_row.new_zeros(1), torch.cumsum(pairs_per_row, 0)])
+    column = torch.where(routed, position, 0)
+    weight = torch.where(routed, pair_weight, 0).to(out.dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+        matrix = torch.sparse_csr_tensor(crow, column, weight, size=(num_rows, out.shape[0]), check_invariants=False)
+    return matrix @ out

@@ -12,12 +12,15 @@ second half as bench_gpu.py replays it. Batches:
             other GPUs.
 Paths:
   fused     weighted_sum as the exchanges call it (pairs sorted by row): one gather from the rows into
-            slot order, grouped GEMMs, a gather back into pair order and a sum per row.
+            slot order, grouped GEMMs, then back per row (a sparse product from SPARSE_SUM_MIN_PAIRS
+            pairs, else a gather into pair order and a sum per row).
   scatter   weighted_sum for pairs in any order: the way back is one weighted scatter-add (atomics).
   per-row   what the exchanges did before: the pairs' rows copied out, forward (sort, copy, GEMMs, copy
             back), weighted, summed per row (prefill in the row dtype, as the all-to-all path did;
             decode in float32 over a [rows, k] view, as the gather path did).
   gemm      the grouped GEMMs on rows already in slot order.
+Then the first shape's prefill pairs in growing prefixes (512 .. 65536 pairs): fused's way back as the
+sparse product against the gather into pair order, for SPARSE_SUM_MIN_PAIRS.
 Median of `--iters` after `--warmup`, CUDA events; decode batches also as CUDA-graph replays on the GPU
 (how the runtime runs them: kernel launches then cost nothing). Writes expert_compute.json and prints a
 table.
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_gpu import REPLAYS, SHAPES, TINY_SHAPES, map_ids  # noqa: E402
+from grace_ds import experts as expert_module  # noqa: E402
 from grace_ds.experts import SlotExperts  # noqa: E402
 from grace_ds.trace import RoutingTrace  # noqa: E402
 
@@ -117,6 +121,30 @@ def batches(ids: torch.Tensor, experts_here: int, hidden: int, dtype, device) ->
     return out
 
 
+def sparse_sweep(experts: SlotExperts, rows, pair_row, pair_slot, pair_weight, iters: int, warmup: int,
+                 device: torch.device) -> list[dict]:
+    """The way back of weighted_sum by row, sparse product against gather into pair order, on growing
+    prefixes of a batch's pairs (sorted by row): where SPARSE_SUM_MIN_PAIRS should sit."""
+    out = []
+    threshold = expert_module.SPARSE_SUM_MIN_PAIRS
+    counts = [n for n in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536) if n <= pair_row.numel()]
+    try:
+        for n in counts:
+            used_rows = rows[:int(pair_row[n - 1]) + 1]
+            record = {"pairs": n}
+            for label, minimum in (("sparse", 0), ("gather", 1 << 62)):
+                expert_module.SPARSE_SUM_MIN_PAIRS = minimum
+                record[f"{label}_ms"] = time_ms(lambda: experts.weighted_sum(used_rows, pair_row[:n], pair_slot[:n],
+                                                                             pair_weight[:n], True),
+                                                iters, warmup, device)
+            out.append(record)
+            print(f"sweep     pairs {n:6d}  sparse {record['sparse_ms']:7.3f}  gather {record['gather_ms']:7.3f} ms",
+                  flush=True)
+    finally:
+        expert_module.SPARSE_SUM_MIN_PAIRS = threshold
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--traces", required=True, help="folder with the routing traces (.bench_data on the GPU)")
@@ -133,7 +161,7 @@ def main() -> None:
         sys.exit("no CUDA device: pass --device cpu (with --tiny) to check the code path")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = TINY_SHAPES if args.tiny else SHAPES
-    results = []
+    results, sweep = [], []
     with torch.no_grad():
         for name in args.shapes.split(","):
             shape = shapes[name]
@@ -179,12 +207,16 @@ def main() -> None:
                 print(f"{name:9s} {batch:11s} pairs {record['pairs']:6d} (here {record['pairs_here']:6d})  "
                       + "  ".join(f"{label} {record[f'{label}_ms']:7.3f}" for label in labels)
                       + f" ms  diff {record['max_rel_diff']:.1e}", flush=True)
+                if batch == "prefill" and not sweep:  # the first shape's prefill pairs
+                    sweep = [{"shape": name, **r} for r in sparse_sweep(experts, rows, pair_row, pair_slot,
+                                                                        pair_weight, args.iters, args.warmup, device)]
             del experts
     setting = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "dtype": str(dtype), "gpus": args.gpus, "iters": args.iters,
                "warmup": args.warmup, "tiny": args.tiny, "date": time.strftime("%Y-%m-%d")}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, "expert_compute.json").write_text(json.dumps({"setting": setting, "results": results}, indent=1))
+    Path(args.out, "expert_compute.json").write_text(json.dumps({"setting": setting, "results": results,
+                                                                "sweep": sweep}, indent=1))
     print(f"\n{'shape':9s} {'batch':11s} {'fused':>8s} {'scatter':>8s} {'per-row':>8s} {'gemm':>8s}  per-row / fused"
           f"   permute+unpermute: fused / per-row (ms above gemm)")
     for r in results:

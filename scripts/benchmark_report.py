@@ -217,8 +217,12 @@ def expert_compute_lines(path: Path) -> list[str]:
              f"{st['dtype'].replace('torch.', '')}, torch {st['torch']}, {st['date']}: median of {st['iters']} after "
              f"{st['warmup']}, CUDA events. This GPU holds 1/{st['gpus']} of the experts; routing is the trace's "
              "replayed half. fused: `SlotExperts.weighted_sum`, the path every exchange takes (one gather from the "
-             "rows straight into slot order, grouped GEMMs, a gather back into pair order and a sum per row over "
-             "contiguous pairs, as pairs arrive sorted by row). scatter: the same for pairs in any order, back "
+             "rows straight into slot order, grouped GEMMs, then back per row as pairs arrive sorted by row: from "
+             "`SPARSE_SUM_MIN_PAIRS` (8192) pairs on, outside gradients and graph capture, one sparse CSR x dense "
+             "product of the weights with the outputs (runs from 2026-11-28 evening: "
+             "`docs/expert-compute-h200.json`); below, and in earlier runs (`docs/expert-compute-h200-gather.json`), "
+             "a gather back into pair order, weighting and a sum over each row's contiguous pairs). scatter: the "
+             "same for pairs in any order, back "
              "by one weighted scatter-add (atomic adds). per-row: "
              "what the exchanges did before (the pairs' rows copied out, forward's own sort, copy and copy back, "
              "weighted, summed). gemm: the grouped GEMMs alone on rows already in slot order. permute + unpermute "
@@ -232,6 +236,12 @@ def expert_compute_lines(path: Path) -> list[str]:
                      f"{r['fused_ms']:.3f} | {r['scatter_ms']:.3f} | {r['per_row_ms']:.3f} | {r['gemm_ms']:.3f} | "
                      f"{r['per_row_ms'] / r['fused_ms']:.2f}x | {r['fused_ms'] - r['gemm_ms']:.3f} / "
                      f"{r['per_row_ms'] - r['gemm_ms']:.3f} | {r['max_rel_diff']:.1e} |")
+    if run.get("sweep"):
+        lines += ["", f"fused's way back by row on growing prefixes of the {run['sweep'][0]['shape']} prefill pairs: "
+                  "the sparse product against the gather into pair order (eager; `SPARSE_SUM_MIN_PAIRS` sits "
+                  "where they cross):", "", "| pairs | sparse ms | gather ms | gather / sparse |", "|---:|---:|---:|---:|"]
+        lines += [f"| {r['pairs']} | {r['sparse_ms']:.3f} | {r['gather_ms']:.3f} | {r['gather_ms'] / r['sparse_ms']:.2f}x |"
+                  for r in run["sweep"]]
     graphed = [r for r in run["results"] if "fused_graphed_ms" in r]
     if graphed:
         lines += ["", "Decode as the runtime runs it, each path captured in a CUDA graph and replayed:", "",

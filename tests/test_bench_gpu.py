@@ -205,12 +205,16 @@ def test_expert_compute_benchmark_times_fused_per_row_and_gemm_alike(shared_data
         assert 0 < r["pairs_here"] <= r["pairs"] and min(r["fused_ms"], r["scatter_ms"], r["per_row_ms"], r["gemm_ms"]) > 0
         if r["batch"] == "prefill":
             assert r["pairs_here"] == r["pairs"]  # the all-to-all brings only this GPU's pairs
+    # The way back's two forms on growing prefixes of the first shape's prefill pairs.
+    sweep = json.loads((tmp_path / "expert_compute.json").read_text())["sweep"]
+    assert [r["pairs"] for r in sweep] == [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
+    assert all(r["shape"] == "olmoe" and r["sparse_ms"] > 0 and r["gather_ms"] > 0 for r in sweep)
     # The docs page gives it a section of its own.
     subprocess.run([sys.executable, str(ROOT / "scripts/benchmark_report.py"), str(ROOT / "docs/bench-gpu-2x2.json"),
                     "--expert-compute", str(tmp_path / "expert_compute.json"), "--out", str(tmp_path / "benchmarks.md")],
                    check=True, cwd=ROOT, timeout=120)
     page = (tmp_path / "benchmarks.md").read_text()
-    assert "fused permute and unpermute" in page and "| olmoe | prefill |" in page
+    assert "fused permute and unpermute" in page and "| olmoe | prefill |" in page and "| 65536 |" in page
 
 
 def test_fixed_cost_batch_gives_every_expert_a_pair():

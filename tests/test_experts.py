@@ -3,11 +3,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from grace_ds import experts
 from grace_ds.experts import SlotExperts
 
 HIDDEN, INTER = 16, 8  # grouped GEMM wants 16-byte row strides
 SLOT_EXPERT = torch.tensor([3, -1, 0, 5])  # slot 1 is empty
 NUM_ROWS = 6
+
+
+@pytest.fixture(autouse=True)
+def _sparse_sum_at_any_size(monkeypatch):
+    """The sparse per-row sum pays off from thousands of pairs; these tests' few pairs take it too."""
+    monkeypatch.setattr(experts, "SPARSE_SUM_MIN_PAIRS", 0)
 
 
 def _experts(dtype: torch.dtype, cls=SlotExperts) -> SlotExperts:
@@ -33,9 +40,10 @@ def _pairs(by_row: bool):
     return pair_row, pair_slot, torch.rand(23)
 
 
+@pytest.mark.parametrize("inference", [True, False])  # by row: the sparse product (float32 here), the gather
 @pytest.mark.parametrize("by_row", [True, False])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
-def test_weighted_sum_is_the_weighted_expert_outputs_summed_per_row(dtype, tolerance, by_row):
+def test_weighted_sum_is_the_weighted_expert_outputs_summed_per_row(dtype, tolerance, by_row, inference):
     module = _experts(dtype)
     rows = torch.randn(NUM_ROWS, HIDDEN).to(dtype)
     pair_row, pair_slot, pair_weight = _pairs(by_row)
@@ -43,7 +51,8 @@ def test_weighted_sum_is_the_weighted_expert_outputs_summed_per_row(dtype, toler
     for row, slot, weight in zip(pair_row.tolist(), pair_slot.tolist(), pair_weight.tolist()):
         if slot >= 0:
             expected[row] += weight * _one_expert(module, slot, rows[row:row + 1])[0]
-    got = module.weighted_sum(rows, pair_row, pair_slot, pair_weight, pairs_by_row=by_row)
+    with torch.inference_mode(inference):
+        got = module.weighted_sum(rows, pair_row, pair_slot, pair_weight, pairs_by_row=by_row)
     assert got.dtype == dtype and got.shape == (NUM_ROWS, HIDDEN)
     assert (got.float() - expected).abs().max() <= tolerance * expected.abs().max()
     assert (got[NUM_ROWS - 1] == 0).all()  # a row without pairs
@@ -68,12 +77,31 @@ class _GarbageForSkipped(SlotExperts):
         return out
 
 
+@pytest.mark.parametrize("every_pair_skipped", [False, True])
+@pytest.mark.parametrize("inference", [True, False])
 @pytest.mark.parametrize("by_row", [True, False])
-def test_skipped_pairs_never_reach_the_sums(by_row):
+def test_skipped_pairs_never_reach_the_sums(by_row, inference, every_pair_skipped):
     module = _experts(torch.float32, _GarbageForSkipped)
     rows = torch.randn(NUM_ROWS, HIDDEN)
     pair_row, pair_slot, pair_weight = _pairs(by_row)
+    if every_pair_skipped:  # no output row computed at all: the sparse product's row 0 is garbage too
+        pair_slot = torch.full_like(pair_slot, -1)
     assert (pair_slot < 0).any()
-    got = module.weighted_sum(rows, pair_row, pair_slot, pair_weight, pairs_by_row=by_row)
-    reference = _experts(torch.float32).weighted_sum(rows, pair_row, pair_slot, pair_weight, pairs_by_row=by_row)
+    with torch.inference_mode(inference):
+        got = module.weighted_sum(rows, pair_row, pair_slot, pair_weight, pairs_by_row=by_row)
+        reference = _experts(torch.float32).weighted_sum(rows, pair_row, pair_slot, pair_weight, pairs_by_row=by_row)
     assert torch.isfinite(got).all() and torch.allclose(got, reference)
+    if every_pair_skipped:
+        assert (got == 0).all()
+
+
+def test_sparse_product_is_taken_where_its_kernels_and_autograd_allow(monkeypatch):
+    applies = experts._sparse_sum_applies
+    weight = torch.rand(4)
+    with torch.inference_mode():
+        assert applies(torch.zeros(4, HIDDEN), weight)
+        assert not applies(torch.zeros(4, HIDDEN, dtype=torch.bfloat16), weight)  # no CPU kernel
+    assert not applies(torch.zeros(4, HIDDEN, requires_grad=True), weight)  # autograd: the gather path
+    assert applies(torch.zeros(4, HIDDEN), weight)  # grad mode on, but nothing needs one
+    monkeypatch.setattr(experts, "SPARSE_SUM_MIN_PAIRS", 5)
+    assert not applies(torch.zeros(4, HIDDEN), weight)  # too few pairs to pay for the set-up
