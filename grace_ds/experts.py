@@ -130,10 +130,10 @@ class SlotExperts(nn.Module):
         Permute and unpermute are fused into index maps: the rows are gathered once, straight into slot
         order (no pair-ordered copy first, no copy back as in forward). pairs_by_row (the pairs come sorted
         by row, as every exchange delivers them): the outputs return by one sparse-times-dense product (a
-        CSR matrix of the weights, a row per row and a column per slot-ordered output), where the sparse
-        kernels take the dtype and nothing needs a gradient; otherwise by one gather into pair order and a
-        sum over each row's contiguous pairs; both without atomics. Pairs in any order: one weighted
-        scatter-add in float32 (atomic adds: slower on a GPU)."""
+        CSR matrix of the weights, a row per row and a column per slot-ordered output) from
+        SPARSE_SUM_MIN_PAIRS pairs on, where the sparse kernels take the dtype and nothing needs a gradient;
+        otherwise by one gather into pair order and a sum over each row's contiguous pairs; both without
+        atomics. Pairs in any order: one weighted scatter-add in float32 (atomic adds: slower on a GPU)."""
         order, counts = self.slot_order(pair_slot)
         out = self.grouped(rows[pair_row[order]], counts)
         num_rows = rows.shape[0]
