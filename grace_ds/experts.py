@@ -1,12 +1,15 @@
 """This rank's expert slots, stored fused like transformers 5.x experts, computed as a grouped GEMM."""
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from grace_ds.errors import GraceInputError
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
@@ -155,11 +158,19 @@ class SlotExperts(nn.Module):
         return summed.index_add_(0, into, weighted)[:num_rows].to(rows.dtype)
 
 
+def _min_pairs_from_env(default: int) -> int:
+    text = os.environ.get("GRACE_SPARSE_SUM_MIN_PAIRS", str(default))
+    if not text.isdigit():
+        raise GraceInputError(f"GRACE_SPARSE_SUM_MIN_PAIRS must be a whole number of pairs, got {text!r}")
+    return int(text)
+
+
 # Fewer pairs than this sum faster by the gather into pair order: the sparse product's set-up (descriptors,
 # workspace) costs more than it saves. Measured by `scripts/bench_expert_compute.py`'s sweep on one H200
 # (OLMoE prefill pairs, bf16): the gather wins up to 4096 pairs, they are even at 8192, the sparse product
-# wins from 16384 (docs/expert-compute-h200.json).
-SPARSE_SUM_MIN_PAIRS = 8192
+# wins from 16384 (docs/expert-compute-h200.json). Other GPUs cross elsewhere: GRACE_SPARSE_SUM_MIN_PAIRS
+# sets it (the sweep says where).
+SPARSE_SUM_MIN_PAIRS = _min_pairs_from_env(8192)
 
 
 def _sparse_sum_applies(out: torch.Tensor, pair_weight: torch.Tensor) -> bool:

@@ -83,3 +83,27 @@ def test_outputs_match_the_unmodified_model(world, nodes, tmp_path):
             assert not result["fused_left"], result["fused_left"]
             if world > 1:
                 assert result["expert_params_held"] < result["full_expert_params"]
+
+
+def test_the_sparse_way_back_matches_the_unmodified_model_across_nodes(tmp_path, monkeypatch):
+    """Every per-row sum taken by the sparse product (the threshold lowered to 0; spawned ranks read it from
+    the environment): flat, hierarchical and gather exchanges at 2 nodes x 2 still give the model's outputs."""
+    monkeypatch.setenv("GRACE_SPARSE_SUM_MIN_PAIRS", "0")
+    checks = {"olmoe": {"policies": ["contiguous", "grace"], "routers": ["tar"],
+                        "modes": ["flat", "hierarchical", "gather"]}}
+    for rank, report in enumerate(run(4, 2, checks, tmp_path)):
+        worst = max(report["olmoe"]["errors"].items(), key=lambda kv: kv[1])
+        assert worst[1] < TOLERANCE, f"rank {rank} olmoe {worst[0]}: relative error {worst[1]:.2e}"
+        assert len(report["olmoe"]["errors"]) >= 6
+
+
+def test_sparse_way_back_threshold_rejects_what_is_not_a_count(monkeypatch):
+    from grace_ds.experts import _min_pairs_from_env
+
+    monkeypatch.setenv("GRACE_SPARSE_SUM_MIN_PAIRS", "lots")
+    with pytest.raises(ValueError, match="GRACE_SPARSE_SUM_MIN_PAIRS must be a whole number"):
+        _min_pairs_from_env(8192)
+    monkeypatch.setenv("GRACE_SPARSE_SUM_MIN_PAIRS", "100")
+    assert _min_pairs_from_env(8192) == 100
+    monkeypatch.delenv("GRACE_SPARSE_SUM_MIN_PAIRS")
+    assert _min_pairs_from_env(8192) == 8192
