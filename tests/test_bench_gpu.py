@@ -20,6 +20,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_layers  # noqa: E402
 
 
+def rendered_page(tmp_path: Path, report: Path, *options: str) -> str:
+    """benchmark_report.py's page for `report` (and its options), as text."""
+    subprocess.run([sys.executable, str(ROOT / "scripts/benchmark_report.py"), str(report), *options,
+                    "--out", str(tmp_path / "benchmarks.md")], check=True, cwd=ROOT, timeout=120)
+    return (tmp_path / "benchmarks.md").read_text()
+
+
 def test_bench_gpu_runs_every_variant_on_cpu(shared_data, tmp_path):
     out = tmp_path / "bench"
     subprocess.run([sys.executable, str(ROOT / "scripts/bench_gpu.py"), "--device", "cpu", "--tiny", "--gpus", "2",
@@ -71,10 +78,7 @@ def test_bench_gpu_runs_every_variant_on_cpu(shared_data, tmp_path):
     remodeled = json.loads((again / "bench_gpu.json").read_text())
     assert [r["modeled_ms"] for r in remodeled["results"]] == pytest.approx([r["modeled_ms"] for r in results])
     # The docs page renders from it, with an earlier run beside it.
-    subprocess.run([sys.executable, str(ROOT / "scripts/benchmark_report.py"), str(out / "bench_gpu.json"),
-                    "--earlier", str(again / "bench_gpu.json"), "--out", str(tmp_path / "benchmarks.md")],
-                   check=True, cwd=ROOT, timeout=120)
-    page = (tmp_path / "benchmarks.md").read_text()
+    page = rendered_page(tmp_path, out / "bench_gpu.json", "--earlier", str(again / "bench_gpu.json"))
     assert "## Findings" in page and "must-shows, run by run" in page and "Run-to-run spread" in page
 
 
@@ -210,10 +214,8 @@ def test_expert_compute_benchmark_times_fused_per_row_and_gemm_alike(shared_data
     assert [r["pairs"] for r in sweep] == [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
     assert all(r["shape"] == "olmoe" and r["sparse_ms"] > 0 and r["gather_ms"] > 0 for r in sweep)
     # The docs page gives it a section of its own.
-    subprocess.run([sys.executable, str(ROOT / "scripts/benchmark_report.py"), str(ROOT / "docs/bench-gpu-2x2.json"),
-                    "--expert-compute", str(tmp_path / "expert_compute.json"), "--out", str(tmp_path / "benchmarks.md")],
-                   check=True, cwd=ROOT, timeout=120)
-    page = (tmp_path / "benchmarks.md").read_text()
+    page = rendered_page(tmp_path, ROOT / "docs/bench-gpu-2x2.json", "--expert-compute",
+                         str(tmp_path / "expert_compute.json"))
     assert "fused permute and unpermute" in page and "| olmoe | prefill |" in page and "| 65536 |" in page
 
 
