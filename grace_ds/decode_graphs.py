@@ -101,7 +101,8 @@ class GatherGraphs:
         topology = runtime.plan.topology
         return gather_and_compute(entry.hidden, slots, entry.top_k_weights, runtime.plan.slots_per_gpu, runtime.rank,
                                   topology.num_gpus, bucket, compute, runtime.group, None,
-                                  topology.node_of_gpu.tolist(), f" of layer {layer}", runtime.gather_layout)
+                                  topology.node_of_gpu.tolist(), f" of layer {layer}", runtime.gather_layout,
+                                  runtime.node_group)
 
     def _build(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, bucket: int, compute) -> _Entry:
         device = hidden.device

@@ -92,6 +92,9 @@ class GraceMoEConfig(DeepSpeedConfigModel):
     hierarchical_gather: bool = True
     """Across nodes the gather exchange sends a token over the node link once per remote node, then fans it
     out over NVLink (false: NCCL's ring all-gather and reduce-scatter over all ranks)."""
+    node_groups: bool = False
+    """Exchanges inside a node (hierarchical hop 2, the gather's in-node stages) over a process group of the
+    node's ranks instead of the job's (created at start-up; see grace_ds.node_groups)."""
     inter_node_gbps: float = Field(25.0, gt=0)
     profiling: bool = False
     """Record per-layer expert load and co-activation during every forward."""
@@ -192,7 +195,7 @@ def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | No
     device = next(engine.module.parameters()).device
     runtime = GraceRuntime(plan, _rank(), group, section.router, section.communication, section.router_sampling, device,
                            section.hierarchical_min_tokens, section.gather_max_tokens, section.cuda_graphs,
-                           section.hierarchical_gather)
+                           section.hierarchical_gather, section.node_groups)
     convert_model(engine.module, runtime)
     engine.grace_runtime, engine.grace_config, engine.grace_group = runtime, section, group
     if section.profiling:

@@ -6,8 +6,9 @@ integer records. Results come back the same way, pre-reduced per row on the rece
 
 flat          one hop: each row goes straight to the GPU holding the chosen copy.
 hierarchical  hop 1 sends a row once per remote node, to the peer GPU with the same local index (and
-              directly to GPUs of its own node); hop 2 fans it out inside that node. The combine runs
-              backwards and sums a token's partial outputs on the node before they cross back.
+              directly to GPUs of its own node); hop 2 fans it out inside that node (over the node's own
+              process group when given one, grace_ds.node_groups). The combine runs backwards and sums a
+              token's partial outputs on the node before they cross back.
 Each hop costs one all-to-all of split sizes (the only host synchronisation), then one of rows and
 one of pair records; the combine one more of rows. A rank's rows for itself skip the all-to-all and its
 experts compute them while the other rows cross (hierarchical: hop 1's arrivals for this GPU while
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from grace_ds.faults import guarded
+from grace_ds.node_groups import NodeGroup
 from grace_ds.topology import Topology
 
 COMM_MODES = ("flat", "hierarchical", "gather", "auto")  # gather: grace_ds.dispatch_gather
@@ -227,11 +229,12 @@ def _device_tables(topology: Topology, device: torch.device) -> tuple[torch.Tens
 
 def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
                          slots_per_gpu: int, topology: Topology, rank: int, compute: ExpertCompute,
-                         mode: str = "flat", group=None, traffic: Traffic | None = None, where: str = "") -> torch.Tensor:
+                         mode: str = "flat", group=None, traffic: Traffic | None = None, where: str = "",
+                         node_group: NodeGroup | None = None) -> torch.Tensor:
     """hidden [N, H] this rank's tokens; slot_ids [N, k] physical slots chosen by the replica router;
     topk_weights [N, k] the gate's weights. Returns sum_k weight * expert(hidden) per token, [N, H].
     `traffic`, when given, accumulates this rank's bytes sent and pairs computed; `where` (" of layer 3")
-    goes into fault messages."""
+    goes into fault messages; `node_group`, when given, carries hierarchical hop 2 (inside the node)."""
     world = topology.num_gpus
     device = hidden.device
     num_tokens, top_k = slot_ids.shape
@@ -271,12 +274,21 @@ def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weig
         finals["results"] = _compute_pairs(hop1.rows, final, _weights_of(final), compute)
         return rows.new_zeros(rows.shape)
 
-    hop2 = Hop.send(hop1.rows, onward[:, _ROW], onward[:, _TARGET], onward[:, _TARGET], onward[:, _SLOT],
-                    _weights_of(onward), world, rank, group, f"{where}, fan-out in the node", final_work)
+    fan_out = f"{where}, fan-out in the node"
+    if node_group is None:
+        hop2 = Hop.send(hop1.rows, onward[:, _ROW], onward[:, _TARGET], onward[:, _TARGET], onward[:, _SLOT],
+                        _weights_of(onward), world, rank, group, fan_out, final_work)
+    else:  # the same hop numbered within the node's group
+        inside = node_group.to_local(onward[:, _TARGET])
+        hop2 = Hop.send(hop1.rows, onward[:, _ROW], inside, inside, onward[:, _SLOT], _weights_of(onward),
+                        node_group.size, node_group.local, node_group.group, fan_out, final_work)
     results2 = _compute_pairs(hop2.rows, hop2.pairs, hop2.weights, compute)
     if traffic is not None:
-        for hop in (hop1, hop2):
-            traffic.add_hop(hop, rank, topology.node_of_gpu.tolist(), row_bytes)
+        traffic.add_hop(hop1, rank, topology.node_of_gpu.tolist(), row_bytes)
+        if node_group is None:
+            traffic.add_hop(hop2, rank, topology.node_of_gpu.tolist(), row_bytes)
+        else:
+            traffic.add_hop(hop2, node_group.local, [0] * node_group.size, row_bytes)
         traffic.pairs_computed += hop1.own_pairs.shape[0] + final.shape[0] + hop2.pairs.shape[0]
     # Pre-reduce on this node: fan-out results join this rank's own before crossing back.
     results = finals["results"] + hop2.return_rows(results2, hop1.rows.shape[0])

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from grace_ds.faults import guarded
+from grace_ds.node_groups import NodeGroup
 
 # Newer torch names them *_single; 2.11 (the GPU machine's) only has the older names.
 _all_gather_rows = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -95,7 +96,16 @@ def _swap(chunks: torch.Tensor, ranks: list[int], world: int, group, phase: str)
     return out
 
 
-def _gather_by_node(packed: torch.Tensor, layout: NodeLayout, world: int, group, where: str) -> torch.Tensor:
+def _in_node(layout: NodeLayout, world: int, group, node_group: NodeGroup | None) -> tuple[list[int], int, object]:
+    """(this rank's node-mates, ranks, group) for a swap inside the node: over the job's group, or
+    numbered within the node's own group."""
+    if node_group is None:
+        return layout.mates, world, group
+    return [node_group.to_local(m) for m in layout.mates], node_group.size, node_group.group
+
+
+def _gather_by_node(packed: torch.Tensor, layout: NodeLayout, world: int, group, where: str,
+                    node_group: NodeGroup | None = None) -> torch.Tensor:
     """Every rank's packed rows [P, B] -> [per_node, nodes, P, B] flattened to rows: across nodes, then in the node."""
     rows = packed.shape[0]
     column = packed  # rows of every rank with this local index, node by node
@@ -105,19 +115,20 @@ def _gather_by_node(packed: torch.Tensor, layout: NodeLayout, world: int, group,
         column = torch.cat(arrived[:layout.node] + [packed] + arrived[layout.node:])
     if layout.per_node == 1:
         return column
-    arrived = list(_swap(column.repeat(layout.per_node - 1, 1), layout.mates, world, group,
+    arrived = list(_swap(column.repeat(layout.per_node - 1, 1), *_in_node(layout, world, group, node_group),
                          f"dispatch{where} (gather in node)").split(column.shape[0]))
     return torch.cat(arrived[:layout.local] + [column] + arrived[layout.local:])
 
 
-def _sum_by_node(partial: torch.Tensor, layout: NodeLayout, world: int, group, where: str) -> torch.Tensor:
+def _sum_by_node(partial: torch.Tensor, layout: NodeLayout, world: int, group, where: str,
+                 node_group: NodeGroup | None = None) -> torch.Tensor:
     """Partials [per_node * nodes * P, H] in _gather_by_node's order -> this rank's P rows summed over
     every rank: inside the node first (float32 sums), then across nodes, each node's sum crossing once."""
     parts = partial.view(layout.per_node, -1, partial.shape[1])
     column = parts[layout.local].float()
     if layout.per_node > 1:
         others = torch.cat([parts[g] for g in range(layout.per_node) if g != layout.local])
-        arrived = _swap(others, layout.mates, world, group, f"combine{where} (sum in node)")
+        arrived = _swap(others, *_in_node(layout, world, group, node_group), f"combine{where} (sum in node)")
         column = column + arrived.view(layout.per_node - 1, *column.shape).float().sum(0)
     column = column.view(layout.nodes, -1, partial.shape[1])
     mine = column[layout.node]
@@ -131,13 +142,13 @@ def _sum_by_node(partial: torch.Tensor, layout: NodeLayout, world: int, group, w
 def gather_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor, slots_per_gpu: int,
                        rank: int, world: int, padded_tokens: int, compute, group=None, traffic=None,
                        node_of_gpu: list[int] | None = None, where: str = "", layout: NodeLayout | None = None,
-                       ) -> torch.Tensor:
+                       node_group: NodeGroup | None = None) -> torch.Tensor:
     """hidden [N, H] this rank's tokens; slot_ids [N, k] physical slots from the replica router; topk_weights
     [N, k]; padded_tokens >= every rank's N. Returns sum_k weight * expert(hidden) per token, [N, H].
     Expert modules with `weighted_sum` (SlotExperts) get every gathered pair, slot -1 where another rank
     computes it (no host synchronisation); a plain `compute(rows, slot)` gets only this rank's pairs.
-    layout (NodeLayout.of this rank): across nodes then inside them; None: one all-gather and one
-    reduce-scatter over all ranks."""
+    layout (NodeLayout.of this rank): across nodes then inside them, the in-node stages over `node_group`
+    when given; None: one all-gather and one reduce-scatter over all ranks."""
     if torch.is_grad_enabled() and hidden.requires_grad:
         raise RuntimeError("the gather exchange is for inference; run under torch.no_grad() or use flat/hierarchical")
     num_tokens, top_k = slot_ids.shape
@@ -146,7 +157,7 @@ def gather_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weight
     node_of_gpu = node_of_gpu or [0] * world
     packed = _pack(hidden, slot_ids, topk_weights, padded_tokens)
     if layout is not None:
-        gathered = _gather_by_node(packed, layout, world, group, where)
+        gathered = _gather_by_node(packed, layout, world, group, where, node_group)
     else:
         gathered = packed.new_empty((world * padded_tokens, packed.shape[1]))
         guarded(f"dispatch{where} (gather)", group, _all_gather_rows, gathered, packed, group=group)
@@ -165,7 +176,7 @@ def gather_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weight
         partial = partial.index_add(0, pair_row[pick], expert_out.float() * weights.reshape(-1)[pick].unsqueeze(-1))
         partial = partial.to(hidden.dtype)
     if layout is not None:
-        out = _sum_by_node(partial, layout, world, group, where)
+        out = _sum_by_node(partial, layout, world, group, where, node_group)
     else:
         out = partial.new_empty((padded_tokens, partial.shape[1]))
         guarded(f"combine{where} (reduce-scatter)", group, _reduce_scatter_rows, out, partial, group=group)

@@ -15,6 +15,7 @@ message (naming the collective) before the roll call completes.
 from __future__ import annotations
 
 import datetime
+import itertools
 import time
 from typing import Any, Callable
 
@@ -32,17 +33,27 @@ class GraceDistributedError(RuntimeError):
 # Groups made by fault_group: their timeout and a generation number that every rank assigns alike
 # (groups are created in the same order everywhere), so roll calls of different groups never mix.
 _GROUPS: dict[Any, tuple[float, int]] = {}
+_created = itertools.count(1)
 _incidents: dict[int, int] = {}
 
 
-def fault_group(timeout_s: float = DEFAULT_TIMEOUT_S, ranks: list[int] | None = None):
+def fault_group(timeout_s: float = DEFAULT_TIMEOUT_S, ranks: list[int] | None = None, members_only: bool = False):
     """A process group over `ranks` (default: all) on which a fault stops every survivor within
-    timeout_s seconds. Collective: every rank of the job must call it, in the same order."""
+    timeout_s seconds. Collective: every rank of the job must call it, in the same order (members_only:
+    only the members of `ranks`)."""
     if not timeout_s > 0:
         raise ValueError(f"fault timeout must be > 0 seconds, got {timeout_s!r}")
-    group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s * COLLECTIVE_SHARE))
-    _GROUPS[group] = (float(timeout_s), len(_GROUPS) + 1)
+    group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s * COLLECTIVE_SHARE),
+                           use_local_synchronization=members_only)
+    generation = next(_created)  # counted on every rank that calls, members or not, so generations agree
+    if group is not dist.GroupMember.NON_GROUP_MEMBER:
+        _GROUPS[group] = (float(timeout_s), generation)
     return group
+
+
+def timeout_of(group) -> float:
+    """The fault timeout `group` was made with (fault_group), else the default."""
+    return _GROUPS.get(group, (DEFAULT_TIMEOUT_S, 0))[0]
 
 
 def guarded(phase: str, process_group, call: Callable, /, *args, **kwargs):

@@ -18,6 +18,7 @@ from grace_ds import faults
 from grace_ds.dispatch import ExpertCompute, Traffic, choose_mode, exchange_and_compute
 from grace_ds.decode_graphs import GatherGraphs, capturable, token_bucket
 from grace_ds.dispatch_gather import NodeLayout, gather_and_compute
+from grace_ds.node_groups import make_node_group
 from grace_ds.plan import PlacementPlan
 from grace_ds.routing import ReplicaRouter
 
@@ -40,7 +41,7 @@ class GraceRuntime:
     def __init__(self, plan: PlacementPlan, rank: int, group=None, router_policy: str = "tar",
                  comm_mode: str = "auto", router_sampling: str = "swrr", device: torch.device | str = "cpu",
                  hierarchical_min_tokens: int = 0, gather_max_tokens: int = 0, cuda_graphs: bool = True,
-                 hierarchical_gather: bool = True) -> None:
+                 hierarchical_gather: bool = True, node_groups: bool = False) -> None:
         self.plan, self.rank, self.group = plan, rank, group
         self.comm_mode = choose_mode(comm_mode, plan.topology, plan.options.get("modeled_layer_time_us"))
         # Under `auto`, by the largest rank's token count in the call: at most gather_max_tokens -> gather
@@ -54,6 +55,12 @@ class GraceRuntime:
         sizes = plan.topology.gpus_per_node
         self.gather_layout = (NodeLayout.of(rank, plan.topology.node_of_gpu.tolist())
                               if hierarchical_gather and len(sizes) > 1 and len(set(sizes)) == 1 else None)
+        # Exchanges inside a node (hop 2, the gather's in-node stages) over a group of the node's ranks:
+        # created here, so every rank builds its runtime alike (collective).
+        topology = plan.topology
+        self.node_group = (make_node_group(topology, rank, group) if node_groups and dist.is_available()
+                           and dist.is_initialized() and topology.num_nodes > 1 and max(topology.gpus_per_node) > 1
+                           else None)
         self._counts: list[int] | None = None  # every rank's tokens in this forward's calls
         self._counts_layer = -1
         self.router_policy, self.router_sampling, self.device = router_policy, router_sampling, torch.device(device)
@@ -157,11 +164,11 @@ class GraceRuntime:
             out = gather_and_compute(hidden, self.router.route(layer, top_k_index, self.rank), top_k_weights,
                                      self.plan.slots_per_gpu, self.rank, topology.num_gpus, largest, compute,
                                      self.group, traffic, topology.node_of_gpu.tolist(), f" of layer {layer}",
-                                     self.gather_layout)
+                                     self.gather_layout, self.node_group)
         else:
             out = exchange_and_compute(hidden, self.router.route(layer, top_k_index, self.rank), top_k_weights,
                                        self.plan.slots_per_gpu, self.plan.topology, self.rank, compute, mode,
-                                       self.group, traffic, f" of layer {layer}")
+                                       self.group, traffic, f" of layer {layer}", self.node_group)
         if self.measure:
             _synchronize(hidden.device)
             self.seconds[layer] += time.perf_counter() - start

@@ -24,7 +24,8 @@ Modeled MoE-layer time (per layer, microseconds), alpha-beta links + expert GEMM
   flat dispatch    = max over GPUs g of max(intra(g) + alpha_intra, inter(node(g)) + alpha_inter)
   hier dispatch    = max_g max(inter(node(g)) + alpha_inter, intra_local(g) + alpha_intra)
                      + max_g intra_fanout(g) + alpha_intra  (cross-node stage overlaps same-node sends;
-                     fan-out on the destination node follows)
+                     fan-out on the destination node follows, at fanout_bandwidth when the runtime gives
+                     it a process group of the node, as it does the gather's in-node stages)
   compute          = max over GPUs of pairs(g) * flops_per_pair / expert_tflops
   combine          = dispatch (partial outputs return the way tokens came; the hierarchical combine
                      pre-reduces a token's outputs on the destination node, so it crosses once too)
@@ -44,7 +45,7 @@ Modeled MoE-layer time (per layer, microseconds), alpha-beta links + expert GEMM
                      return summed (reduce-scatter):
   by node (equal nodes of G GPUs, the runtime's default across nodes): P rows to the peer on every other
   node, then the node's N * P rows to every other GPU of the node; the combine the reverse way:
-  gather dispatch  = G * P * (nodes - 1) rows / inter_bw + alpha_inter + (G - 1) * nodes * P rows / intra_bw
+  gather dispatch  = G * P * (nodes - 1) rows / inter_bw + alpha_inter + (G - 1) * nodes * P rows / fanout_bw
                      + alpha_intra
   ring (one node, or unequal nodes): one all-gather and one reduce-scatter over all GPUs:
   gather dispatch  = max(max_n inter_gather(n) + alpha_inter, (GPUs - 1) * P rows / intra_bw + alpha_intra)
@@ -90,6 +91,11 @@ def with_host_overlap(fixed_us: float, tail_us: float, waited_us: float, rest_us
     launches (`tail_us` of the fixed cost), whichever is longer."""
     tail = min(tail_us, fixed_us)
     return fixed_us - tail + waited_us + max(tail, rest_us)
+
+
+def _fanout_bw(links: LinkModel) -> float:
+    """Bytes per microsecond of the same-node stages that run alone (hop 2, the gather's in-node stages)."""
+    return (links.fanout_bandwidth_GBps or links.intra_node_bandwidth_GBps) * 1e3
 
 
 def _alpha_beta(bytes_: torch.Tensor, bandwidth_bytes_per_us: float, latency_us: float) -> torch.Tensor:
@@ -149,7 +155,7 @@ def layer_traffic(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Top
     intra_fan = torch.maximum(fan_sent, fan_recv) * bytes_per_copy
     first_stage_h = torch.maximum(_alpha_beta(inter_n_h, inter_bw, alpha_inter)[node_of_gpu],
                                   _alpha_beta(intra_local, intra_bw, alpha_intra)).max()
-    dispatch_h = first_stage_h + _alpha_beta(intra_fan, intra_bw, alpha_intra).max()
+    dispatch_h = first_stage_h + _alpha_beta(intra_fan, _fanout_bw(links), alpha_intra).max()
 
     pairs = torch.bincount(dest_gpu.reshape(-1), minlength=num_gpus).double()
     compute = (pairs.max() * 6.0 * cost.hidden * cost.ffn_hidden / (links.expert_tflops * 1e6))
@@ -190,7 +196,7 @@ def _gather_exchange_us(padded_tokens: int, top_k: int, topology: Topology, byte
             per_node = topology.gpus_per_node[0]
             total += per_node * rows * (nodes - 1) / inter_bw + alpha_inter
             if per_node > 1:
-                total += (per_node - 1) * nodes * rows / intra_bw + alpha_intra
+                total += (per_node - 1) * nodes * rows / _fanout_bw(links) + alpha_intra
             continue
         intra = rows * (topology.num_gpus - 1) / intra_bw + alpha_intra
         inter = 0.0

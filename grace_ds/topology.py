@@ -32,11 +32,15 @@ class LinkModel:
     # exchange has none to overlap: on a GPU it is one CUDA graph, launched at that time's end.
     layer_host_tail_us: float = 0.0  # flat
     hierarchical_host_tail_us: float = 0.0
+    # Same-node stages that run alone (hierarchical hop 2, the gather's in-node stages), when the runtime
+    # gives them a process group of the node (node_groups); 0: intra_node_bandwidth_GBps, as over the
+    # job's group.
+    fanout_bandwidth_GBps: float = 0.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            may_be_zero = f.name.endswith(("_overhead_us", "_host_tail_us"))
+            may_be_zero = f.name.endswith(("_overhead_us", "_host_tail_us")) or f.name == "fanout_bandwidth_GBps"
             if not (isinstance(value, (int, float)) and value == value and (value > 0 or (may_be_zero and value == 0))):
                 raise GraceInputError(f"link model: {f.name} must be a positive number, got {value!r}")
 

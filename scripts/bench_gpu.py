@@ -212,8 +212,11 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
     shape = (TINY_SHAPES if args.tiny else SHAPES)[case["shape"]]
     world = topology.num_gpus
     replay = torch.load(case["replay"], weights_only=True).long()
-    modes = ["flat", "hierarchical"] if topology.num_nodes > 1 and max(topology.gpus_per_node) > 1 else ["flat"]
+    in_node_stages = topology.num_nodes > 1 and max(topology.gpus_per_node) > 1
+    modes = ["flat", "hierarchical"] if in_node_stages else ["flat"]
     modes += ["gather"] if world > 1 else []  # timed on decode batches only: it gathers every token everywhere
+    # The same exchanges with their in-node stages over a process group of each node (grace_ds.node_groups).
+    modes += [f"{m}{NODE_GROUPS}" for m in ("hierarchical", "gather")] if in_node_stages and not args.no_node_groups else []
     variants = [("deepspeed-native", "deepspeed", None)]
     if HAVE_MEGATRON:
         variants.append(("megatron-alltoall", "megatron", None))
@@ -250,7 +253,7 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
             if batch_name == FIXED_COST_BATCH:
                 if kind not in ("deepspeed", "megatron", "autoep", "contiguous"):
                     continue
-            elif mode == "gather-ring" or (mode == "gather" and not batch_name.startswith("decode")):
+            elif mode == "gather-ring" or (base_mode(mode) == "gather" and not batch_name.startswith("decode")):
                 continue
             layer.bias = replay_bias(ids, shape.num_experts)
             record = {"case": case["case"], "shape": shape.name, "batch": batch_name, "tokens": tokens,
@@ -273,21 +276,30 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
 
 
 TAIL_FORWARDS = 9
+NODE_GROUPS = "-node-groups"  # a mode's suffix: its in-node stages over a process group of each node
 FIXED_COST_NAMES = {"deepspeed-native": "deepspeed", "megatron-alltoall": "megatron", "deepspeed-autoep": "autoep",
                     "grace-layer/contiguous/flat": "layer", "grace-layer/contiguous/hierarchical": "hierarchical",
-                    "grace-layer/contiguous/gather": "gather", "grace-layer/contiguous/gather-ring": "gather_ring"}
+                    "grace-layer/contiguous/gather": "gather", "grace-layer/contiguous/gather-ring": "gather_ring",
+                    f"grace-layer/contiguous/hierarchical{NODE_GROUPS}": "hierarchical_node_groups",
+                    f"grace-layer/contiguous/gather{NODE_GROUPS}": "gather_node_groups"}
+
+
+def base_mode(mode: str) -> str:
+    """The runtime's communication mode of a benchmark mode (gather-ring, *-node-groups)."""
+    return mode.removesuffix(NODE_GROUPS).removesuffix("-ring")
 
 
 def fixed_costs(fixed_us: dict[str, float], tails_us: dict[str, float] | None = None) -> dict[str, float]:
     """The cost model's fixed terms (LinkModel names) from the fixed-cost batch's times by variant:
     `<name>_overhead_us` the layer time, `<name>_host_tail_us` its host time after the last wait for
     the device (hierarchical: its own; its overhead is what the second hop adds to flat's)."""
-    out = {f"{FIXED_COST_NAMES[v]}_overhead_us": t for v, t in fixed_us.items()
-           if v in FIXED_COST_NAMES and v != "grace-layer/contiguous/hierarchical"}
-    out |= {f"{FIXED_COST_NAMES[v]}_host_tail_us": t for v, t in (tails_us or {}).items() if v in FIXED_COST_NAMES}
     hierarchical, flat = "grace-layer/contiguous/hierarchical", "grace-layer/contiguous/flat"
-    if hierarchical in fixed_us and flat in fixed_us:  # what the second hop adds
-        out["hop_overhead_us"] = max(fixed_us[hierarchical] - fixed_us[flat], 0.0)
+    out = {f"{FIXED_COST_NAMES[v]}_overhead_us": t for v, t in fixed_us.items()
+           if v in FIXED_COST_NAMES and not v.startswith(hierarchical)}
+    out |= {f"{FIXED_COST_NAMES[v]}_host_tail_us": t for v, t in (tails_us or {}).items() if v in FIXED_COST_NAMES}
+    for suffix in ("", NODE_GROUPS):  # what the second hop adds
+        if hierarchical + suffix in fixed_us and flat in fixed_us:
+            out[f"hop{suffix.replace('-', '_')}_overhead_us"] = max(fixed_us[hierarchical + suffix] - fixed_us[flat], 0.0)
     return out
 
 
@@ -391,8 +403,8 @@ def make_layer(case: dict, shape: LayerShape, kind: str, mode: str | None, topol
     if kind == "autoep":
         return autoep_layer(shape, topology.num_gpus, device, dtype, busy).eval(), None
     # gather-ring: the gather exchange over NCCL's ring all-gather / reduce-scatter instead of by node
-    runtime = GraceRuntime(PlacementPlan.load(case["plans"][kind]), rank, None, "tar", mode.removesuffix("-ring"),
-                           device=device, hierarchical_gather=mode != "gather-ring")
+    runtime = GraceRuntime(PlacementPlan.load(case["plans"][kind]), rank, None, "tar", base_mode(mode),
+                           device=device, hierarchical_gather=mode != "gather-ring", node_groups=mode.endswith(NODE_GROUPS))
     return GraceLayer(shape, runtime, device, dtype, busy).to(device).eval(), runtime
 
 
@@ -484,8 +496,19 @@ def worker(rank: int, world: int, args, cases: list[dict], model_case: dict | No
 
 # ---- after the run: model, floor, table -------------------------------------------------------------
 
-def calibrated_links(links: dict) -> LinkModel:
+# The cost model's figure -> what a run measured for the runtime with node groups.
+NODE_GROUP_FIGURES = {"hop_overhead_us": "hop_node_groups_overhead_us",
+                      "hierarchical_host_tail_us": "hierarchical_node_groups_host_tail_us",
+                      "gather_overhead_us": "gather_node_groups_overhead_us",
+                      "fanout_bandwidth_GBps": "intra_node_group_GBps"}
+
+
+def calibrated_links(links: dict, node_groups: bool = False) -> LinkModel:
+    """The cost model's figures from a run's measurements; node_groups: those of the runtime whose in-node
+    stages run over node groups (their fixed costs, the node group's same-node rate for those stages)."""
     defaults = LinkModel()
+    if node_groups:
+        links = {**links, **{name: links[measured] for name, measured in NODE_GROUP_FIGURES.items() if measured in links}}
     return LinkModel(
         intra_node_bandwidth_GBps=links.get("intra_node_GBps", defaults.intra_node_bandwidth_GBps),
         inter_node_bandwidth_Gbps=links.get("inter_node_GBps", defaults.inter_node_bandwidth_Gbps / 8) * 8,
@@ -493,7 +516,8 @@ def calibrated_links(links: dict) -> LinkModel:
         inter_node_latency_us=links.get("inter_node_latency_us", defaults.inter_node_latency_us),
         expert_tflops=links["gemm_tflops"],
         **{name: links.get(name, 0.0) for name in ("layer_overhead_us", "hop_overhead_us", "gather_overhead_us",
-                                                    "layer_host_tail_us", "hierarchical_host_tail_us")})
+                                                    "layer_host_tail_us", "hierarchical_host_tail_us",
+                                                    "fanout_bandwidth_GBps")})
 
 
 def add_model_and_floor(report: dict, cases: list[dict], topology: Topology, args) -> None:
@@ -503,7 +527,8 @@ def add_model_and_floor(report: dict, cases: list[dict], topology: Topology, arg
     takes the fixed costs measured in its own rounds (runs before 2026-11-28: the run's, in links)."""
     links = calibrated_links(report["links"])
     case_figures = {case: {**report["links"], **fixed} for case, fixed in report.get("fixed_costs", {}).items()}
-    case_links = {case: calibrated_links(figures) for case, figures in case_figures.items()}
+    case_links = {(case, groups): calibrated_links(figures, groups) for case, figures in case_figures.items()
+                  for groups in (False, True)}
     shapes = TINY_SHAPES if args.tiny else SHAPES
     replays = {c["case"]: torch.load(c["replay"], weights_only=True).long() for c in cases}
     plans = {(c["case"], p): PlacementPlan.load(f) for c in cases for p, f in c["plans"].items()}
@@ -513,20 +538,21 @@ def add_model_and_floor(report: dict, cases: list[dict], topology: Topology, arg
     simulated: dict[tuple, object] = {}
     for r in report["results"]:
         figures = case_figures.get(r["case"], report["links"])
-        calibrated = Topology(topology.gpus_per_node, case_links.get(r["case"], links))
+        node_groups = (r["mode"] or "").endswith(NODE_GROUPS)
+        calibrated = Topology(topology.gpus_per_node, case_links.get((r["case"], node_groups), links))
         shape = shapes[r["shape"]]
         flops_per_pair = 6.0 * shape.hidden * shape.inter
         ids = replays[r["case"]][:r["tokens"]]
         world = topology.num_gpus
         node_bytes = r["cross_node_bytes"] / max(topology.num_nodes, 1)  # through one node's link, both phases
         if r["policy"] is not None:
-            key = (r["case"], r["policy"], r["tokens"])  # every mode's time comes out of one simulation
+            key = (r["case"], r["policy"], r["tokens"], node_groups)  # every mode's time out of one simulation
             if key not in simulated:
                 plan = dataclasses.replace(plans[(r["case"], r["policy"])], topology=calibrated)
                 simulated[key] = simulate_trace(plan, ids[:, None, :], "tar", CostSettings(shape.hidden, shape.inter, 2))[0]
             metrics = simulated[key]
             r["modeled_ms"] = {"hierarchical": metrics.modeled_layer_time_us, "flat": metrics.modeled_layer_time_us_flat,
-                               "gather": metrics.modeled_layer_time_us_gather}[r["mode"]] / 1e3
+                               "gather": metrics.modeled_layer_time_us_gather}[base_mode(r["mode"])] / 1e3
             max_pairs = max(r["pairs_per_gpu"])
         else:  # the same alpha-beta terms over what DeepSpeed, megatron or AutoEP move and compute
             name = FIXED_COST_NAMES[r["variant"]]
@@ -573,6 +599,8 @@ def main() -> None:
                    "deepspeed-autoep,grace-layer/grace (default: all)")
     p.add_argument("--tiny", action="store_true", help="small shapes and batches (CPU smoke run)")
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the whole-model prefill/decode runs")
+    p.add_argument("--no-node-groups", action="store_true",
+                   help="leave out the exchanges whose in-node stages run over a process group of each node")
     p.add_argument("--model-only", action="store_true", help="the whole-model runs alone, no single-layer cases")
     p.add_argument("--profile", metavar="EXCHANGE:BATCH",
                    help="instead of the benchmark: torch.profiler's op table (and timeline, on a GPU) of the GRACE "

@@ -32,11 +32,12 @@ def layer_table(report: dict) -> list[str]:
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     results = report["results"]
     for r in results:
-        native = next(x for x in results if x["case"] == r["case"] and x["batch"] == r["batch"]
-                      and x["variant"] == "deepspeed-native")
+        native = next((x for x in results if x["case"] == r["case"] and x["batch"] == r["batch"]
+                       and x["variant"] == "deepspeed-native"), None)  # not run under --variants
+        vs_native = f"{native['median_ms'] / r['median_ms']:.2f}x" if native else "not run"
         lines.append(
-            f"| {r['case']} | {r['batch']} | {r['variant']} | {r['median_ms']:.2f} | "
-            f"{native['median_ms'] / r['median_ms']:.2f}x | {r['modeled_ms']:.2f} ({r['model_error']:+.0%}) | "
+            f"| {r['case']} | {r['batch']} | {r['variant']} | {r['median_ms']:.2f} | {vs_native} | "
+            f"{r['modeled_ms']:.2f} ({r['model_error']:+.0%}) | "
             f"{r['floor_ms']:.2f} ({r['median_ms'] / r['floor_ms']:.2f}x) | {r['cross_node_bytes'] / 1e6:.1f} | "
             f"{r['achieved_cross_node_GBps']:.2f} | {max(r['gpu_busy_ms']):.2f} | "
             f"{100 * statistics.mean(r['idle_fraction']):.0f} |")
@@ -120,6 +121,24 @@ def findings(report: dict) -> list[str]:
     return out
 
 
+def node_group_lines(report: dict) -> list[str]:
+    """Each exchange with its in-node stages over node groups against the same over the job's group
+    (time over the job's group / time with node groups, higher = node groups faster), per plan."""
+    results = report["results"]
+    rows = {(r["case"], r["batch"], r["variant"]): r for r in results}
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for (case, batch, variant), r in rows.items():
+        twin = rows.get((case, batch, variant.removesuffix("-node-groups")))
+        if variant.endswith("-node-groups") and twin:
+            kind = "prefill" if batch.startswith("prefill") else "decode"
+            ratios.setdefault((kind, variant.removeprefix("grace-layer/")), []).append(twin["median_ms"] / r["median_ms"])
+    if not ratios:
+        return []
+    return ["- **node groups** (in-node stages over a process group of each node, `grace_moe.node_groups`; "
+            "time over the job's group / with node groups, higher = node groups faster): "
+            + "; ".join(f"{kind} {variant} {_span(v)}" for (kind, variant), v in sorted(ratios.items())) + "."]
+
+
 def model_lines(report: dict) -> list[str]:
     rows = report.get("model") or []
     if not rows:
@@ -170,7 +189,8 @@ def must_show_lines(runs: list[tuple[str, dict]]) -> list[str]:
             for batch in dict.fromkeys(b for b, _ in rows if b.startswith("decode")):
                 mine = [r for (b, _), r in rows.items() if b == batch and r["policy"] == "grace"]
                 other = [r for (b, _), r in rows.items() if b == batch and r["policy"] != "grace"]
-                for column, rivals in ((baseline, [r for r in other if r["mode"] != "gather"]), (anything, other)):
+                for column, rivals in ((baseline, [r for r in other if not (r["mode"] or "").startswith("gather")]),
+                                       (anything, other)):
                     if mine and rivals:
                         best, rival = grace_best(mine), min(rivals, key=lambda r: r["median_ms"])
                         column.append(f"{batch}: {rival['median_ms'] / best['median_ms']:.2f}x "
@@ -187,7 +207,7 @@ def plot(report: dict, path: Path) -> None:
     variants = list(dict.fromkeys(r["variant"] for r in report["results"]))
     fig, axes = plt.subplots(len(batches), 1, figsize=(11, 3.2 * len(batches)))
     width = 0.8 / len(variants)
-    colors = plt.get_cmap("tab20").colors  # one colour per variant (up to 20)
+    colors = plt.get_cmap("tab20").colors + plt.get_cmap("tab20b").colors  # one colour per variant (up to 40)
     for ax, batch in zip(axes, batches):
         for v, variant in enumerate(variants):
             heights = [next((r["median_ms"] for r in report["results"]
@@ -287,7 +307,7 @@ def main() -> None:
                        "its own link figures: " + ", ".join(f"{k} = {v:.4g}" for k, v in other["links"].items()) + ".",
                        ""]
         if other["results"]:
-            also_lines += [*findings(other), "", *ratio_lines(other), "", *layer_table(other), ""]
+            also_lines += [*findings(other), *node_group_lines(other), "", *ratio_lines(other), "", *layer_table(other), ""]
         if other.get("model") and not other["results"]:
             also_lines += [f"Whole model ({other.get('model_trace')}, OLMoE shape, 2 layers, attention + MoE); "
                            "`auto` is the runtime's per-call choice:", "", *model_lines(other), ""]
@@ -369,6 +389,7 @@ def main() -> None:
         "",
         *findings(report),
         *mode_crossover(report),
+        *node_group_lines(report),
         "",
         "### Ratios: the GRACE plan against each baseline (higher = GRACE faster)",
         "",

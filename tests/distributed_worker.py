@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import grace_ds.experts as grace_experts  # noqa: E402
 from grace_ds.decode_graphs import GatherGraphs  # noqa: E402
 from grace_ds.hooks import RoutingRecorder  # noqa: E402
 from grace_ds.logical_nodes import join_logical_node  # noqa: E402
@@ -43,16 +44,19 @@ def check_family(family: str, rank: int, world: int, topology: Topology, policie
     recorder.detach()
     profile = recorder.to_profile(reduce=False)  # every rank saw the whole batch already
     mine = slice(rank * SEQUENCES_PER_RANK, (rank + 1) * SEQUENCES_PER_RANK)
-    results = {}
+    results, node_groups = {}, {}
     for policy in policies:
         plan = make_plan(policy, profile, topology, replica_slots=1)
         for router in routers:
             for mode in modes:
                 model = copy.deepcopy(reference)
-                convert_model(model, make_runtime(plan, rank, router, mode))
+                runtime = make_runtime(plan, rank, router, mode)
+                convert_model(model, runtime)
                 with torch.no_grad():
                     out = model(ids[mine]).logits
                 results[f"{policy}/{router}/{mode}"] = relative_error(out, ref_logits[mine])
+                if runtime.node_group is not None:
+                    node_groups[mode] = dist.get_process_group_ranks(runtime.node_group.group)
     # Memory: only this rank's slots are held, no full fused expert tensor survives.
     held = sum(p.numel() for m in model.modules() if isinstance(m, GraceExperts) for p in m.parameters())
     per_expert = blocks[0][1].experts.gate_up_proj[0].numel() + blocks[0][1].experts.down_proj[0].numel()
@@ -60,7 +64,8 @@ def check_family(family: str, rank: int, world: int, topology: Topology, policie
     grace_params = {id(p) for m in model.modules() if isinstance(m, GraceExperts) for p in m.parameters()}
     fused_left = [n for n, p in model.named_parameters() if p.dim() == 3 and id(p) not in grace_params]
     return {"errors": results, "expert_params_held": held, "expert_params_expected": slots * per_expert,
-            "full_expert_params": plan.num_layers * plan.num_experts * per_expert, "fused_left": fused_left}
+            "full_expert_params": plan.num_layers * plan.num_experts * per_expert, "fused_left": fused_left,
+            "node_groups": node_groups}
 
 
 def main(rank: int, world: int, nodes: int, port: int, out_dir: str, spec: str) -> None:
@@ -93,9 +98,11 @@ def exchange_modes(topology: Topology) -> list[str]:
 
 
 def make_runtime(plan, rank: int, router: str, mode: str) -> GraceRuntime:
-    """mode: a communication mode, or gather-ring (the gather exchange over NCCL's ring collectives)."""
-    return GraceRuntime(plan, rank, None, router, mode.removesuffix("-ring"), device=DEVICE,
-                        hierarchical_gather=mode != "gather-ring")
+    """mode: a communication mode, gather-ring (the gather exchange over NCCL's ring collectives), or
+    <mode>-node-groups (its exchanges inside a node over the node's own process group)."""
+    node_groups = mode.endswith("-node-groups")
+    return GraceRuntime(plan, rank, None, router, mode.removesuffix("-node-groups").removesuffix("-ring"), device=DEVICE,
+                        hierarchical_gather=mode != "gather-ring", node_groups=node_groups)
 
 
 class ExpertMLP(torch.nn.Module):
@@ -169,7 +176,7 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
         make_plan("grace", recorder.to_profile(reduce=False), topology, 1).save(plan_path)
     dist.barrier()
     config = {"dtype": torch.float32, "replace_with_kernel_inject": False,
-              "grace_moe": {"plan": str(plan_path), "profiling": True}}
+              "grace_moe": {"plan": str(plan_path), "profiling": True, "node_groups": True}}
     engine = grace_deepspeed.init_inference(copy.deepcopy(reference), config)
     mine = slice(rank * SEQUENCES_PER_RANK, (rank + 1) * SEQUENCES_PER_RANK)
     with torch.no_grad():
@@ -197,8 +204,11 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
         # bf16 on the GPU: gather calls replay CUDA graphs, whose outputs equal the eager gather path's.
         engine.module.to(torch.bfloat16)
         runtime.gather_graphs = None
+        # Graph capture keeps the gather way back; eager takes it too, however low the sparse threshold is set.
+        lowered, grace_experts.SPARSE_SUM_MIN_PAIRS = grace_experts.SPARSE_SUM_MIN_PAIRS, 2**62
         with torch.no_grad():
             eager = engine(ids[mine, :2]).logits.float()
+        grace_experts.SPARSE_SUM_MIN_PAIRS = lowered
         runtime.gather_graphs = GatherGraphs(runtime, True, 8)
         with torch.no_grad():
             replayed = [engine(ids[mine, :2]).logits.float() for _ in range(2)]
@@ -227,6 +237,7 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
     return {"error": relative_error(out, ref_logits[mine]), "error_planned_at_startup": from_profile,
             "by_size": by_size, "base_mode": runtime.comm_mode, "padded_gather_calls": runtime.gather_graphs.calls,
             "graph_check": graph_check,
+            "node_group": runtime.node_group and dist.get_process_group_ranks(runtime.node_group.group),
             "topology": list(engine.grace_runtime.plan.topology.gpus_per_node),
             "profile": str(profile_path), "refused": refused}
 

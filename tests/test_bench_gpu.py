@@ -152,18 +152,49 @@ def test_host_tail_is_the_time_after_the_last_synchronising_call():
     assert warnings.filters == filters and warnings.showwarning is show
 
 
-def test_bench_gpu_model_only_times_the_auto_exchange_at_two_by_two(shared_data, tmp_path):
+def test_bench_gpu_at_two_by_two_times_node_group_exchanges_and_the_auto_model(shared_data, tmp_path):
     out = tmp_path / "model"
     subprocess.run([sys.executable, str(ROOT / "scripts/bench_gpu.py"), "--device", "cpu", "--tiny", "--gpus", "4",
-                    "--nodes", "2", "--shapes", "olmoe", "--model-only", "--iters", "1", "--warmup", "1",
+                    "--nodes", "2", "--shapes", "olmoe", "--variants", "grace-layer/contiguous", "--batches", "decode-256",
+                    "--iters", "1", "--warmup", "1",
                     "--traces", str(shared_data / "routing"), "--out", str(out)], check=True, cwd=ROOT, timeout=600)
     report = json.loads((out / "bench_gpu.json").read_text())
-    assert report["results"] == []
     # Same-node exchanges are also measured over a process group of the node alone.
-    assert report["links"]["intra_node_group_GBps"] > 0 and report["links"]["intra_node_group_latency_us"] > 0
+    links = report["links"]
+    assert links["intra_node_group_GBps"] > 0 and links["intra_node_group_latency_us"] > 0
+    # Hierarchical and gather with their in-node stages over node groups, beside the same over the job's group:
+    # the same bytes, their own fixed costs, modeled with the node group's same-node rate.
+    by_variant = {r["variant"]: r for r in report["results"]}
+    assert set(by_variant) == {f"grace-layer/contiguous/{m}" for m in
+                               ("flat", "hierarchical", "gather", "hierarchical-node-groups", "gather-node-groups")}
+    for mode in ("hierarchical", "gather"):
+        world, grouped = by_variant[f"grace-layer/contiguous/{mode}"], by_variant[f"grace-layer/contiguous/{mode}-node-groups"]
+        assert (grouped["cross_node_bytes"], grouped["intra_node_bytes"]) == (world["cross_node_bytes"], world["intra_node_bytes"])
+        assert grouped["modeled_ms"] > 0
+    fixed = report["fixed_costs"]["olmoe/olmoe_arxiv/L1"]
+    assert {"hop_node_groups_overhead_us", "gather_node_groups_overhead_us", "hierarchical_node_groups_host_tail_us"} <= set(fixed)
+    import bench_gpu
+
+    grouped_links = bench_gpu.calibrated_links({**links, **fixed}, node_groups=True)
+    assert grouped_links.fanout_bandwidth_GBps == links["intra_node_group_GBps"]
+    assert grouped_links.hop_overhead_us == fixed["hop_node_groups_overhead_us"]
+    assert grouped_links.gather_overhead_us == fixed["gather_node_groups_overhead_us"]
+    assert bench_gpu.calibrated_links({**links, **fixed}).fanout_bandwidth_GBps == 0.0
     modes = {(r["policy"], r["mode"]) for r in report["model"]}
     assert {("grace", "flat"), ("grace", "hierarchical"), ("grace", "auto")} <= modes
     assert all(r["median_ms"] > 0 for r in report["model"])
+
+
+def test_a_faster_fanout_shortens_only_the_stages_inside_a_node():
+    trace = tiny_trace()
+    profile = RoutingProfile.from_topk_ids(trace, 8)
+    times = []
+    for fanout in (0.0, 1e4):
+        links = LinkModel(intra_node_bandwidth_GBps=0.01, fanout_bandwidth_GBps=fanout, layer_overhead_us=100.0)
+        times.append(simulate_trace(make_plan("contiguous", profile, Topology.uniform(2, 2, links)), trace)[0])
+    assert times[1].modeled_layer_time_us < times[0].modeled_layer_time_us
+    assert times[1].modeled_layer_time_us_gather < times[0].modeled_layer_time_us_gather
+    assert times[1].modeled_layer_time_us_flat == times[0].modeled_layer_time_us_flat
 
 
 def test_predict_layout_models_every_plan_and_exchange_at_two_by_four(shared_data, tmp_path):

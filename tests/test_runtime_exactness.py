@@ -70,6 +70,9 @@ def test_outputs_match_the_unmodified_model(world, nodes, tmp_path):
         if world > 1 and on_gpu:  # bf16: two forwards of two layers replayed CUDA graphs, equal to eager gather
             assert served["graph_check"]["replays"] == 4 and served["graph_check"]["error"] < 1e-3, served["graph_check"]
         assert served["topology"] == [world // nodes] * nodes, "topology found from the ranks' host names"
+        per_node = world // nodes  # in-node stages over the node's own group (grace_moe.node_groups) where there are any
+        node = list(range(rank // per_node * per_node, (rank // per_node + 1) * per_node))
+        assert served["node_group"] == (node if nodes > 1 and per_node > 1 else None)
         assert "plan is for 1 nodes x 1 GPUs" in served["refused"] or world == 1
         assert (tmp_path / "served.safetensors").exists()
         ds_errors = report.pop("deepspeed")["errors"]
@@ -85,16 +88,43 @@ def test_outputs_match_the_unmodified_model(world, nodes, tmp_path):
                 assert result["expert_params_held"] < result["full_expert_params"]
 
 
+def largest_multi_node_layout() -> tuple[int, int]:
+    """(world, nodes) of the largest layout with more than one node among those picked (2 x 2 by default)."""
+    multi = [p.values for p in layouts() if p.values[1] > 1]
+    if not multi:
+        pytest.skip("no layout with more than one node picked (GRACE_TEST_LAYOUTS)")
+    return max(multi)
+
+
 def test_the_sparse_way_back_matches_the_unmodified_model_across_nodes(tmp_path, monkeypatch):
     """Every per-row sum taken by the sparse product (the threshold lowered to 0; spawned ranks read it from
-    the environment): flat, hierarchical and gather exchanges at 2 nodes x 2 still give the model's outputs."""
+    the environment): flat, hierarchical and gather exchanges across nodes still give the model's outputs."""
     monkeypatch.setenv("GRACE_SPARSE_SUM_MIN_PAIRS", "0")
     checks = {"olmoe": {"policies": ["contiguous", "grace"], "routers": ["tar"],
                         "modes": ["flat", "hierarchical", "gather"]}}
-    for rank, report in enumerate(run(4, 2, checks, tmp_path)):
+    world, nodes = largest_multi_node_layout()
+    for rank, report in enumerate(run(world, nodes, checks, tmp_path)):
         worst = max(report["olmoe"]["errors"].items(), key=lambda kv: kv[1])
         assert worst[1] < TOLERANCE, f"rank {rank} olmoe {worst[0]}: relative error {worst[1]:.2e}"
         assert len(report["olmoe"]["errors"]) >= 6
+
+
+def test_exchanges_inside_a_node_over_its_own_group_match_the_unmodified_model(tmp_path):
+    """Hierarchical hop 2 and the gather's in-node stages over a process group of each node's ranks."""
+    multi = [p.values for p in layouts() if p.values[1] > 1 and p.values[0] > p.values[1]]
+    if not multi:
+        pytest.skip("no layout with more than one node of more than one GPU picked (GRACE_TEST_LAYOUTS)")
+    world, nodes = max(multi)
+    per_node = world // nodes
+    modes = ["hierarchical-node-groups", "gather-node-groups"]
+    checks = {"olmoe": {"policies": ["contiguous", "grace"], "routers": ["tar", "modulo"], "modes": modes}}
+    for rank, report in enumerate(run(world, nodes, checks, tmp_path)):
+        result = report["olmoe"]
+        worst = max(result["errors"].items(), key=lambda kv: kv[1])
+        assert worst[1] < TOLERANCE, f"rank {rank} olmoe {worst[0]}: relative error {worst[1]:.2e}"
+        assert len(result["errors"]) == 8
+        node_ranks = list(range(rank // per_node * per_node, (rank // per_node + 1) * per_node))
+        assert result["node_groups"] == {mode: node_ranks for mode in modes}
 
 
 def test_sparse_way_back_threshold_rejects_what_is_not_a_count(monkeypatch):
