@@ -82,9 +82,9 @@ def run_model(plans: dict[str, str], replay: torch.Tensor, args, rank: int, worl
                     cache = DynamicCache(config=model.config)
                     with torch.no_grad():
                         model(torch.randint(0, 50304, (input_ids.shape[0], prompt), device=device),
-                              past_key_values=cache)
+                              cache=cache)
                 # serving keeps the last position's logits; decode steps restart from the prompt's cache
-                step = functools.partial(model, past_key_values=cache, logits_to_keep=1)
+                step = functools.partial(model, cache=cache, logits_to_keep=1)
                 back = functools.partial(cache.crop, -input_ids.shape[1]) if cache is not None else None
                 entries.append(({"policy": policy, "mode": mode, "batch": name, "layers": LAYERS},
                                 step, input_ids, (holder, bias_for(ids, 64)), back))
