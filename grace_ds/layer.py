@@ -28,6 +28,15 @@ RoutingObserver = Callable[[int, torch.Tensor], None]  # (plan layer, top_k_inde
 DEFAULT_HIERARCHICAL_MIN_TOKENS = 512
 # Under `auto`, calls whose largest rank holds at most this many tokens take the gather exchange (decode).
 DEFAULT_GATHER_MAX_TOKENS = 128
+# With `gather` chosen outright every call takes it: its CUDA graphs then cover calls up to this many
+# tokens per rank (decode-512 on 2 GPUs is 256 a rank), larger ones run eagerly.
+GATHER_GRAPH_MAX_TOKENS = 512
+
+
+def gather_graph_tokens(comm_mode: str, gather_max_tokens: int) -> int:
+    """Tokens per rank up to which gather calls replay CUDA graphs: what `auto` sends to gather, or with
+    `gather` chosen outright (every call) GATHER_GRAPH_MAX_TOKENS."""
+    return max(gather_max_tokens, DEFAULT_GATHER_MAX_TOKENS, GATHER_GRAPH_MAX_TOKENS if comm_mode == "gather" else 0)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -75,7 +84,7 @@ class GraceRuntime:
         self.seconds = [0.0] * plan.num_layers
         self.measure = False  # timing synchronises the device: off unless asked for
         # Gather calls on a GPU replay CUDA graphs (decode is launch-bound); None: always eager.
-        self.gather_graphs = (GatherGraphs(self, True, max(self.gather_max_tokens, DEFAULT_GATHER_MAX_TOKENS))
+        self.gather_graphs = (GatherGraphs(self, True, gather_graph_tokens(self.comm_mode, self.gather_max_tokens))
                               if cuda_graphs and self.device.type == "cuda" else None)
 
     def switch_plan(self, plan: PlacementPlan, arrived: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]) -> None:

@@ -284,9 +284,10 @@ FIXED_COST_NAMES = {"deepspeed-native": "deepspeed", "megatron-alltoall": "megat
                     f"grace-layer/contiguous/gather{NODE_GROUPS}": "gather_node_groups"}
 
 
-def base_mode(mode: str) -> str:
-    """The runtime's communication mode of a benchmark mode (gather-ring, *-node-groups)."""
-    return mode.removesuffix(NODE_GROUPS).removesuffix("-ring")
+def base_mode(mode: str | None) -> str | None:
+    """The runtime's communication mode of a benchmark mode (gather-ring, *-node-groups); None for the
+    baselines."""
+    return mode and mode.removesuffix(NODE_GROUPS).removesuffix("-ring")
 
 
 def fixed_costs(fixed_us: dict[str, float], tails_us: dict[str, float] | None = None) -> dict[str, float]:
@@ -345,12 +346,17 @@ def time_together(together: list[tuple], args, world: int, device: torch.device)
     times: list[list[float]] = [[] for _ in together]
     forwards = [0] * len(together)
     busy_ms = [0.0] * len(together)
-    replays = [e[3].gather_graphs.replays if e[3] is not None and e[3].gather_graphs else 0 for e in together]
+    replayed = [0] * len(together)  # graph replays in each entry's own forwards (a runtime serves several)
+
+    def replays(runtime) -> int:
+        return runtime.gather_graphs.replays if runtime is not None and runtime.gather_graphs else 0
 
     def run(i: int, iters: int, warmup: int) -> None:
-        _, state, layer, _, x, busy = together[i]
+        _, state, layer, runtime, x, busy = together[i]
         layer.bias = state["bias"]
+        before = replays(runtime)
         times[i] += slowest_rank(timed(layer, x, iters, warmup, device), device)
+        replayed[i] += replays(runtime) - before
         busy_ms[i] += sum(busy.milliseconds())
         forwards[i] += iters + warmup
 
@@ -358,14 +364,15 @@ def time_together(together: list[tuple], args, world: int, device: torch.device)
     results = []
     for i, (record, state, layer, runtime, x, _) in enumerate(together):
         layer.bias = state["bias"]
-        finish(results, record, state, times[i], busy_ms[i] / forwards[i], replays[i], layer, runtime, x, world, device)
+        finish(results, record, state, times[i], busy_ms[i] / forwards[i], replayed[i] > 0, layer, runtime, x, world,
+               device)
     return results
 
 
-def finish(results: list[dict], record: dict, state: dict, times: list[float], busy_per_iter: float, replays: int,
+def finish(results: list[dict], record: dict, state: dict, times: list[float], busy_per_iter: float, graphed: bool,
            layer, runtime, x: torch.Tensor, world: int, device: torch.device) -> None:
-    """Fills a record from its timed forwards and keeps it (every rank takes part: collectives)."""
-    graphed = runtime is not None and runtime.gather_graphs is not None and runtime.gather_graphs.replays > replays
+    """Fills a record from its timed forwards and keeps it (every rank takes part: collectives); `graphed`:
+    its forwards replayed CUDA graphs."""
     graph_error = None
     if graphed:  # replayed graphs record no events: the eager pass's expert time stands for them
         busy_per_iter = state["busy_ms"]

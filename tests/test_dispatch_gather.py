@@ -26,6 +26,15 @@ def test_token_buckets_are_powers_of_two_up_to_the_limit():
     assert token_bucket(90, 96) == 96  # the limit caps the bucket
 
 
+def test_gather_chosen_outright_graphs_larger_calls_than_auto_sends_it():
+    from grace_ds.layer import gather_graph_tokens
+
+    assert gather_graph_tokens("auto", 0) == gather_graph_tokens("hierarchical", 64) == 128
+    assert gather_graph_tokens("auto", 256) == 256
+    assert gather_graph_tokens("gather", 0) == 512  # decode-512 on 2 GPUs: 256 a rank, graphed
+    assert token_bucket(256, gather_graph_tokens("gather", 0)) == 256
+
+
 class _ScaleBySlot:
     """An expert per global slot s that multiplies its row by s + 1: a plain callable, given this rank's
     pairs only."""
