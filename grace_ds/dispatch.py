@@ -9,8 +9,9 @@ hierarchical  hop 1 sends a row once per remote node, to the peer GPU with the s
               directly to GPUs of its own node); hop 2 fans it out inside that node (over the node's own
               process group when given one, grace_ds.node_groups). The combine runs backwards and sums a
               token's partial outputs on the node before they cross back.
-Each hop costs one all-to-all of split sizes (the only host synchronisation), then one of rows and
-one of pair records; the combine one more of rows. A rank's rows for itself skip the all-to-all and its
+Each hop costs one all-to-all of split sizes, then one of rows and one of pair records; the combine one
+more of rows. The host waits for the split sizes alone, once per exchange: hierarchical sends hop 2's
+with hop 1's, so the host queues both hops, the experts and the combine while hop 1's rows cross. A rank's rows for itself skip the all-to-all and its
 experts compute them while the other rows cross (hierarchical: hop 1's arrivals for this GPU while
 hop 2 fans out). Works on gloo (CPU) and NCCL (GPU).
 """
@@ -57,6 +58,16 @@ def all_to_all_rows(rows: torch.Tensor, send_splits: list[int], recv_splits: lis
 
 
 @dataclass
+class KnownCounts:
+    """A hop's split sizes, known before it starts: recv_counts [world, 3] (rows, pairs, pairs ending
+    there, from each rank) on the device; on the host (send rows, send pairs, recv rows, recv pairs,
+    recv pairs ending here), each a list over ranks."""
+
+    recv_counts: torch.Tensor
+    host: tuple[list[int], list[int], list[int], list[int], list[int]]
+
+
+@dataclass
 class Hop:
     """One exchange. After `Hop.send`, `rows` [M, H] and `pairs` [Q, 4] are what this rank received from
     the other ranks; pairs[:, _ROW] indexes `rows`, and pairs come sorted by it (so do own_pairs and both
@@ -77,6 +88,10 @@ class Hop:
     own_results: torch.Tensor | None = None  # [R_own, H] from `overlap`, when given
     num_final_pairs: int = 0  # received pairs whose final GPU is this rank
     where: str = ""  # names the layer in fault messages
+    # Extra count columns the senders sent with the split sizes (`extra` of Hop.send): [world, X] on the
+    # device, and on the host as X lists over senders.
+    extra_received: torch.Tensor | None = None
+    extra_received_host: list[list[int]] | None = None
 
     def split_final(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(pairs computed here, pairs to forward), without a host synchronisation."""
@@ -87,12 +102,15 @@ class Hop:
     @classmethod
     def send(cls, rows: torch.Tensor, pair_row: torch.Tensor, pair_next: torch.Tensor, pair_target: torch.Tensor,
              pair_slot: torch.Tensor, pair_weight: torch.Tensor, world: int, rank: int, group, where: str = "",
-             overlap: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> "Hop":
+             overlap: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             extra: torch.Tensor | None = None, known: "KnownCounts | None" = None) -> "Hop":
         """rows [R, H]; per pair: the row it belongs to, the rank it goes to next, its final GPU, the
         local slot there and its routing weight. Every size is computed on the device and crosses to
         the host once, with the split-size exchange: on a GPU nothing else waits for the stream.
         `overlap(own_rows, own_pairs)`, when given, runs while the other ranks' rows are in flight
-        (without autograd; with it, after they arrived) and its result becomes `own_results`."""
+        (without autograd; with it, after they arrived) and its result becomes `own_results`.
+        `extra` [world, X]: more counts for each rank, sent with the split sizes (`extra_received`).
+        `known`: the split sizes already on both sides (sent ahead with an earlier hop's): no exchange."""
         device = rows.device
         stride = max(rows.shape[0], 1)
         # One sent row per distinct (next rank, row); sorting the keys groups them by next rank.
@@ -112,12 +130,23 @@ class Hop:
         pair_order = torch.argsort(pair_next, stable=True)
         records = torch.stack([pair_to_sent - chunk_start[pair_next], pair_target, pair_slot,
                                pair_weight.float().view(torch.int32).long()], 1)[pair_order]
-        counts = torch.stack([row_counts, pair_counts, final_counts], 1)
-        recv_counts = torch.empty_like(counts)
         phase = f"dispatch{where}"
-        guarded(phase, group, dist.all_to_all_single, recv_counts, counts, group=group)
-        both = torch.cat([counts, recv_counts], 1).T.tolist()  # the one host synchronisation of this hop
-        send_rows, send_pairs, _, recv_rows, recv_pairs, recv_finals = both
+        extra_received = extra_host = None
+        if known is None:
+            counts = torch.stack([row_counts, pair_counts, final_counts], 1)
+            if extra is not None:
+                counts = torch.cat([counts, extra], 1)
+            recv_counts = torch.empty_like(counts)
+            guarded(phase, group, dist.all_to_all_single, recv_counts, counts, group=group)
+            both = torch.cat([counts, recv_counts], 1).T.tolist()  # the one host synchronisation of this hop
+            columns = counts.shape[1]
+            send_rows, send_pairs = both[0], both[1]
+            recv_rows, recv_pairs, recv_finals = both[columns:columns + 3]
+            extra_received, extra_host = recv_counts[:, 3:], both[columns + 3:]
+            recv_counts = recv_counts[:, :3].clone()
+        else:
+            recv_counts = known.recv_counts
+            send_rows, send_pairs, recv_rows, recv_pairs, recv_finals = (list(x) for x in known.host)
         num_sent = sum(send_rows)
         # Source row of each sent row, scattered into place; pairs that repeat a row write a spare entry.
         sent_source = rows.new_empty(num_sent + 1, dtype=torch.long)
@@ -156,7 +185,7 @@ class Hop:
                                          output_size=received_pairs.shape[0])
         received_pairs[:, _ROW] += row_offset[source]
         return cls(received_rows, received_pairs, sent_source, send_rows, recv_rows, group, own_source, own_rows,
-                   own_pairs, own_results, sum(recv_finals) - recv_finals[rank], where)
+                   own_pairs, own_results, sum(recv_finals) - recv_finals[rank], where, extra_received, extra_host)
 
     @property
     def weights(self) -> torch.Tensor:
@@ -220,11 +249,11 @@ def _compute_pairs(rows: torch.Tensor, pairs: torch.Tensor, weights: torch.Tenso
 
 
 @functools.lru_cache(maxsize=16)
-def _device_tables(topology: Topology, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """node of each GPU, first GPU of each node, GPUs per node, on `device`; copied once, since a copy
-    from host memory to a GPU waits for its stream."""
+def _device_tables(topology: Topology, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """node of each GPU, first GPU of each node, GPUs per node, local index of each GPU, on `device`;
+    copied once, since a copy from host memory to a GPU waits for its stream."""
     return (topology.node_of_gpu.to(device), topology.first_gpu_of_node.to(device),
-            torch.tensor(topology.gpus_per_node, device=device))
+            torch.tensor(topology.gpus_per_node, device=device), topology.local_index_of_gpu.to(device))
 
 
 def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -243,7 +272,7 @@ def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weig
     target = flat_slots // slots_per_gpu
     local_slot = flat_slots % slots_per_gpu
     weight = topk_weights.reshape(-1)
-    node_of_gpu, first_gpu, per_node = _device_tables(topology, device)
+    node_of_gpu, first_gpu, per_node, _ = _device_tables(topology, device)
     row_bytes = hidden.shape[1] * hidden.element_size()
 
     def own_work(rows: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
@@ -264,8 +293,10 @@ def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weig
     target_node = node_of_gpu[target]
     peer = first_gpu[target_node] + my_local % per_node[target_node]
     next_rank = torch.where(target_node == node_of_gpu[rank], target, peer)
-    hop1 = Hop.send(hidden, pair_row, next_rank, target, local_slot, weight, world, rank, group, where, own_work)
+    hop1 = Hop.send(hidden, pair_row, next_rank, target, local_slot, weight, world, rank, group, where, own_work,
+                    extra=_onward_counts(pair_row, next_rank, target, num_tokens, world))
     final, onward = hop1.split_final(rank)
+    known = _fan_out_counts(hop1, rank, topology, node_group)
     # Hop 2: fan the rows that came across out to their GPUs inside this node; the pairs that ended
     # here are computed while they travel.
     finals = {}
@@ -277,11 +308,11 @@ def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weig
     fan_out = f"{where}, fan-out in the node"
     if node_group is None:
         hop2 = Hop.send(hop1.rows, onward[:, _ROW], onward[:, _TARGET], onward[:, _TARGET], onward[:, _SLOT],
-                        _weights_of(onward), world, rank, group, fan_out, final_work)
+                        _weights_of(onward), world, rank, group, fan_out, final_work, known=known)
     else:  # the same hop numbered within the node's group
         inside = node_group.to_local(onward[:, _TARGET])
         hop2 = Hop.send(hop1.rows, onward[:, _ROW], inside, inside, onward[:, _SLOT], _weights_of(onward),
-                        node_group.size, node_group.local, node_group.group, fan_out, final_work)
+                        node_group.size, node_group.local, node_group.group, fan_out, final_work, known=known)
     results2 = _compute_pairs(hop2.rows, hop2.pairs, hop2.weights, compute)
     if traffic is not None:
         traffic.add_hop(hop1, rank, topology.node_of_gpu.tolist(), row_bytes)
@@ -293,6 +324,51 @@ def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weig
     # Pre-reduce on this node: fan-out results join this rank's own before crossing back.
     results = finals["results"] + hop2.return_rows(results2, hop1.rows.shape[0])
     return hop1.return_rows(results, num_tokens)
+
+
+def _onward_counts(pair_row: torch.Tensor, next_rank: torch.Tensor, target: torch.Tensor, num_rows: int,
+                   world: int) -> torch.Tensor:
+    """[world, 2 * world + 2] counts this rank sends each rank r with hop 1's split sizes: the rows and
+    pairs r will forward in hop 2 to each GPU g on this rank's behalf (a row once per g), then the rows
+    and pairs this rank routes to r through another GPU. With them every rank knows hop 2's split sizes
+    when hop 1's arrive: the hierarchical exchange waits for the device once, before any row moves."""
+    stride = max(num_rows, 1)
+    onward = (target != next_rank).long()
+    route = next_rank * world + target
+    sorted_key, order = torch.sort(route * stride + pair_row)
+    is_first = torch.ones_like(sorted_key, dtype=torch.bool)
+    is_first[1:] = sorted_key[1:] != sorted_key[:-1]
+    zeros = torch.zeros(world * world, dtype=torch.long, device=pair_row.device)
+    rows = zeros.scatter_add(0, sorted_key // stride, is_first.long() * onward[order]).view(world, world)
+    pairs = zeros.scatter_add(0, route, onward).view(world, world)
+    return torch.cat([rows, pairs, rows.sum(0).unsqueeze(1), pairs.sum(0).unsqueeze(1)], 1)
+
+
+def _fan_out_counts(hop1: Hop, rank: int, topology: Topology, node_group: NodeGroup | None) -> KnownCounts:
+    """Hop 2's split sizes from the counts every sender sent with hop 1's (_onward_counts): this rank
+    forwards what the senders whose peer it is asked for; it receives from each node-mate m what the
+    senders whose peer is m route to it."""
+    world = topology.num_gpus
+    host = hop1.extra_received_host  # 2 * world + 2 lists over senders
+    node = int(topology.node_of_gpu[rank])
+    first, size = int(topology.first_gpu_of_node[node]), topology.gpus_per_node[node]
+    peer_of_sender = [first + local % size for local in topology.local_index_of_gpu.tolist()]
+    send_rows = [sum(host[g]) for g in range(world)]
+    send_pairs = [sum(host[world + g]) for g in range(world)]
+    recv_rows, recv_pairs = [0] * world, [0] * world
+    for sender, peer in enumerate(peer_of_sender):
+        recv_rows[peer] += host[2 * world][sender]
+        recv_pairs[peer] += host[2 * world + 1][sender]
+    _, first_gpu, per_node, local_of_gpu = _device_tables(topology, hop1.rows.device)
+    peer_tensor = first_gpu[node] + local_of_gpu % per_node[node]
+    received = hop1.extra_received[:, 2 * world:]  # [senders, 2]: rows, pairs
+    recv = torch.zeros_like(received).index_add_(0, peer_tensor, received)
+    recv_counts = torch.cat([recv, recv[:, 1:]], 1)  # every hop-2 pair ends where it arrives
+    lists = (send_rows, send_pairs, recv_rows, recv_pairs, recv_pairs)
+    if node_group is not None:  # numbered within the node's group
+        recv_counts = recv_counts[first:first + size]
+        lists = tuple(x[first:first + size] for x in lists)
+    return KnownCounts(recv_counts.contiguous(), lists)
 
 
 def choose_mode(mode: str, topology: Topology, modeled_us: dict[str, float] | None = None) -> str:

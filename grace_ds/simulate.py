@@ -37,9 +37,8 @@ Modeled MoE-layer time (per layer, microseconds), alpha-beta links + expert GEMM
                      fixed cost: *_host_tail_us) is launches, which the device's work after that wait
                      hides or is hidden by:
                      time = (fixed - tail) + waited + max(tail, rest), waited + rest = the work above;
-                     waited = 0 flat (its one wait, for split sizes, comes before rows move),
-                     hierarchical the first stage (hop 2's split sizes wait for hop 1's rows);
-                     tail = 0 (uncalibrated) gives the sum
+                     waited = 0: the one wait, for split sizes, comes before rows move (hierarchical
+                     too: hop 2's split sizes travel with hop 1's); tail = 0 (uncalibrated) gives the sum
   gather exchange  = every GPU's tokens, padded to the largest GPU's count P, reach every GPU once
                      (all-gather, hidden state + 8k bytes of slots and weights), partial outputs
                      return summed (reduce-scatter):
@@ -77,6 +76,8 @@ class CostSettings:
     hidden: int = 2048
     ffn_hidden: int = 1024
     dtype_bytes: int = 2
+    # The runtime before 2026-11-29: hop 2's split sizes waited for hop 1's rows (modeling its runs again).
+    hierarchical_waits_for_first_stage: bool = False
 
 
 def _start_ups(links: LinkModel, fixed_cost_us: float) -> tuple[float, float]:
@@ -156,6 +157,7 @@ def layer_traffic(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Top
     first_stage_h = torch.maximum(_alpha_beta(inter_n_h, inter_bw, alpha_inter)[node_of_gpu],
                                   _alpha_beta(intra_local, intra_bw, alpha_intra)).max()
     dispatch_h = first_stage_h + _alpha_beta(intra_fan, _fanout_bw(links), alpha_intra).max()
+    waited_h = float(first_stage_h) if cost.hierarchical_waits_for_first_stage else 0.0
 
     pairs = torch.bincount(dest_gpu.reshape(-1), minlength=num_gpus).double()
     compute = (pairs.max() * 6.0 * cost.hidden * cost.ffn_hidden / (links.expert_tflops * 1e6))
@@ -172,8 +174,8 @@ def layer_traffic(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Top
         "intra_node_bytes": 2 * float(local_matrix.sum() + fanout.sum()) * bytes_per_copy,
         "intra_node_bytes_flat": 2 * float(intra_flat.sum()) * bytes_per_copy,
         "modeled_layer_time_us": with_host_overlap(links.layer_overhead_us + links.hop_overhead_us,
-                                                   links.hierarchical_host_tail_us, float(first_stage_h),
-                                                   float(2 * dispatch_h + compute - first_stage_h)),
+                                                   links.hierarchical_host_tail_us, waited_h,
+                                                   float(2 * dispatch_h + compute) - waited_h),
         "modeled_layer_time_us_flat": with_host_overlap(links.layer_overhead_us, links.layer_host_tail_us, 0.0,
                                                         float(2 * dispatch_flat + compute)),
         "modeled_layer_time_us_gather": float(gather + compute) + (links.gather_overhead_us or links.layer_overhead_us),

@@ -276,6 +276,9 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
 
 
 TAIL_FORWARDS = 9
+# Recorded with each run: the hierarchical exchange's split sizes, all sent before any row (runs without
+# it: hop 2's waited for hop 1's rows, which the cost model then counts as waited for).
+HIERARCHICAL_SPLIT_SIZES = "hop 2's with hop 1's"
 NODE_GROUPS = "-node-groups"  # a mode's suffix: its in-node stages over a process group of each node
 FIXED_COST_NAMES = {"deepspeed-native": "deepspeed", "megatron-alltoall": "megatron", "deepspeed-autoep": "autoep",
                     "grace-layer/contiguous/flat": "layer", "grace-layer/contiguous/hierarchical": "hierarchical",
@@ -556,7 +559,9 @@ def add_model_and_floor(report: dict, cases: list[dict], topology: Topology, arg
             key = (r["case"], r["policy"], r["tokens"], node_groups)  # every mode's time out of one simulation
             if key not in simulated:
                 plan = dataclasses.replace(plans[(r["case"], r["policy"])], topology=calibrated)
-                simulated[key] = simulate_trace(plan, ids[:, None, :], "tar", CostSettings(shape.hidden, shape.inter, 2))[0]
+                waits = report["setting"].get("hierarchical_split_sizes") != HIERARCHICAL_SPLIT_SIZES
+                cost = CostSettings(shape.hidden, shape.inter, 2, hierarchical_waits_for_first_stage=waits)
+                simulated[key] = simulate_trace(plan, ids[:, None, :], "tar", cost)[0]
             metrics = simulated[key]
             r["modeled_ms"] = {"hierarchical": metrics.modeled_layer_time_us, "flat": metrics.modeled_layer_time_us_flat,
                                "gather": metrics.modeled_layer_time_us_gather}[base_mode(r["mode"])] / 1e3
@@ -661,7 +666,8 @@ def main() -> None:
                              "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
                              "torch": torch.__version__, "iters": args.iters, "warmup": args.warmup,
                              "replica_slots": args.replica_slots, "tiny": args.tiny, "batches": BATCHES,
-                             "fixed_cost_batch": "every expert one pair from every GPU"}
+                             "fixed_cost_batch": "every expert one pair from every GPU",
+                             "hierarchical_split_sizes": HIERARCHICAL_SPLIT_SIZES}
         # The measurements first, as they are, before anything else can go wrong.
         (args.out / "bench_gpu_measured.json").write_text(json.dumps(report, indent=1))
         add_model_and_floor(report, cases, topology, args)

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_gpu import BATCHES, POLICIES, REPLAYS, SHAPES, calibrated_links, map_ids  # noqa: E402
+from bench_gpu import (BATCHES, HIERARCHICAL_SPLIT_SIZES, POLICIES, REPLAYS, SHAPES, calibrated_links,  # noqa: E402
+                       map_ids)
 from grace_ds.planners import make_plan  # noqa: E402
 from grace_ds.profile import RoutingProfile  # noqa: E402
 from grace_ds.simulate import CostSettings, simulate_trace  # noqa: E402
@@ -51,11 +52,13 @@ def predict(calibration: dict, topology: Topology, traces: Path, shapes: list[st
             figures = {**calibration["links"], **calibration.get("fixed_costs", {}).get(case, {})}
             figures["inter_node_GBps"] *= link_share
             calibrated = Topology(topology.gpus_per_node, calibrated_links(figures))
+            # The fixed costs and host tails hold the calibration runtime's waits.
+            cost = CostSettings(shape.hidden, shape.inter, 2, hierarchical_waits_for_first_stage=calibration["setting"].get(
+                "hierarchical_split_sizes") != HIERARCHICAL_SPLIT_SIZES)
             for policy in POLICIES:
                 plan = dataclasses.replace(make_plan(policy, profile, topology, replica_slots), topology=calibrated)
                 for batch, tokens in BATCHES.items():
-                    metrics = simulate_trace(plan, ids[half:half + tokens, None, :], "tar",
-                                             CostSettings(shape.hidden, shape.inter, 2))[0]
+                    metrics = simulate_trace(plan, ids[half:half + tokens, None, :], "tar", cost)[0]
                     modes = [("flat", metrics.modeled_layer_time_us_flat), ("hierarchical", metrics.modeled_layer_time_us)]
                     if batch.startswith("decode"):  # the gather exchange is timed at decode only
                         modes.append(("gather", metrics.modeled_layer_time_us_gather))

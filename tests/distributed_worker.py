@@ -2,6 +2,7 @@
 
 Each rank holds the same reference model and the same global batch, serves its own contiguous share
 through GRACE layers (all-to-all with the other ranks), and compares with the reference's rows."""
+import contextlib
 import copy
 import json
 import os
@@ -44,7 +45,7 @@ def check_family(family: str, rank: int, world: int, topology: Topology, policie
     recorder.detach()
     profile = recorder.to_profile(reduce=False)  # every rank saw the whole batch already
     mine = slice(rank * SEQUENCES_PER_RANK, (rank + 1) * SEQUENCES_PER_RANK)
-    results, node_groups = {}, {}
+    results, node_groups, split_sizes = {}, {}, {}
     for policy in policies:
         plan = make_plan(policy, profile, topology, replica_slots=1)
         for router in routers:
@@ -52,8 +53,10 @@ def check_family(family: str, rank: int, world: int, topology: Topology, policie
                 model = copy.deepcopy(reference)
                 runtime = make_runtime(plan, rank, router, mode)
                 convert_model(model, runtime)
-                with torch.no_grad():
+                exchanges = []
+                with torch.no_grad(), counted_split_size_exchanges(exchanges):
                     out = model(ids[mine]).logits
+                split_sizes[mode] = len(exchanges) / len(blocks)
                 results[f"{policy}/{router}/{mode}"] = relative_error(out, ref_logits[mine])
                 if runtime.node_group is not None:
                     node_groups[mode] = dist.get_process_group_ranks(runtime.node_group.group)
@@ -65,7 +68,25 @@ def check_family(family: str, rank: int, world: int, topology: Topology, policie
     fused_left = [n for n, p in model.named_parameters() if p.dim() == 3 and id(p) not in grace_params]
     return {"errors": results, "expert_params_held": held, "expert_params_expected": slots * per_expert,
             "full_expert_params": plan.num_layers * plan.num_experts * per_expert, "fused_left": fused_left,
-            "node_groups": node_groups}
+            "node_groups": node_groups, "split_size_exchanges_per_layer": split_sizes}
+
+
+@contextlib.contextmanager
+def counted_split_size_exchanges(found: list):
+    """Appends one entry per all-to-all of split sizes (int64 [ranks, columns], columns other than a pair
+    record's 4): the exchanges whose result the host waits for."""
+    real = dist.all_to_all_single
+
+    def counting(output, tensor, *args, **kwargs):
+        if tensor.dtype == torch.long and tensor.dim() == 2 and tensor.shape[1] != 4:
+            found.append(tuple(tensor.shape))
+        return real(output, tensor, *args, **kwargs)
+
+    dist.all_to_all_single = counting
+    try:
+        yield
+    finally:
+        dist.all_to_all_single = real
 
 
 def main(rank: int, world: int, nodes: int, port: int, out_dir: str, spec: str) -> None:

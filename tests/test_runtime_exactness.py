@@ -82,6 +82,10 @@ def test_outputs_match_the_unmodified_model(world, nodes, tmp_path):
         for family, result in report.items():
             worst = max(result["errors"].items(), key=lambda kv: kv[1])
             assert worst[1] < TOLERANCE, f"rank {rank} {family} {worst[0]}: relative error {worst[1]:.2e}"
+            # One split-size exchange (the host's one wait) per MoE call, hierarchical too: hop 2's sizes
+            # travel with hop 1's. The gather exchange has none.
+            exchanges = result["split_size_exchanges_per_layer"]
+            assert exchanges == {m: (0 if m.startswith("gather") else 1) for m in modes}, exchanges
             assert result["expert_params_held"] == result["expert_params_expected"]
             assert not result["fused_left"], result["fused_left"]
             if world > 1:
