@@ -11,9 +11,9 @@ hierarchical  hop 1 sends a row once per remote node, to the peer GPU with the s
               token's partial outputs on the node before they cross back.
 Each hop costs one all-to-all of split sizes, then one of rows and one of pair records; the combine one
 more of rows. The host waits for the split sizes alone, once per exchange: hierarchical sends hop 2's
-with hop 1's, so the host queues both hops, the experts and the combine while hop 1's rows cross. A rank's rows for itself skip the all-to-all and its
-experts compute them while the other rows cross (hierarchical: hop 1's arrivals for this GPU while
-hop 2 fans out). Works on gloo (CPU) and NCCL (GPU).
+with hop 1's, so the host queues both hops, the experts and the combine while hop 1's rows cross. A
+rank's rows for itself skip the all-to-all and its experts compute them while the other rows cross
+(hierarchical: hop 1's arrivals for this GPU while hop 2 fans out). Works on gloo (CPU) and NCCL (GPU).
 """
 from __future__ import annotations
 
