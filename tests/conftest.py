@@ -28,3 +28,20 @@ import os  # noqa: E402
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_leftover_deepspeed_buffers():
+    """DeepSpeed's CPU all-reduce leaves its shared-memory buffers in /dev/shm when its ranks end; a suite
+    run leaves dozens, which fill the machine's memory over repeated runs. Removed at the end: those made
+    during the session, whose ranks have all exited by then."""
+    import time
+
+    started = time.time()
+    yield
+    for buffer in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        try:
+            if buffer.stat().st_mtime >= started - 1:
+                buffer.unlink()
+        except OSError:  # another job's, gone or not ours to remove
+            pass
