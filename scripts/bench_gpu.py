@@ -39,6 +39,7 @@ from bench_layers import (GraceLayer, LayerShape, Stopwatch, autoep_layer, deeps
 from grace_ds.dispatch import Traffic  # noqa: E402
 from grace_ds.layer import GraceRuntime  # noqa: E402
 from grace_ds.logical_nodes import free_port, join_logical_node  # noqa: E402
+from grace_ds.node_groups import make_node_group  # noqa: E402
 from grace_ds.plan import PlacementPlan  # noqa: E402
 from grace_ds.planners import make_plan  # noqa: E402
 from grace_ds.profile import RoutingProfile  # noqa: E402
@@ -173,10 +174,8 @@ def measure_links(topology: Topology, rank: int, device: torch.device, dtype: to
         peers = sum(1 for p in range(world) if node[p] == node[rank] and p != rank)
         out["intra_node_GBps"] = big_bytes * max(peers, 1) / (ms * 1e-3) / 1e9
         out["intra_node_latency_us"] = exchange(1024, True, 20)[0] * 1e3
-        if topology.num_nodes > 1:  # every rank creates every node's group, in the same order
-            groups = [dist.new_group(list(range(first, first + size)))
-                      for first, size in zip(topology.first_gpu_of_node.tolist(), topology.gpus_per_node)]
-            mine = groups[node[rank]]
+        if topology.num_nodes > 1:  # the group the runtime's node_groups use
+            mine = make_node_group(topology, rank).group
             out["intra_node_group_GBps"] = big_bytes * max(peers, 1) / (exchange(big_bytes, True, 5, mine)[0] * 1e-3) / 1e9
             out["intra_node_group_latency_us"] = exchange(1024, True, 20, mine)[0] * 1e3
     # bf16 GEMM rate at an expert's shape: [tokens, H] x [H, 2I].

@@ -227,9 +227,11 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
         runtime.gather_graphs = None
         # Graph capture keeps the gather way back; eager takes it too, however low the sparse threshold is set.
         lowered, grace_experts.SPARSE_SUM_MIN_PAIRS = grace_experts.SPARSE_SUM_MIN_PAIRS, 2**62
-        with torch.no_grad():
-            eager = engine(ids[mine, :2]).logits.float()
-        grace_experts.SPARSE_SUM_MIN_PAIRS = lowered
+        try:
+            with torch.no_grad():
+                eager = engine(ids[mine, :2]).logits.float()
+        finally:
+            grace_experts.SPARSE_SUM_MIN_PAIRS = lowered
         runtime.gather_graphs = GatherGraphs(runtime, True, 8)
         with torch.no_grad():
             replayed = [engine(ids[mine, :2]).logits.float() for _ in range(2)]
