@@ -29,8 +29,8 @@ from grace_ds.node_groups import NodeGroup
 from grace_ds.topology import Topology
 
 COMM_MODES = ("flat", "hierarchical", "gather", "auto")  # gather: grace_ds.dispatch_gather
-# Pair record columns (int64): row index within the sender's chunk for this rank, final GPU, local slot,
-# routing weight (float32 bits).
+# Pair record columns (int32: half the bytes of int64 on every hop): row index within the sender's chunk
+# for this rank, final GPU, local slot, routing weight (float32 bits).
 _ROW, _TARGET, _SLOT, _WEIGHT = range(4)
 
 
@@ -92,6 +92,7 @@ class Hop:
     # device, and on the host as X lists over senders.
     extra_received: torch.Tensor | None = None
     extra_received_host: list[list[int]] | None = None
+    send_pair_splits: list[int] | None = None  # pair records sent to each rank (for Traffic)
 
     def split_final(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(pairs computed here, pairs to forward), without a host synchronisation."""
@@ -113,23 +114,23 @@ class Hop:
         `known`: the split sizes already on both sides (sent ahead with an earlier hop's): no exchange."""
         device = rows.device
         stride = max(rows.shape[0], 1)
-        # One sent row per distinct (next rank, row); sorting the keys groups them by next rank.
+        pair_row, pair_next = pair_row.long(), pair_next.long()  # keys past int32, and scatter's index type
+        # One sent row per distinct (next rank, row); sorting the keys groups them by next rank, and the
+        # stable sort keeps each row's pairs in their order: the records go out in this order.
         key = pair_next * stride + pair_row
-        key_order = torch.argsort(key)
+        key_order = torch.argsort(key, stable=True)
         sorted_key = key[key_order]
+        sorted_next = sorted_key // stride
         is_first = torch.ones_like(sorted_key, dtype=torch.bool)
         is_first[1:] = sorted_key[1:] != sorted_key[:-1]
         sent_of_sorted = torch.cumsum(is_first, 0) - 1
-        pair_to_sent = torch.empty_like(sent_of_sorted)
-        pair_to_sent[key_order] = sent_of_sorted
         zeros = torch.zeros(world, dtype=torch.long, device=device)
-        row_counts = zeros.scatter_add(0, sorted_key // stride, is_first.long())
+        row_counts = zeros.scatter_add(0, sorted_next, is_first.long())
         pair_counts = zeros.scatter_add(0, pair_next, torch.ones_like(pair_next))
         final_counts = zeros.scatter_add(0, pair_next, (pair_target == pair_next).long())
         chunk_start = torch.cumsum(row_counts, 0) - row_counts
-        pair_order = torch.argsort(pair_next, stable=True)
-        records = torch.stack([pair_to_sent - chunk_start[pair_next], pair_target, pair_slot,
-                               pair_weight.float().view(torch.int32).long()], 1)[pair_order]
+        columns = torch.stack([pair_target.int(), pair_slot.int(), pair_weight.float().view(torch.int32)], 1)
+        records = torch.cat([(sent_of_sorted - chunk_start[sorted_next]).int().unsqueeze(1), columns[key_order]], 1)
         phase = f"dispatch{where}"
         extra_received = extra_host = None
         if known is None:
@@ -185,7 +186,8 @@ class Hop:
                                          output_size=received_pairs.shape[0])
         received_pairs[:, _ROW] += row_offset[source]
         return cls(received_rows, received_pairs, sent_source, send_rows, recv_rows, group, own_source, own_rows,
-                   own_pairs, own_results, sum(recv_finals) - recv_finals[rank], where, extra_received, extra_host)
+                   own_pairs, own_results, sum(recv_finals) - recv_finals[rank], where, extra_received, extra_host,
+                   send_pairs)
 
     @property
     def weights(self) -> torch.Tensor:
@@ -203,7 +205,7 @@ class Hop:
 
 
 def _weights_of(pairs: torch.Tensor) -> torch.Tensor:
-    return pairs[:, _WEIGHT].int().view(torch.float32)
+    return pairs[:, _WEIGHT].view(torch.float32)
 
 
 # (rows [M, H], local slot [M]) -> [M, H]; SlotExperts adds weighted_sum, which the exchanges prefer.
@@ -219,8 +221,11 @@ class Traffic:
     pairs_computed: int = 0
 
     def add_hop(self, hop: "Hop", rank: int, node_of_gpu: list[int], row_bytes: int) -> None:
-        # Rows out, and results back for the rows received.
-        self.add_sent([(sent + returned) * row_bytes for sent, returned in zip(hop.send_row_splits, hop.recv_row_splits)],
+        # Rows and their pair records out, and results back for the rows received.
+        record_bytes = 4 * torch.int32.itemsize
+        pairs = hop.send_pair_splits or [0] * len(hop.send_row_splits)
+        self.add_sent([(sent + returned) * row_bytes + records * record_bytes
+                       for sent, returned, records in zip(hop.send_row_splits, hop.recv_row_splits, pairs)],
                       rank, node_of_gpu)
 
     def add_sent(self, bytes_to: list[int], rank: int, node_of_gpu: list[int]) -> None:
@@ -239,11 +244,11 @@ def _compute_pairs(rows: torch.Tensor, pairs: torch.Tensor, weights: torch.Tenso
     (SlotExperts) gather and sum by index maps; any other callable gets the pairs' rows and slots."""
     if pairs.shape[0] == 0:
         return rows.new_zeros(rows.shape) + 0.0 * rows.sum()  # keeps the graph connected for backward on idle ranks
-    row = pairs[:, _ROW]
+    row, slot = pairs[:, _ROW].long(), pairs[:, _SLOT].long()
     fused = getattr(compute, "weighted_sum", None)
     if fused is not None:
-        return fused(rows, row, pairs[:, _SLOT], weights, pairs_by_row=True)  # Hop delivers pairs by row
-    expert_out = compute(rows[row], pairs[:, _SLOT])
+        return fused(rows, row, slot, weights, pairs_by_row=True)  # Hop delivers pairs by row
+    expert_out = compute(rows[row], slot)
     out = rows.new_zeros(rows.shape)
     return out.index_add(0, row, (expert_out * weights.unsqueeze(-1).to(expert_out.dtype)).to(out.dtype))
 
