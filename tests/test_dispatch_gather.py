@@ -71,7 +71,7 @@ def _gather_worker(rank: int, world: int, nodes: int, port: int, out_dir: str) -
     try:
         slots_per_gpu, top_k, per_node = 3, 2, world // nodes
         node_of_gpu = [g // per_node for g in range(world)]
-        counts = [2 + g % 3 for g in range(world)]  # uneven: padded to the largest
+        counts = [0 if g == 1 else 2 + g % 3 for g in range(world)]  # uneven (rank 1 idle): padded to the largest
         torch.manual_seed(rank)
         hidden = torch.randn(counts[rank], 5)
         slots = torch.randint(0, world * slots_per_gpu, (counts[rank], top_k))
@@ -85,7 +85,8 @@ def _gather_worker(rank: int, world: int, nodes: int, port: int, out_dir: str) -
                                          experts(rank, slots_per_gpu), None, traffic, node_of_gpu, "",
                                          NodeLayout.of(rank, node_of_gpu) if hierarchical else None)
                 report[f"{hierarchical} {experts.__name__}"] = {
-                    "error": float((got - expected).abs().max()), "cross": traffic.cross_node_bytes,
+                    "error": float((got - expected).abs().max()) if got.numel() else 0.0,
+                    "shape": list(got.shape), "cross": traffic.cross_node_bytes,
                     "intra": traffic.intra_node_bytes}
         Path(out_dir, f"{rank}.json").write_text(json.dumps(report))
         dist.barrier()
@@ -106,6 +107,7 @@ def test_gather_by_node_equals_the_ring_and_crosses_nodes_once_per_token(nodes, 
     for rank in range(world):
         report = json.loads((tmp_path / f"{rank}.json").read_text())
         assert len(report) == 4 and all(r["error"] < 1e-5 for r in report.values()), report
+        assert all(r["shape"] == [0 if rank == 1 else 2 + rank % 3, 5] for r in report.values()), report
         # By node, this rank's rows cross to one peer per remote node; the ring's logical count sends
         # them to every GPU off its node.
         remote_gpus, remote_nodes = world - per_node, nodes - 1
