@@ -32,6 +32,7 @@ COMM_MODES = ("flat", "hierarchical", "gather", "auto")  # gather: grace_ds.disp
 # Pair record columns (int32: half the bytes of int64 on every hop): row index within the sender's chunk
 # for this rank, final GPU, local slot, routing weight (float32 bits).
 _ROW, _TARGET, _SLOT, _WEIGHT = range(4)
+_RECORD_BYTES = 4 * torch.int32.itemsize
 
 
 class _AllToAllRows(torch.autograd.Function):
@@ -81,6 +82,7 @@ class Hop:
     sent_row_source: torch.Tensor  # [R_sent]: sender's row index of each row sent to another rank
     send_row_splits: list[int]
     recv_row_splits: list[int]
+    send_pair_splits: list[int]  # pair records sent to each rank
     group: object
     own_row_source: torch.Tensor  # [R_own]: this rank's row index of each row it keeps for itself
     own_rows: torch.Tensor  # [R_own, H]
@@ -92,7 +94,6 @@ class Hop:
     # device, and on the host as X lists over senders.
     extra_received: torch.Tensor | None = None
     extra_received_host: list[list[int]] | None = None
-    send_pair_splits: list[int] | None = None  # pair records sent to each rank (for Traffic)
 
     def split_final(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(pairs computed here, pairs to forward), without a host synchronisation."""
@@ -185,9 +186,9 @@ class Hop:
         source = torch.repeat_interleave(torch.arange(world, device=device), recv_counts[:, 1],
                                          output_size=received_pairs.shape[0])
         received_pairs[:, _ROW] += row_offset[source]
-        return cls(received_rows, received_pairs, sent_source, send_rows, recv_rows, group, own_source, own_rows,
-                   own_pairs, own_results, sum(recv_finals) - recv_finals[rank], where, extra_received, extra_host,
-                   send_pairs)
+        return cls(received_rows, received_pairs, sent_source, send_rows, recv_rows, send_pairs, group, own_source,
+                   own_rows, own_pairs, own_results, sum(recv_finals) - recv_finals[rank], where, extra_received,
+                   extra_host)
 
     @property
     def weights(self) -> torch.Tensor:
@@ -222,10 +223,9 @@ class Traffic:
 
     def add_hop(self, hop: "Hop", rank: int, node_of_gpu: list[int], row_bytes: int) -> None:
         # Rows and their pair records out, and results back for the rows received.
-        record_bytes = 4 * torch.int32.itemsize
-        pairs = hop.send_pair_splits or [0] * len(hop.send_row_splits)
-        self.add_sent([(sent + returned) * row_bytes + records * record_bytes
-                       for sent, returned, records in zip(hop.send_row_splits, hop.recv_row_splits, pairs)],
+        self.add_sent([(sent + returned) * row_bytes + records * _RECORD_BYTES
+                       for sent, returned, records in zip(hop.send_row_splits, hop.recv_row_splits,
+                                                          hop.send_pair_splits)],
                       rank, node_of_gpu)
 
     def add_sent(self, bytes_to: list[int], rank: int, node_of_gpu: list[int]) -> None:
