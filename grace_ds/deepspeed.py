@@ -100,6 +100,9 @@ class GraceMoEConfig(DeepSpeedConfigModel):
     """Record per-layer expert load and co-activation during every forward."""
     profile_out: str | None = None
     """Where `save_profile` writes the recorded profile."""
+    expert_parallel_size: int | None = Field(None, ge=1)
+    """Training (grace_ds.deepspeed.initialize): the ranks one plan spreads experts over; the job is a
+    multiple of it (expert x data parallel, DeepSpeed's consecutive expert-parallel groups). Default: all."""
     fault_timeout_s: float = Field(faults.DEFAULT_TIMEOUT_S, gt=0)
     """A rank that dies or stalls makes the others stop after this many seconds, naming it and the phase."""
     online: OnlineConfig | None = None
@@ -185,13 +188,7 @@ def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | No
         return engine
     group = faults.fault_group(section.fault_timeout_s) if dist.is_available() and dist.is_initialized() else None
     topology = job_topology(LinkModel(inter_node_bandwidth_Gbps=section.inter_node_gbps), group)
-    if section.plan is None and dist.is_available() and dist.is_initialized():
-        # Planned once and broadcast: threaded BLAS may break the planner's ties apart on other ranks.
-        plan = load_or_make_plan(section, topology) if _rank() == 0 else None
-        plan = broadcast_plan(plan, f"plan loading (planned at start-up from {section.profile})", group)
-    else:
-        plan = load_or_make_plan(section, topology)
-        agree_on_plan(plan, str(section.plan or section.profile), group)
+    plan = _agreed_plan(section, topology, group)
     device = next(engine.module.parameters()).device
     runtime = GraceRuntime(plan, _rank(), group, section.router, section.communication, section.router_sampling, device,
                            section.hierarchical_min_tokens, section.gather_max_tokens, section.cuda_graphs,
@@ -276,18 +273,93 @@ def attach_recorder(model: torch.nn.Module, runtime: GraceRuntime | None = None)
 
 
 def initialize(model: torch.nn.Module, config: dict | str | os.PathLike | None = None, **kwargs: Any):
-    """deepspeed.initialize with the `grace_moe` section: profiling hooks on during training and eval
-    (the model keeps its own MoE layout). Returns DeepSpeed's tuple; the engine carries `grace_recorder`."""
+    """deepspeed.initialize with GRACE-MoE training. Returns DeepSpeed's tuple.
+
+    A transformers model with a `grace_moe` plan (or profile) has its MoE blocks' experts converted to
+    GRACE layers that DeepSpeed trains as its own MoE layers (grace_ds.deepspeed_moe.GraceExpertsMoE);
+    models written with GraceMoE come as they are. Either way the engine keeps the copies of every
+    replicated expert equal after each optimizer step and after load_checkpoint, and clips fp32 without
+    ZeRO by the exact global norm (grace_ds.deepspeed_training). The optimizer must be built from the
+    converted model: give it in the config, or as a callable (params -> optimizer). With
+    `grace_moe.profiling` the engine carries `grace_recorder`."""
     import deepspeed
 
+    from grace_ds.deepspeed_training import attach_training, runtimes_of
+
     rest, section = split_config(config)
+    if section is not None and section.enabled and (section.plan or section.profile) and find_moe_blocks(model):
+        _convert_for_training(model, section)
+        kwargs = _converted_model_parameters(model, kwargs)
     result = deepspeed.initialize(model=model, config=rest, **kwargs)
     engine = result[0]
+    runtimes = runtimes_of(engine.module)
+    if runtimes:
+        attach_training(engine, runtimes)
     if section is not None and section.enabled and section.profiling:
         engine.grace_recorder = attach_recorder(engine.module)
         engine.grace_config = section
         engine.grace_group = faults.fault_group(section.fault_timeout_s) if dist.is_initialized() else None
     return result
+
+
+def _convert_for_training(model: torch.nn.Module, section: GraceMoEConfig) -> GraceRuntime:
+    """Give the model's transformers MoE blocks GRACE experts that DeepSpeed trains (this rank's slots)."""
+    import deepspeed
+    from deepspeed.utils import groups
+
+    from grace_ds.deepspeed_moe import GraceExpertsMoE
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed()
+    world = dist.get_world_size()
+    ep_size = section.expert_parallel_size or world
+    if world % ep_size:
+        raise GraceInputError(f"grace_moe.expert_parallel_size {ep_size} does not divide the job's {world} ranks")
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)  # DeepSpeed's own groups, as its MoE layers make them
+    ep_group = groups._get_expert_parallel_group(name)
+    topology = job_topology(LinkModel(inter_node_bandwidth_Gbps=section.inter_node_gbps), ep_group)
+    plan = _agreed_plan(section, topology, faults.fault_group(section.fault_timeout_s))
+    device = next(model.parameters()).device
+    runtime = GraceRuntime(plan, None, ep_group, section.router, section.communication, section.router_sampling,
+                           device, section.hierarchical_min_tokens, section.gather_max_tokens, False,
+                           section.hierarchical_gather, section.node_groups)
+    convert_model(model, runtime, GraceExpertsMoE.convert)
+    return runtime
+
+
+def _agreed_plan(section: GraceMoEConfig, topology: Topology, group) -> PlacementPlan:
+    """The plan every rank serves: loaded and checked alike everywhere, or made on the first rank and
+    broadcast (threaded BLAS may break the planner's ties apart on other ranks)."""
+    if section.plan is None and dist.is_available() and dist.is_initialized():
+        plan = load_or_make_plan(section, topology) if _rank() == 0 else None
+        return broadcast_plan(plan, f"plan loading (planned at start-up from {section.profile})", group)
+    plan = load_or_make_plan(section, topology)
+    agree_on_plan(plan, str(section.plan or section.profile), group)
+    return plan
+
+
+def _converted_model_parameters(model: torch.nn.Module, kwargs: dict) -> dict:
+    """deepspeed.initialize's keyword arguments for the converted model: its parameters in DeepSpeed's
+    MoE parameter groups unless given; an optimizer built before the conversion is refused."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    if isinstance(kwargs.get("optimizer"), torch.optim.Optimizer):
+        raise GraceInputError("grace_moe converts the model's experts before DeepSpeed starts, so an optimizer built "
+                              "on the model's parameters would miss them: give the optimizer in the config or as a "
+                              "callable (params -> optimizer)")
+    if kwargs.get("model_parameters") is not None:
+        known = {id(p) for p in model.parameters()}
+        given = kwargs["model_parameters"]
+        params = [p for g in given for p in (g["params"] if isinstance(g, dict) else [g])]
+        if any(id(p) not in known for p in params):
+            raise GraceInputError("model_parameters hold parameters the converted model no longer has: leave "
+                                  "model_parameters out (grace_ds groups the converted model's) or build them after")
+        return kwargs
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return {**kwargs, "model_parameters": split_params_into_different_moe_groups_for_optimizer(
+        {"params": trainable, "name": "parameters"})}
 
 
 def save_profile(engine, path: str | os.PathLike | None = None) -> Path:

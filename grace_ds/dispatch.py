@@ -33,6 +33,7 @@ COMM_MODES = ("flat", "hierarchical", "gather", "auto")  # gather: grace_ds.disp
 # for this rank, final GPU, local slot, routing weight (float32 bits).
 _ROW, _TARGET, _SLOT, _WEIGHT = range(4)
 _RECORD_BYTES = 4 * torch.int32.itemsize
+_WEIGHT_BYTES = torch.float32.itemsize  # a pair's differentiable weight, sent beside its record in training
 
 
 class _AllToAllRows(torch.autograd.Function):
@@ -74,8 +75,9 @@ class Hop:
     the other ranks; pairs[:, _ROW] indexes `rows`, and pairs come sorted by it (so do own_pairs and both
     halves of split_final) when the sent pairs were sorted by row, as a layer's are. A rank's share for
     itself never enters the all-to-all: `own_rows` and `own_pairs` hold it, and `own_results` what
-    `overlap` computed on it while the rows were in flight. `return_rows` sends per-received-row results
-    back and gives the sender its per-row sums, own results included."""
+    `overlap` computed while the rows were in flight (on them, or, for a hop that keeps nothing for
+    itself, other work). `return_rows` sends per-received-row results back and gives the sender its
+    per-row sums, own results included unless told otherwise."""
 
     rows: torch.Tensor
     pairs: torch.Tensor
@@ -87,30 +89,40 @@ class Hop:
     own_row_source: torch.Tensor  # [R_own]: this rank's row index of each row it keeps for itself
     own_rows: torch.Tensor  # [R_own, H]
     own_pairs: torch.Tensor  # [Q_own, 4], _ROW indexing own_rows
-    own_results: torch.Tensor | None = None  # [R_own, H] from `overlap`, when given
+    own_results: torch.Tensor | None = None  # what `overlap` returned, when given
     num_final_pairs: int = 0  # received pairs whose final GPU is this rank
     where: str = ""  # names the layer in fault messages
     # Extra count columns the senders sent with the split sizes (`extra` of Hop.send): [world, X] on the
     # device, and on the host as X lists over senders.
     extra_received: torch.Tensor | None = None
     extra_received_host: list[list[int]] | None = None
+    # Under autograd the routing weights travel as a float tensor of their own ([Q] and [Q_own], aligned
+    # with pairs and own_pairs), so the gate's gradient flows back through the exchange; the copies in the
+    # records' weight column are bits, outside autograd.
+    pair_weights: torch.Tensor | None = None
+    own_pair_weights: torch.Tensor | None = None
 
-    def split_final(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pairs computed here, pairs to forward), without a host synchronisation."""
+    def split_final(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pairs computed here, their weights, pairs to forward, their weights), without a host
+        synchronisation."""
         onward = self.pairs[:, _TARGET] != rank
         order = torch.argsort(onward.to(torch.uint8), stable=True)
-        return self.pairs[order[:self.num_final_pairs]], self.pairs[order[self.num_final_pairs:]]
+        final, forward = order[:self.num_final_pairs], order[self.num_final_pairs:]
+        weights = self.weights
+        return self.pairs[final], weights[final], self.pairs[forward], weights[forward]
 
     @classmethod
     def send(cls, rows: torch.Tensor, pair_row: torch.Tensor, pair_next: torch.Tensor, pair_target: torch.Tensor,
              pair_slot: torch.Tensor, pair_weight: torch.Tensor, world: int, rank: int, group, where: str = "",
-             overlap: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             overlap: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
              extra: torch.Tensor | None = None, known: "KnownCounts | None" = None) -> "Hop":
         """rows [R, H]; per pair: the row it belongs to, the rank it goes to next, its final GPU, the
         local slot there and its routing weight. Every size is computed on the device and crosses to
         the host once, with the split-size exchange: on a GPU nothing else waits for the stream.
-        `overlap(own_rows, own_pairs)`, when given, runs while the other ranks' rows are in flight
-        (without autograd; with it, after they arrived) and its result becomes `own_results`.
+        `overlap(own_rows, own_pairs, own_weights)`, when given, runs while the other ranks' rows are in
+        flight (without autograd; with it, after they arrived) and its result becomes `own_results`.
+        Under autograd (rows or weights need a gradient) rows and weights cross by differentiable
+        all-to-alls, whose backward is the reverse exchange.
         `extra` [world, X]: more counts for each rank, sent with the split sizes (`extra_received`).
         `known`: the split sizes already on both sides (sent ahead with an earlier hop's): no exchange."""
         device = rows.device
@@ -165,12 +177,19 @@ class Hop:
         recv_counts[rank] = 0
         received_pairs = records.new_empty((sum(recv_pairs), 4))
         own_rows, own_results = rows[own_source], None
-        if torch.is_grad_enabled() and rows.requires_grad:  # training: the autograd exchange, then own work
+        received_weights = own_weights = None
+        if torch.is_grad_enabled() and (rows.requires_grad or pair_weight.requires_grad):
+            # Training: the autograd exchange, then own work.
             received_rows = all_to_all_rows(rows[sent_source], send_rows, recv_rows, group, phase)
             guarded(phase, group, dist.all_to_all_single, received_pairs, records.contiguous(), recv_pairs, send_pairs,
                     group=group)
+            sorted_weights = pair_weight.float()[key_order]
+            own_weights = sorted_weights[own_pairs_from:own_pairs_to]
+            received_weights = all_to_all_rows(
+                torch.cat([sorted_weights[:own_pairs_from], sorted_weights[own_pairs_to:]]), send_pairs, recv_pairs,
+                group, phase)
             if overlap is not None:
-                own_results = overlap(own_rows, own_pairs)
+                own_results = overlap(own_rows, own_pairs, own_weights)
         else:
             received_rows = rows.new_empty((sum(recv_rows),) + tuple(rows.shape[1:]))
             works = [guarded(phase, group, dist.all_to_all_single, received_rows, rows[sent_source].contiguous(),
@@ -178,7 +197,7 @@ class Hop:
                      guarded(phase, group, dist.all_to_all_single, received_pairs, records.contiguous(), recv_pairs,
                              send_pairs, group=group, async_op=True)]
             if overlap is not None:
-                own_results = overlap(own_rows, own_pairs)
+                own_results = overlap(own_rows, own_pairs, _weights_of(own_pairs))
             for work in works:
                 guarded(phase, group, work.wait)
         # Row index within the source's chunk -> index into received_rows.
@@ -188,19 +207,20 @@ class Hop:
         received_pairs[:, _ROW] += row_offset[source]
         return cls(received_rows, received_pairs, sent_source, send_rows, recv_rows, send_pairs, group, own_source,
                    own_rows, own_pairs, own_results, sum(recv_finals) - recv_finals[rank], where, extra_received,
-                   extra_host)
+                   extra_host, received_weights, own_weights)
 
     @property
     def weights(self) -> torch.Tensor:
-        return _weights_of(self.pairs)
+        """[Q] routing weight of each received pair (an autograd tensor when the hop ran under autograd)."""
+        return self.pair_weights if self.pair_weights is not None else _weights_of(self.pairs)
 
-    def return_rows(self, results: torch.Tensor, num_source_rows: int) -> torch.Tensor:
+    def return_rows(self, results: torch.Tensor, num_source_rows: int, add_own: bool = True) -> torch.Tensor:
         """results [M, H] per received row -> [num_source_rows, H] summed per sender row, this rank's own
-        results (own_results) added."""
+        results (own_results [R_own, H]) added when `add_own`."""
         back = all_to_all_rows(results, self.recv_row_splits, self.send_row_splits, self.group, f"combine{self.where}")
         out = back.new_zeros((num_source_rows,) + tuple(back.shape[1:]))
         out = out.index_add(0, self.sent_row_source, back)
-        if self.own_results is not None:
+        if add_own and self.own_results is not None:
             out = out.index_add(0, self.own_row_source, self.own_results.to(out.dtype))
         return out
 
@@ -222,8 +242,10 @@ class Traffic:
     pairs_computed: int = 0
 
     def add_hop(self, hop: "Hop", rank: int, node_of_gpu: list[int], row_bytes: int) -> None:
-        # Rows and their pair records out, and results back for the rows received.
-        self.add_sent([(sent + returned) * row_bytes + records * _RECORD_BYTES
+        # Rows and their pair records out (under autograd, the float weights beside them), and results
+        # back for the rows received.
+        pair_bytes = _RECORD_BYTES + (_WEIGHT_BYTES if hop.pair_weights is not None else 0)
+        self.add_sent([(sent + returned) * row_bytes + records * pair_bytes
                        for sent, returned, records in zip(hop.send_row_splits, hop.recv_row_splits,
                                                           hop.send_pair_splits)],
                       rank, node_of_gpu)
@@ -243,7 +265,8 @@ def _compute_pairs(rows: torch.Tensor, pairs: torch.Tensor, weights: torch.Tenso
     """Weighted expert outputs of `pairs`, summed per row of `rows`. Expert modules with `weighted_sum`
     (SlotExperts) gather and sum by index maps; any other callable gets the pairs' rows and slots."""
     if pairs.shape[0] == 0:
-        return rows.new_zeros(rows.shape) + 0.0 * rows.sum()  # keeps the graph connected for backward on idle ranks
+        # Keeps the graph connected on idle ranks: every exchange's backward is a collective all ranks join.
+        return rows.new_zeros(rows.shape) + 0.0 * rows.sum() + 0.0 * weights.sum().to(rows.dtype)
     row, slot = pairs[:, _ROW].long(), pairs[:, _SLOT].long()
     fused = getattr(compute, "weighted_sum", None)
     if fused is not None:
@@ -280,8 +303,8 @@ def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weig
     node_of_gpu, first_gpu, per_node, _ = _device_tables(topology, device)
     row_bytes = hidden.shape[1] * hidden.element_size()
 
-    def own_work(rows: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-        return _compute_pairs(rows, pairs, _weights_of(pairs), compute)
+    def own_work(rows: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return _compute_pairs(rows, pairs, weights, compute)
 
     if mode == "flat" or topology.num_nodes == 1:
         hop = Hop.send(hidden, pair_row, target, target, local_slot, weight, world, rank, group, where, own_work)
@@ -300,23 +323,20 @@ def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weig
     next_rank = torch.where(target_node == node_of_gpu[rank], target, peer)
     hop1 = Hop.send(hidden, pair_row, next_rank, target, local_slot, weight, world, rank, group, where, own_work,
                     extra=_onward_counts(pair_row, next_rank, target, num_tokens, world))
-    final, onward = hop1.split_final(rank)
+    final, final_weights, onward, onward_weights = hop1.split_final(rank)
     known = _fan_out_counts(hop1, rank, topology, node_group)
     # Hop 2: fan the rows that came across out to their GPUs inside this node; the pairs that ended
-    # here are computed while they travel.
-    finals = {}
-
-    def final_work(rows: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:  # hop 2 keeps nothing for itself
-        finals["results"] = _compute_pairs(hop1.rows, final, _weights_of(final), compute)
-        return rows.new_zeros(rows.shape)
+    # here are computed while they travel (hop 2 keeps no rows for itself: its own work is those pairs).
+    def final_work(*own_share: torch.Tensor) -> torch.Tensor:
+        return _compute_pairs(hop1.rows, final, final_weights, compute)
 
     fan_out = f"{where}, fan-out in the node"
     if node_group is None:
         hop2 = Hop.send(hop1.rows, onward[:, _ROW], onward[:, _TARGET], onward[:, _TARGET], onward[:, _SLOT],
-                        _weights_of(onward), world, rank, group, fan_out, final_work, known=known)
+                        onward_weights, world, rank, group, fan_out, final_work, known=known)
     else:  # the same hop numbered within the node's group
         inside = node_group.to_local(onward[:, _TARGET])
-        hop2 = Hop.send(hop1.rows, onward[:, _ROW], inside, inside, onward[:, _SLOT], _weights_of(onward),
+        hop2 = Hop.send(hop1.rows, onward[:, _ROW], inside, inside, onward[:, _SLOT], onward_weights,
                         node_group.size, node_group.local, node_group.group, fan_out, final_work, known=known)
     results2 = _compute_pairs(hop2.rows, hop2.pairs, hop2.weights, compute)
     if traffic is not None:
@@ -327,7 +347,7 @@ def exchange_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weig
             traffic.add_hop(hop2, node_group.local, [0] * node_group.size, row_bytes)
         traffic.pairs_computed += hop1.own_pairs.shape[0] + final.shape[0] + hop2.pairs.shape[0]
     # Pre-reduce on this node: fan-out results join this rank's own before crossing back.
-    results = finals["results"] + hop2.return_rows(results2, hop1.rows.shape[0])
+    results = hop2.own_results + hop2.return_rows(results2, hop1.rows.shape[0], add_own=False)
     return hop1.return_rows(results, num_tokens)
 
 

@@ -19,7 +19,9 @@ from grace_ds.dispatch import ExpertCompute, Traffic, choose_mode, exchange_and_
 from grace_ds.decode_graphs import GatherGraphs, capturable, token_bucket
 from grace_ds.dispatch_gather import NodeLayout, gather_and_compute
 from grace_ds.node_groups import make_node_group
+from grace_ds.errors import GraceInputError
 from grace_ds.plan import PlacementPlan
+from grace_ds.replica_sync import ReplicaSync
 from grace_ds.routing import ReplicaRouter
 
 RoutingObserver = Callable[[int, torch.Tensor], None]  # (plan layer, top_k_index [N, k]) -> None
@@ -44,13 +46,48 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class GraceRuntime:
-    """What every GRACE layer of one model shares: the plan, this rank, its router and process group."""
+def _expert_parallel_rank(plan: PlacementPlan, rank: int | None, group) -> int:
+    """This process's GPU in the plan: `rank` when given, else its rank in `group` (the job: modulo the
+    plan's GPUs, as DeepSpeed numbers expert-parallel groups consecutively). Every process shows its
+    rank to the others (one tiny all-gather), so a wrong one stops all of them with one message
+    instead of failing on some while the others wait in their next collective."""
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed:
+        resolved = 0 if rank is None else rank
+        if not 0 <= resolved < plan.num_gpus:
+            raise GraceInputError(f"rank {resolved} is outside the plan's {plan.num_gpus} GPUs")
+        return resolved
+    world = dist.get_world_size(group)
+    position = dist.get_rank(group)
+    resolved = position % plan.num_gpus if rank is None else rank
+    ranks = faults.all_gather_tensor(torch.tensor([resolved], device=_collective_device(group)),
+                                     "runtime set-up (exchanging ranks)", group).flatten().tolist()
+    expected = [p % plan.num_gpus for p in range(world)]
+    if world % plan.num_gpus or ranks != expected:
+        raise GraceInputError(
+            f"GraceRuntime ranks {ranks} on {world} processes do not fit the plan's {plan.num_gpus} GPUs: "
+            f"each process passes its rank within its expert-parallel group (DeepSpeed's are consecutive "
+            f"blocks of ep_size ranks: dist.get_rank() % {plan.num_gpus}), or rank=None"
+            + ("" if world % plan.num_gpus == 0 else f"; {world} processes are no whole number of such groups"))
+    return resolved
 
-    def __init__(self, plan: PlacementPlan, rank: int, group=None, router_policy: str = "tar",
+
+def _collective_device(group) -> torch.device:
+    return (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
+            else torch.device("cpu"))
+
+
+class GraceRuntime:
+    """What every GRACE layer of one model shares: the plan, this rank, its router and process group.
+
+    rank: this process's GPU in the plan (None: its rank in `group`, or in the job modulo the plan's GPUs,
+    i.e. within its expert-parallel group when the job is expert x data parallel)."""
+
+    def __init__(self, plan: PlacementPlan, rank: int | None = None, group=None, router_policy: str = "tar",
                  comm_mode: str = "auto", router_sampling: str = "swrr", device: torch.device | str = "cpu",
                  hierarchical_min_tokens: int = 0, gather_max_tokens: int = 0, cuda_graphs: bool = True,
                  hierarchical_gather: bool = True, node_groups: bool = False) -> None:
+        rank = _expert_parallel_rank(plan, rank, group)
         self.plan, self.rank, self.group = plan, rank, group
         self.comm_mode = choose_mode(comm_mode, plan.topology, plan.options.get("modeled_layer_time_us"))
         # Under `auto`, by the largest rank's token count in the call: at most gather_max_tokens -> gather
@@ -75,6 +112,7 @@ class GraceRuntime:
         self.router_policy, self.router_sampling, self.device = router_policy, router_sampling, torch.device(device)
         self.router = ReplicaRouter(plan, router_policy, source_gpus=[rank], sampling=router_sampling,
                                     device=device)
+        self.replicas = ReplicaSync(plan, rank)  # training: copies of an expert as one expert
         self.observers: list[RoutingObserver] = []
         # Plan layer -> this rank's slot weights, registered by the layers that hold them (online re-planning
         # rewrites them when the plan changes).
@@ -104,7 +142,7 @@ class GraceRuntime:
             router.tables(layer)  # built now, not in the first forward after the switch
         for layer in changed.tolist():
             self.slot_modules[layer].refill(plan.slot_expert[layer, self.rank], arrived.get(layer, {}))
-        self.plan, self.router = plan, router
+        self.plan, self.router, self.replicas = plan, router, ReplicaSync(plan, self.rank)
         if self.gather_graphs is not None:
             self.gather_graphs.clear()  # they hold the old weights and routing tables
 
@@ -126,12 +164,12 @@ class GraceRuntime:
 
     def mode_for(self, num_tokens: int, device: torch.device, layer: int, needs_grad: bool = False) -> tuple[str, int]:
         """(exchange, tokens to pad to) for a call with num_tokens here: the resolved mode, or under `auto`
-        gather or flat by the largest rank's count (gather only without autograd). The padding, every
+        gather or flat by the largest rank's count (gather only without autograd: with it, flat). The padding, every
         rank's largest count, matters to gather alone (0 when no other mode needed the counts)."""
         use_gather = self.gather_max_tokens > 0 and not needs_grad
         use_flat = self.comm_mode == "hierarchical" and self.hierarchical_min_tokens > 0
-        if self.comm_mode == "gather":
-            return "gather", max(self.token_counts(num_tokens, device, layer))
+        if self.comm_mode == "gather":  # inference only: no backward, so calls under autograd go flat
+            return ("flat", 0) if needs_grad else ("gather", max(self.token_counts(num_tokens, device, layer)))
         if not (use_gather or use_flat):
             return self.comm_mode, 0
         largest = max(self.token_counts(num_tokens, device, layer))
@@ -150,6 +188,21 @@ class GraceRuntime:
         """[S] logical expert held in each of this rank's slots of `layer` (-1: empty)."""
         return self.plan.slot_expert[layer, self.rank]
 
+    def sync_replica_weights(self) -> None:
+        """Copy every primary expert's weights into its replicas: call after each optimizer step
+        (grace_ds.deepspeed.initialize does it for DeepSpeed engines)."""
+        self.replicas.sync_weights(self._holders(), self.group)
+
+    def max_replica_difference(self) -> float:
+        """Largest difference between two copies of one expert over every layer (0.0: in sync)."""
+        return self.replicas.max_copy_difference(self._holders(), self.group)
+
+    def _holders(self) -> dict[int, nn.Module]:
+        missing = [layer for layer in self.replicas.num_rows if layer not in self.slot_modules]
+        if missing:
+            raise GraceInputError(f"plan layers {missing} have replicated experts but no layer registered its slots")
+        return self.slot_modules
+
     def route_and_compute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                           top_k_weights: torch.Tensor, compute: ExpertCompute) -> torch.Tensor:
         for observe in self.observers:
@@ -157,7 +210,13 @@ class GraceRuntime:
         if self.measure:
             _synchronize(hidden.device)
             start = time.perf_counter()
-        needs_grad = torch.is_grad_enabled() and hidden.requires_grad
+        needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or top_k_weights.requires_grad
+                                                  or _trains(compute))
+        if needs_grad and self.replicas.replicated(layer):
+            if not hasattr(compute, "slot_tensors"):
+                raise GraceInputError(f"layer {layer} trains replicated experts through {type(compute).__name__}, "
+                                      f"which cannot tie their copies (SlotExperts or GraceMoE slots can)")
+            hidden, compute = self.replicas.tie(layer, hidden, compute, self.group)
         mode, largest = self.mode_for(hidden.shape[0], hidden.device, layer, needs_grad)
         self.mode_calls[mode] += 1
         traffic = self.traffic[layer] if self.measure else None
@@ -182,6 +241,12 @@ class GraceRuntime:
             _synchronize(hidden.device)
             self.seconds[layer] += time.perf_counter() - start
         return out
+
+
+def _trains(compute) -> bool:
+    """Whether the expert computation reads parameters that want a gradient."""
+    tensors = getattr(compute, "slot_tensors", None)
+    return tensors is not None and any(t.requires_grad for t in tensors())
 
 
 class GraceExperts(nn.Module):

@@ -6,6 +6,10 @@ token once per GPU or node; this rank computes only the slots it holds (replicas
 grouped GEMM. `grace_layer_spec` swaps it into a megatron layer spec; `sharded_state_dict` files every
 slot under its logical expert, so a checkpoint does not depend on the plan (replicas are saved once,
 through their primary, and all copies load from it).
+Training: gradients flow to megatron's router and through the exchange; the slots are expert parameters
+(allreduce=False: megatron's DDP reduces them over expert data parallel); a replica's gradient is summed
+into its primary in the backward (grace_ds.replica_sync), and `runtime.sync_replica_weights()` after each
+optimizer step copies the primaries back into their replicas.
 """
 from __future__ import annotations
 
@@ -57,6 +61,8 @@ class GraceMegatronMoELayer(nn.Module):
                                    config.activation_func, config.params_dtype,
                                    "cpu" if config.use_cpu_initialization else torch.cuda.current_device())
         runtime.slot_modules[self.plan_layer] = self.experts
+        for param in self.experts.parameters():  # megatron's mark: reduced over expert data parallel
+            param.allreduce = False
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size is not None:
             self.shared_experts = submodules.shared_experts(config=config, pg_collection=pg_collection,

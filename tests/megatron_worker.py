@@ -77,6 +77,77 @@ def online_switches(layer, reference, runtime: GraceRuntime, rank: int) -> dict:
     return {"errors": errors, "moves": sum(r.get("moves", 0) for r in replanner.history)}
 
 
+def logical_experts(layer, grads: bool) -> torch.Tensor:
+    """[E, 2I*H + H*I] every logical expert's weights (or gradients), the same on every rank: megatron's
+    SequentialMLP holds experts rank * E/world + i; the GRACE layer's primaries hold theirs."""
+    width = 2 * INNER * HIDDEN + HIDDEN * INNER
+    out = torch.zeros(EXPERTS, width, dtype=torch.float64, device=DEVICE)
+
+    def value(param):
+        return (param.grad if grads else param).detach().reshape(-1).double()
+
+    if hasattr(layer, "_runtime"):
+        runtime = layer._runtime
+        slots = runtime.plan.slot_expert[layer.plan_layer, runtime.rank].tolist()
+        primary = runtime.plan.slot_is_primary[layer.plan_layer, runtime.rank]
+        tensors = layer.experts.slot_tensors() if not grads else [t.grad for t in layer.experts.slot_tensors()]
+        for slot, expert in enumerate(slots):
+            if expert >= 0 and bool(primary[slot]):
+                out[expert] = torch.cat([v.reshape(-1).double() for v in layer.experts.copy_views(tensors, slot)])
+    else:
+        for local, expert in enumerate(layer.experts.local_experts):
+            out[dist.get_rank() * len(layer.experts.local_experts) + local] = torch.cat(
+                [value(expert.linear_fc1.weight), value(expert.linear_fc2.weight)])
+    dist.all_reduce(out)
+    return out
+
+
+def gradients_and_step(reference, spec, config, profile, topology, rank, x) -> dict:
+    """Training through the GRACE layer against megatron's MoELayer (aux loss on): input, router and expert
+    gradients, then one SGD step (replicas synced after it) and the weights it gives."""
+    from grace_ds.layer import GraceRuntime
+
+    lr = 0.5
+    results = {}
+    reference.train()
+    x_ref = x.clone().requires_grad_(True)
+    reference.zero_grad()
+    reference(x_ref)[0].pow(2).mean().backward()
+    want = {"input": x_ref.grad, "router": reference.router.weight.grad, "experts": logical_experts(reference, True)}
+    with torch.no_grad():
+        for param in reference.parameters():
+            if param.grad is not None:
+                param -= lr * param.grad
+    want_after = logical_experts(reference, False)
+    with torch.no_grad():  # back to the weights before the step, for the next comparison
+        for param in reference.parameters():
+            if param.grad is not None:
+                param += lr * param.grad
+    fc1 = gathered(torch.stack([e.linear_fc1.weight.detach() for e in reference.experts.local_experts]))
+    fc2 = gathered(torch.stack([e.linear_fc2.weight.detach() for e in reference.experts.local_experts]))
+    for policy in ("contiguous", "grace"):
+        plan = make_plan(policy, profile, topology, replica_slots=1)
+        for mode in ("flat", "hierarchical"):
+            runtime = GraceRuntime(plan, rank, None, "tar", mode, device=DEVICE)
+            layer = grace_layer_spec(spec, runtime).submodules.mlp(config, layer_number=1).to(DEVICE).train()
+            layer.router.load_state_dict(reference.router.state_dict())
+            layer.load_logical_experts(fc1, fc2)
+            x_grace = x.clone().requires_grad_(True)
+            layer(x_grace)[0].pow(2).mean().backward()
+            got = {"input": x_grace.grad, "router": layer.router.weight.grad, "experts": logical_experts(layer, True)}
+            entry = {name: float((got[name].double() - want[name].double()).abs().max()) for name in want}
+            with torch.no_grad():
+                for param in layer.parameters():
+                    if param.grad is not None:
+                        param -= lr * param.grad
+            runtime.sync_replica_weights()
+            entry["after_step"] = float((logical_experts(layer, False) - want_after).abs().max())
+            entry["replicas_apart"] = runtime.max_replica_difference()
+            entry["replicated_experts"] = int((plan.copies_per_expert() > 1).sum())
+            results[f"{policy}/{mode}"] = entry
+    return results
+
+
 def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
     join_logical_node(rank, world, nodes, port, DEVICE.type)
     handle = megatron_core_cpu.apply() if DEVICE.type == "cpu" else contextlib.nullcontext()
@@ -133,6 +204,18 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
                 report["errors"]["checkpoint grace -> contiguous"] = checkpoint_round_trip(
                     layer, spec, config, plan_profile, topology, rank, x, expected, Path(out_dir, "checkpoint"))
                 report["online"] = online_switches(layer, reference, runtime, rank)
+        # Training, with megatron's load-balancing loss on: gradients and a step against MoELayer's.
+        config = TransformerConfig(
+            num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=INNER, moe_ffn_hidden_size=INNER,
+            num_attention_heads=2, num_moe_experts=EXPERTS, moe_router_topk=TOP_K,
+            moe_token_dispatcher_type="alltoall", add_bias_linear=False, gated_linear_unit=True,
+            activation_func=torch.nn.functional.silu, use_cpu_initialization=True, params_dtype=torch.float32,
+            expert_model_parallel_size=world, moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01)
+        torch.manual_seed(100 + rank)
+        reference = spec.submodules.mlp(config, layer_number=1).to(DEVICE)
+        with torch.no_grad():
+            reference.router.weight.copy_(torch.randn(EXPERTS, HIDDEN, generator=torch.Generator().manual_seed(5)))
+        report["training"] = gradients_and_step(reference, spec, config, plan_profile, topology, rank, x)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
         dist.barrier()
     finally:

@@ -84,3 +84,17 @@ def test_online_replanning_keeps_the_megatron_layer_exact(report):
         online = rank_report["online"]
         assert max(online["errors"]) < 1e-5, online
         assert online["moves"] > 0
+
+
+def test_training_through_the_megatron_layer_matches_moe_layer(report):
+    """Backward (load-balancing loss on) equals megatron's MoELayer: input, router and every logical
+    expert's gradient, plans with replicas too; after an SGD step and the replica sync every copy is equal
+    and every expert holds megatron's weights."""
+    for rank_report in report:
+        training = rank_report["training"]
+        assert set(training) == {f"{p}/{m}" for p in ("contiguous", "grace") for m in ("flat", "hierarchical")}
+        assert training["grace/flat"]["replicated_experts"] > 0, "the grace plan must replicate experts"
+        for case, entry in training.items():
+            for name in ("input", "router", "experts", "after_step"):
+                assert entry[name] <= 1e-5, f"{case}: {name} differs by {entry[name]:.2e}"
+            assert entry["replicas_apart"] == 0.0, case

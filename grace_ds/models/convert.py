@@ -7,6 +7,8 @@ and dense layers are left as they are and stay on every rank.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -31,7 +33,7 @@ def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if type(module).__name__ in SUPPORTED_BLOCKS:
             experts = getattr(module, "experts", None)
-            if isinstance(experts, GraceExperts):  # already converted
+            if _converted(experts):
                 found.append((name, module))
                 continue
             if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor) or experts.gate_up_proj.dim() != 3:
@@ -39,10 +41,16 @@ def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
                                       f"transformers 5.x is required")
             found.append((name, module))
         elif isinstance(getattr(module, "experts", None), nn.Module) and hasattr(module.experts, "gate_up_proj") \
-                and type(module).__name__ not in SUPPORTED_BLOCKS and not isinstance(module.experts, GraceExperts):
+                and type(module).__name__ not in SUPPORTED_BLOCKS and not _converted(module.experts) \
+                and not _converted(module):  # a GRACE layer's own parts
             raise GraceInputError(f"{name}: MoE block {type(module).__name__} is not supported "
                                   f"(supported: {sorted(SUPPORTED_BLOCKS)})")
     return found
+
+
+def _converted(experts) -> bool:
+    """Experts already served by GRACE (GraceExperts, or grace_ds.deepspeed_moe.GraceExpertsMoE)."""
+    return isinstance(getattr(experts, "_runtime", None), GraceRuntime)
 
 
 def top_k_of(model: nn.Module) -> int:
@@ -53,11 +61,19 @@ def top_k_of(model: nn.Module) -> int:
     raise GraceInputError("cannot tell the model's top-k from its config (num_experts_per_tok)")
 
 
-def convert_model(model: nn.Module, runtime: GraceRuntime) -> nn.Module:
-    """Replace every MoE block's experts by GraceExperts holding this rank's slots; frees the rest."""
+def _serving_experts(runtime: GraceRuntime, layer: int, experts: nn.Module) -> GraceExperts:
+    return GraceExperts(runtime, layer, SlotExperts.from_fused(experts.gate_up_proj, experts.down_proj,
+                                                               runtime.local_slots(layer), experts.act_fn))
+
+
+def convert_model(model: nn.Module, runtime: GraceRuntime,
+                  make_experts: Callable[[GraceRuntime, int, nn.Module], nn.Module] = _serving_experts) -> nn.Module:
+    """Replace every MoE block's experts by GRACE experts holding this rank's slots; frees the rest.
+    make_experts(runtime, plan layer, the block's experts): GraceExperts (serving) by default;
+    grace_ds.deepspeed_moe.GraceExpertsMoE.convert for DeepSpeed training."""
     blocks = find_moe_blocks(model)
     plan = runtime.plan
-    if any(isinstance(block.experts, GraceExperts) for _, block in blocks):
+    if any(_converted(block.experts) for _, block in blocks):
         raise GraceInputError("the model is already converted to GRACE experts")
     if not blocks:
         raise GraceInputError(f"no supported sparse MoE block found in {type(model).__name__}")
@@ -65,7 +81,6 @@ def convert_model(model: nn.Module, runtime: GraceRuntime) -> nn.Module:
     plan.check_matches(num_experts, len(blocks), top_k_of(model), None, "placement plan")
     for layer, (name, block) in enumerate(blocks):
         old = block.experts
-        slots = SlotExperts.from_fused(old.gate_up_proj, old.down_proj, runtime.local_slots(layer), old.act_fn)
-        block.experts = GraceExperts(runtime, layer, slots)
+        block.experts = make_experts(runtime, layer, old)
         del old
     return model

@@ -1,0 +1,485 @@
+"""Runs inside every spawned gloo rank: training through GRACE layers against DeepSpeed's own MoE.
+
+Both models hold the same weights and see the same data; every rank compares its gradients (input,
+upstream layer, gate, every logical expert) and, through DeepSpeed engines, the parameters after
+optimizer steps with gradient clipping on, and checks that the copies of a replicated expert stay equal.
+"""
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from grace_ds.layer import GraceRuntime  # noqa: E402
+from grace_ds.logical_nodes import join_logical_node  # noqa: E402
+from grace_ds.plan import PlacementPlan  # noqa: E402
+from grace_ds.planners import make_plan  # noqa: E402
+from grace_ds.profile import RoutingProfile  # noqa: E402
+from grace_ds.topology import Topology  # noqa: E402
+
+HIDDEN, INNER, EXPERTS = 16, 24, 8
+DEVICE = torch.device(os.environ.get("GRACE_TEST_DEVICE", "cpu"))
+
+
+class ExpertMLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(HIDDEN, INNER)
+        self.fc2 = torch.nn.Linear(INNER, HIDDEN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class Net(torch.nn.Module):
+    """An upstream linear layer (stands for attention), then the MoE layer."""
+
+    def __init__(self, moe: torch.nn.Module, aux: float) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(HIDDEN, HIDDEN)
+        self.moe = moe
+        self.aux = aux
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, l_aux, _ = self.moe(self.inp(x))
+        return out.pow(2).mean() + self.aux * l_aux
+
+
+def routing_profile(gate_weight: torch.Tensor, inputs: torch.Tensor, k: int) -> RoutingProfile:
+    """The gate's picks on every rank's batch: what the planners group and replicate."""
+    topk_ids = torch.topk(inputs.reshape(-1, HIDDEN).cpu() @ gate_weight.T, k, dim=-1).indices
+    return RoutingProfile.from_topk_ids(topk_ids.view(-1, 1, k), EXPERTS)
+
+
+def logical_expert_tensors(model: torch.nn.Module, grads: bool) -> torch.Tensor:
+    """[E, values] every logical expert's flattened parameters (or gradients), the same on every rank:
+    DeepSpeed's layer holds experts rank * E/ep + i; GraceMoE's primaries hold theirs (replicas left out,
+    their gradients being zero by design)."""
+    from grace_ds.deepspeed_moe import GraceMoE
+
+    moe = model.moe
+    width = sum(p.numel() for p in ExpertMLP().parameters())
+    out = torch.zeros(EXPERTS, width, dtype=torch.float64, device=DEVICE)
+
+    def flat(module):
+        return torch.cat([(p.grad if grads else p).detach().reshape(-1).double() for p in module.parameters()])
+
+    experts = moe.deepspeed_moe.experts.deepspeed_experts
+    if isinstance(moe, GraceMoE):
+        runtime, layer = moe.deepspeed_moe._runtime, moe.deepspeed_moe.layer
+        primary = runtime.plan.slot_is_primary[layer, runtime.rank]
+        for slot, expert in enumerate(moe.deepspeed_moe.held):
+            if expert >= 0 and bool(primary[slot]):
+                out[expert] = flat(experts[str(slot)])
+        group = runtime.group
+    else:
+        ep_rank = dist.get_rank(moe.deepspeed_moe.ep_group)
+        for local, module in enumerate(experts):
+            out[ep_rank * moe.num_local_experts + local] = flat(module)
+        group = moe.deepspeed_moe.ep_group
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def replica_gradients(model: torch.nn.Module) -> float:
+    """Largest gradient entry held by a replica (non-primary copy) on this rank."""
+    layer = model.moe.deepspeed_moe
+    primary = layer._runtime.plan.slot_is_primary[layer.layer, layer._runtime.rank]
+    worst = 0.0
+    for slot, expert in enumerate(layer.held):
+        if expert >= 0 and not bool(primary[slot]):
+            for param in layer.experts.deepspeed_experts[str(slot)].parameters():
+                worst = max(worst, float(param.grad.abs().max()))
+    return worst
+
+
+def build_pair(k: int, plan, aux: float, mode: str, ep_size: int, seed: int = 3, set_groups: bool = True, **gate):
+    """(DeepSpeed MoE net, GraceMoE net) with the same weights. set_groups: make the expert-parallel
+    groups now (deepspeed.initialize does it otherwise)."""
+    from deepspeed.moe.layer import MoE
+
+    from grace_ds.deepspeed_moe import GraceMoE
+
+    torch.manual_seed(seed)
+    experts = [ExpertMLP().state_dict() for _ in range(EXPERTS)]
+    gate_weight = torch.randn(EXPERTS, HIDDEN)
+    inp = torch.nn.Linear(HIDDEN, HIDDEN).state_dict()
+    reference = Net(MoE(HIDDEN, ExpertMLP(), EXPERTS, ep_size=ep_size, k=k, drop_tokens=False,
+                        top2_2nd_expert_sampling=False, **gate), aux).to(DEVICE)
+    ep_rank = dist.get_rank() % ep_size
+    per_rank = EXPERTS // ep_size
+    runtime = GraceRuntime(plan, None, None, "tar", mode, device=DEVICE)
+    grace = Net(GraceMoE(HIDDEN, ExpertMLP(), EXPERTS, runtime, 0, k=k, ep_size=ep_size, **gate), aux).to(DEVICE)
+    if set_groups:
+        reference.moe.set_deepspeed_parallelism()
+        grace.moe.set_deepspeed_parallelism()
+    with torch.no_grad():
+        for net in (reference, grace):
+            net.inp.load_state_dict(inp)
+            net.moe.deepspeed_moe.gate.wg.weight.copy_(gate_weight)
+        for local, module in enumerate(reference.moe.deepspeed_moe.experts.deepspeed_experts):
+            module.load_state_dict(experts[ep_rank * per_rank + local])
+        grace.moe.deepspeed_moe.load_logical_experts(experts)
+    return reference, grace, gate_weight
+
+
+def batch(rank: int, step: int = 0) -> torch.Tensor:
+    return torch.randn(2, 10, HIDDEN, generator=torch.Generator().manual_seed(1000 * step + rank)).to(DEVICE)
+
+
+def every_batch(world: int) -> torch.Tensor:
+    return torch.stack([batch(r) for r in range(world)])
+
+
+def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def check_gradients(rank: int, world: int, topology: Topology) -> dict:
+    """One backward of GraceMoE against DeepSpeed's MoE: input, upstream, gate and expert gradients."""
+    results, replicated = {}, {}
+    modes = ["flat"] + ["hierarchical"] * (topology.num_nodes > 1)
+    for k in (1, 2, 3):
+        for policy in ("grace", "contiguous"):
+            for mode in modes:
+                for aux in (0.0, 0.1):
+                    torch.manual_seed(3)
+                    gate_weight = torch.randn(EXPERTS, HIDDEN)
+                    plan = make_plan(policy, routing_profile(gate_weight, every_batch(world), k), topology,
+                                     replica_slots=1)
+                    reference, grace, _ = build_pair(k, plan, aux, mode, world)
+                    grads = []
+                    for net in (reference, grace):
+                        x = batch(rank).requires_grad_(True)
+                        net(x).backward()
+                        grads.append({"input": x.grad, "upstream": net.inp.weight.grad,
+                                      "gate": net.moe.deepspeed_moe.gate.wg.weight.grad,
+                                      "experts": logical_expert_tensors(net, grads=True)})
+                    key = f"k{k}/{policy}/{mode}/aux{aux}"
+                    results[key] = {name: (max_difference(grads[0][name], grads[1][name]) if grads[1][name] is not None
+                                           else None) for name in grads[0]}
+                    results[key]["gate_norm"] = float(grads[0]["gate"].abs().max())
+                    results[key]["replica_gradient"] = replica_gradients(grace)
+                    replicated[key] = int((plan.copies_per_expert() > 1).sum())
+    return {"differences": results, "replicated_experts": replicated}
+
+
+def parameters_of(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {"upstream": net.inp.weight.detach().clone(), "gate": net.moe.deepspeed_moe.gate.wg.weight.detach().clone(),
+            "experts": logical_expert_tensors(net, grads=False)}
+
+
+def train(net: torch.nn.Module, grace: bool, stage: int, steps: int, rank: int, dtype: str = "fp32",
+          clip: float = 1e-3, checkpoint: str | None = None) -> dict:
+    """`steps` DeepSpeed steps (SGD with momentum and weight decay, gradient clipping on): parameters after
+    the first and the last, and (GRACE) how far apart the copies of an expert were after each step."""
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    import grace_ds.deepspeed as grace_deepspeed
+
+    groups = split_params_into_different_moe_groups_for_optimizer({"params": list(net.parameters()), "name": "p"})
+    optimizer = torch.optim.SGD(groups, lr=0.5, momentum=0.9, weight_decay=0.01)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": clip, "zero_optimization": {"stage": stage},
+              "zero_allow_untested_optimizer": True, "bf16": {"enabled": dtype == "bf16"}}
+    if grace:
+        engine, *_ = grace_deepspeed.initialize(net, config, optimizer=optimizer)
+    else:
+        engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=config)
+    snapshots, apart = {}, []
+    for step in range(steps):
+        loss = engine(batch(rank, step + 1).to(torch.bfloat16 if dtype == "bf16" else torch.float32))
+        engine.backward(loss)
+        engine.step()
+        if grace:
+            apart.append(engine.max_replica_difference())
+        if step + 1 in (1, steps):
+            snapshots[step + 1] = parameters_of(net)
+    if checkpoint is not None:
+        engine.save_checkpoint(checkpoint, tag="t")
+    return {"parameters": snapshots, "replicas_apart": apart, "engine": engine}
+
+
+def compare(a: dict, b: dict) -> dict:
+    return {step: {name: max_difference(a[step][name], b[step][name]) for name in a[step]} for step in a}
+
+
+def check_training(rank: int, world: int, topology: Topology, out_dir: str) -> dict:
+    """10 steps of GraceMoE (replicas, flat and hierarchical, ZeRO 0-2) against DeepSpeed's MoE under ZeRO 1
+    (whose clipping uses the exact global norm), then a checkpoint round trip."""
+    k, steps = 2, 10
+    torch.manual_seed(3)
+    gate_weight = torch.randn(EXPERTS, HIDDEN)
+    plan = make_plan("grace", routing_profile(gate_weight, every_batch(world), k), topology, replica_slots=1)
+    reference, _, _ = build_pair(k, plan, 0.01, "flat", world, set_groups=False)
+    expected = train(reference, False, 1, steps, rank)["parameters"]
+    results = {}
+    modes = ["flat"] + ["hierarchical"] * (topology.num_nodes > 1)
+    for mode in modes:
+        for stage in (0, 1, 2):
+            _, grace, _ = build_pair(k, plan, 0.01, mode, world, set_groups=False)
+            checkpoint = str(Path(out_dir, f"ckpt-{mode}-{stage}"))
+            run = train(grace, True, stage, steps, rank, checkpoint=checkpoint)
+            entry = {"differences": compare(run["parameters"], expected), "replicas_apart": max(run["replicas_apart"])}
+            # A fresh model from other weights loads the checkpoint: the same parameters, copies equal.
+            _, fresh, _ = build_pair(k, plan, 0.01, mode, world, seed=11, set_groups=False)
+            restored = train(fresh, True, stage, 0, rank)["engine"]
+            restored.load_checkpoint(checkpoint, tag="t")
+            entry["restored"] = {name: max_difference(value, run["parameters"][steps][name])
+                                 for name, value in parameters_of(fresh).items()}
+            entry["restored_replicas_apart"] = restored.max_replica_difference()
+            results[f"{mode}/zero{stage}"] = entry
+    return results
+
+
+def check_expert_data_parallel(rank: int, world: int, out_dir: str) -> dict:
+    """ep_size 2 on 4 ranks (two expert-parallel groups, data parallel across them): each group serves a
+    plan for its 2 GPUs; gradients after one backward, parameters after 10 ZeRO-1 steps, against
+    DeepSpeed's MoE with ep_size 2. A runtime given the job's rank instead stops every rank with one error."""
+    from grace_ds.errors import GraceInputError
+
+    k, steps, ep_size = 2, 10, 2
+    torch.manual_seed(3)
+    gate_weight = torch.randn(EXPERTS, HIDDEN)
+    plan = make_plan("grace", routing_profile(gate_weight, every_batch(world), k), Topology.uniform(1, ep_size),
+                     replica_slots=1)
+    reference, grace, _ = build_pair(k, plan, 0.01, "flat", ep_size)
+    grads = []
+    for net in (reference, grace):
+        x = batch(rank).requires_grad_(True)
+        net(x).backward()
+        grads.append({"input": x.grad, "upstream": net.inp.weight.grad, "gate": net.moe.deepspeed_moe.gate.wg.weight.grad,
+                      "experts": logical_expert_tensors(net, grads=True)})
+    gradients = {name: max_difference(grads[0][name], grads[1][name]) for name in grads[0]}
+    reference, _, _ = build_pair(k, plan, 0.01, "flat", ep_size, set_groups=False)
+    _, grace, _ = build_pair(k, plan, 0.01, "flat", ep_size, set_groups=False)
+    expected = train(reference, False, 1, steps, rank)["parameters"]
+    run = train(grace, True, 1, steps, rank)
+    try:
+        GraceRuntime(plan, rank, None, "tar", "flat", device=DEVICE)
+        refused = ""
+    except GraceInputError as error:
+        refused = str(error)
+    return {"gradients": gradients, "parameters": compare(run["parameters"], expected),
+            "replicas_apart": max(run["replicas_apart"]), "runtime_rank": grace.moe.deepspeed_moe._runtime.rank,
+            "ep_group": dist.get_process_group_ranks(grace.moe.deepspeed_moe._runtime.group), "refused": refused}
+
+
+def check_bf16(rank: int, world: int, topology: Topology) -> dict:
+    """bf16 (DeepSpeed's bf16 optimizer, ZeRO 0 and 1): 10 steps against DeepSpeed's MoE in bf16."""
+    k, steps = 2, 10
+    torch.manual_seed(3)
+    gate_weight = torch.randn(EXPERTS, HIDDEN)
+    plan = make_plan("grace", routing_profile(gate_weight, every_batch(world), k), topology, replica_slots=1)
+    results = {}
+    for stage in (0, 1):
+        reference, _, _ = build_pair(k, plan, 0.01, "flat", world, set_groups=False)
+        _, grace, _ = build_pair(k, plan, 0.01, "flat", world, set_groups=False)
+        expected = train(reference.to(torch.bfloat16), False, stage, steps, rank, "bf16", clip=1e-2)["parameters"]
+        run = train(grace.to(torch.bfloat16), True, stage, steps, rank, "bf16", clip=1e-2)
+        scale = max(float(v.abs().max()) for v in expected[steps].values())
+        results[f"zero{stage}"] = {"differences": compare(run["parameters"], expected), "scale": scale,
+                                   "replicas_apart": max(run["replicas_apart"])}
+    return results
+
+
+def check_arguments(rank: int, world: int, topology: Topology) -> dict:
+    """DeepSpeed MoE's constructor arguments on GraceMoE: honoured ones give DeepSpeed's outputs and
+    gradients (residual MoE, capacity drops, noisy gates), refused ones name themselves."""
+    from grace_ds.deepspeed_moe import GraceMoE
+    from grace_ds.errors import GraceInputError
+
+    torch.manual_seed(3)
+    gate_weight = torch.randn(EXPERTS, HIDDEN)
+    results = {}
+    cases = {"residual": dict(k=2, use_residual=True), "drops_k1": dict(k=1, drop_tokens=True, capacity_factor=0.5,
+                                                                         min_capacity=1, use_rts=False),
+             "drops_k2": dict(k=2, drop_tokens=True, capacity_factor=0.5, min_capacity=1),
+             "rsample_k1": dict(k=1, noisy_gate_policy="RSample"), "jitter_k2": dict(k=2, noisy_gate_policy="Jitter")}
+    for name, case in cases.items():
+        k = case.pop("k")
+        plan = make_plan("grace", routing_profile(gate_weight, every_batch(world), k), topology, replica_slots=1)
+        drop = case.pop("drop_tokens", False)
+        reference, grace, _ = build_pair(k, plan, 0.01, "flat", world, **case)
+        if drop:  # the pair is built dropless; both gates then drop by the same capacity rule
+            reference.moe.deepspeed_moe.gate.drop_tokens = grace.moe.deepspeed_moe.gate.drop_tokens = True
+        if case.get("use_residual"):
+            with torch.no_grad():
+                grace.moe.mlp.load_state_dict(reference.moe.mlp.state_dict())
+                grace.moe.coefficient.load_state_dict(reference.moe.coefficient.state_dict())
+        outs, grads = [], []
+        for net in (reference, grace):
+            torch.manual_seed(77)  # the noisy gates draw the same noise
+            x = batch(rank).requires_grad_(True)
+            loss = net(x)
+            loss.backward()
+            outs.append(loss.detach())
+            grads.append([x.grad, net.inp.weight.grad, net.moe.deepspeed_moe.gate.wg.weight.grad])
+        tokens = grace.inp(batch(rank)).reshape(-1, HIDDEN)
+        routes = grace.moe.deepspeed_moe.gate(tokens, None, True, False)[3]
+        results[name] = {"loss": max_difference(*outs), "gradients": max(max_difference(a, b) for a, b in zip(*grads)),
+                         "dropped_routes": int((routes < 0).sum())}
+    refused = {}
+    runtime = GraceRuntime(make_plan("grace", routing_profile(gate_weight, every_batch(world), 2), topology, 1), None,
+                           None, "tar", "flat", device=DEVICE)
+    for argument in ({"use_tutel": True}, {"enable_expert_tensor_parallelism": True}, {"ep_size": 2},
+                     {"noisy_gate_policy": "Loud"}):
+        try:
+            GraceMoE(HIDDEN, ExpertMLP(), EXPERTS, runtime, 0, k=2, **argument)
+            refused[next(iter(argument))] = ""
+        except GraceInputError as error:
+            refused[next(iter(argument))] = str(error)
+    results["refused"] = refused
+    return results
+
+
+def logical_hf_experts(model: torch.nn.Module, grads: bool) -> dict[str, torch.Tensor]:
+    """Per MoE block: every logical expert's fused tensors (or their gradients), [E, ...] the same on every
+    rank, from a converted model's primaries (replicas' gradients are zero by design)."""
+    from grace_ds.deepspeed_moe import GraceExpertsMoE
+    from grace_ds.models import find_moe_blocks
+
+    out = {}
+    for name, block in find_moe_blocks(model):
+        experts = block.experts
+        assert isinstance(experts, GraceExpertsMoE), type(experts)
+        runtime, slots = experts._runtime, experts.deepspeed_moe.experts
+        primary = runtime.plan.slot_is_primary[experts.layer, runtime.rank]
+        for index, param_name in enumerate(("gate_up_proj", "down_proj")):
+            example = slots.slot_tensors()[index]
+            full = torch.zeros((runtime.plan.num_experts, *example.shape), dtype=torch.float64, device=DEVICE)
+            for slot, expert in enumerate(slots.slot_expert.tolist()):
+                if expert >= 0 and bool(primary[slot]):
+                    tensor = slots.slot_weights(slot)[index]
+                    full[expert] = (tensor.grad if grads else tensor).detach().double()
+            dist.all_reduce(full, group=runtime.group)
+            out[f"{name}.experts.{param_name}"] = full
+    return out
+
+
+def hf_tensors(model: torch.nn.Module, grads: bool, converted: bool) -> dict[str, torch.Tensor]:
+    """Every parameter (or gradient) by the unmodified model's names; experts as [E, ...] tensors."""
+    out = {n: (p.grad if grads else p).detach().double() for n, p in model.named_parameters()
+           if ".experts." not in n or n.endswith(("shared_experts", ".shared_expert")) or "shared_expert" in n}
+    if converted:
+        out.update(logical_hf_experts(model, grads))
+    else:
+        out.update({n: (p.grad if grads else p).detach().double() for n, p in model.named_parameters()
+                    if ".experts." in n and "shared_expert" not in n})
+    return out
+
+
+def grouped_differences(got: dict, want: dict) -> dict[str, float]:
+    """Largest absolute difference per kind of parameter: embedding, attention, router, experts, the rest."""
+    def kind(name: str) -> str:
+        if "embed" in name:
+            return "embedding"
+        if "self_attn" in name:
+            return "attention"
+        if name.endswith("mlp.gate.weight"):
+            return "router"
+        if ".experts." in name and "shared_expert" not in name:
+            return "experts"
+        return "other"
+
+    missing = sorted(set(want) ^ set(got))
+    assert not missing, f"parameters not compared: {missing}"
+    out: dict[str, float] = {}
+    for name in want:
+        out[kind(name)] = max(out.get(kind(name), 0.0), max_difference(got[name], want[name]))
+    return out
+
+
+def check_hf_training(rank: int, world: int, topology: Topology, out_dir: str, families: list[str]) -> dict:
+    """A converted transformers model under grace_ds.deepspeed.initialize (a GRACE plan with replicas,
+    ZeRO 0 and 2, clipping on) against the unmodified model trained on one process on every rank's
+    batch with torch's SGD and clip_grad_norm_: gradients of the first step, parameters after 1 and 10."""
+    import grace_ds.deepspeed as grace_deepspeed
+    from grace_ds.hooks import RoutingRecorder
+    from grace_ds.models import find_moe_blocks
+    from tests.tiny_models import tiny_model
+
+    steps, clip, lr = 10, 0.05, 0.2
+    results = {}
+    for family in families:
+        reference = tiny_model(family).to(DEVICE).train()
+        ids = [torch.randint(3, 128, (2 * world, 12), generator=torch.Generator().manual_seed(50 + s)).to(DEVICE)
+               for s in range(steps)]
+        blocks = find_moe_blocks(reference)
+        recorder = RoutingRecorder(len(blocks), int(blocks[0][1].experts.gate_up_proj.shape[0]),
+                                   reference.config.num_experts_per_tok).attach_to_routers(blocks)
+        with torch.no_grad():
+            reference(ids[0])
+        recorder.detach()
+        plan_path = Path(out_dir, f"plan-{family}.json")
+        if rank == 0:
+            make_plan("grace", recorder.to_profile(reduce=False), topology, replica_slots=1).save(plan_path)
+        dist.barrier()
+        start = copy.deepcopy(reference)
+        optimizer = torch.optim.SGD(reference.parameters(), lr=lr, momentum=0.9, weight_decay=0.01)
+        expected, expected_grads = {}, None
+        for step in range(steps):
+            optimizer.zero_grad()
+            reference(ids[step], labels=ids[step]).loss.backward()
+            if step == 0:
+                expected_grads = hf_tensors(reference, True, False)
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
+            optimizer.step()
+            if step + 1 in (1, steps):
+                expected[step + 1] = hf_tensors(reference, False, False)
+        mine = slice(rank * 2, rank * 2 + 2)
+        for mode in ["flat"] + ["hierarchical"] * (topology.num_nodes > 1):
+            for stage in (0, 2) if family == families[0] else (0,):
+                model = copy.deepcopy(start)
+                config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": clip,
+                          "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                          "grace_moe": {"plan": str(plan_path), "communication": mode}}
+                engine, *_ = grace_deepspeed.initialize(
+                    model, config,
+                    optimizer=lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.01))
+                entry, apart = {}, []
+                for step in range(steps):
+                    loss = engine(ids[step][mine], labels=ids[step][mine]).loss
+                    engine.backward(loss)
+                    if step == 0 and stage == 0:  # ZeRO 2 keeps reduced gradients in its partitions only
+                        entry["gradients"] = grouped_differences(hf_tensors(model, True, True), expected_grads)
+                    engine.step()
+                    apart.append(engine.max_replica_difference())
+                    if step + 1 in (1, steps):
+                        entry[f"after_{step + 1}"] = grouped_differences(hf_tensors(model, False, True), expected[step + 1])
+                entry["replicas_apart"] = max(apart)
+                entry["replicated_experts"] = int((PlacementPlan.load(plan_path).copies_per_expert() > 1).sum())
+                results[f"{family}/{mode}/zero{stage}"] = entry
+    return results
+
+
+def main(rank: int, world: int, nodes: int, port: int, out_dir: str, spec: str) -> None:
+    _, backend = join_logical_node(rank, world, nodes, port, DEVICE.type)
+    try:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+        topology = Topology.uniform(nodes, world // nodes)
+        checks = json.loads(spec)
+        report = {}
+        if "gradients" in checks:
+            report["gradients"] = check_gradients(rank, world, topology)
+        if "training" in checks:
+            report["training"] = check_training(rank, world, topology, out_dir)
+        if "expert_data_parallel" in checks:
+            report["expert_data_parallel"] = check_expert_data_parallel(rank, world, out_dir)
+        if "bf16" in checks:
+            report["bf16"] = check_bf16(rank, world, topology)
+        if "hf" in checks:
+            report["hf"] = check_hf_training(rank, world, topology, out_dir, checks["hf"])
+        if "arguments" in checks:
+            report["arguments"] = check_arguments(rank, world, topology)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
