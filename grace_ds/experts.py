@@ -163,7 +163,8 @@ class SlotExperts(nn.Module):
         atomics. Pairs in any order: one weighted scatter-add in float32 (atomic adds: slower on a GPU).
         `params`: as in grouped."""
         order, counts = self.slot_order(pair_slot)
-        out = self.grouped(rows[pair_row[order]], counts, params)
+        gathered = rows[pair_row[order]]
+        out = self.grouped(gathered, counts) if params is None else self.grouped(gathered, counts, params=params)
         num_rows = rows.shape[0]
         routed = pair_slot >= 0
         if pairs_by_row:
