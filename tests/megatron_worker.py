@@ -77,6 +77,15 @@ def online_switches(layer, reference, runtime: GraceRuntime, rank: int) -> dict:
     return {"errors": errors, "moves": sum(r.get("moves", 0) for r in replanner.history)}
 
 
+def grace_layer(spec, config, plan, rank: int, mode: str, reference, fc1: torch.Tensor, fc2: torch.Tensor):
+    """(runtime, GRACE layer) serving `plan` with the reference's router and every logical expert's weights."""
+    runtime = GraceRuntime(plan, rank, None, "tar", mode, device=DEVICE)
+    layer = grace_layer_spec(spec, runtime).submodules.mlp(config, layer_number=1).to(DEVICE)
+    layer.router.load_state_dict(reference.router.state_dict())
+    layer.load_logical_experts(fc1, fc2)
+    return runtime, layer
+
+
 def logical_experts(layer, grads: bool) -> torch.Tensor:
     """[E, 2I*H + H*I] every logical expert's weights (or gradients), the same on every rank: megatron's
     SequentialMLP holds experts rank * E/world + i; the GRACE layer's primaries hold theirs."""
@@ -105,8 +114,6 @@ def logical_experts(layer, grads: bool) -> torch.Tensor:
 def gradients_and_step(reference, spec, config, profile, topology, rank, x) -> dict:
     """Training through the GRACE layer against megatron's MoELayer (aux loss on): input, router and expert
     gradients, then one SGD step (replicas synced after it) and the weights it gives."""
-    from grace_ds.layer import GraceRuntime
-
     lr = 0.5
     results = {}
     reference.train()
@@ -128,10 +135,8 @@ def gradients_and_step(reference, spec, config, profile, topology, rank, x) -> d
     for policy in ("contiguous", "grace"):
         plan = make_plan(policy, profile, topology, replica_slots=1)
         for mode in ("flat", "hierarchical"):
-            runtime = GraceRuntime(plan, rank, None, "tar", mode, device=DEVICE)
-            layer = grace_layer_spec(spec, runtime).submodules.mlp(config, layer_number=1).to(DEVICE).train()
-            layer.router.load_state_dict(reference.router.state_dict())
-            layer.load_logical_experts(fc1, fc2)
+            runtime, layer = grace_layer(spec, config, plan, rank, mode, reference, fc1, fc2)
+            layer.train()
             x_grace = x.clone().requires_grad_(True)
             layer(x_grace)[0].pow(2).mean().backward()
             got = {"input": x_grace.grad, "router": layer.router.weight.grad, "experts": logical_experts(layer, True)}
@@ -188,10 +193,8 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
             for policy in ("contiguous", "eplb", "grace"):
                 plan = make_plan(policy, plan_profile, topology, replica_slots=1)
                 for mode in ("flat", "hierarchical"):
-                    runtime = GraceRuntime(plan, rank, None, "tar", mode, device=DEVICE)
-                    layer = grace_layer_spec(spec, runtime).submodules.mlp(config, layer_number=1).to(DEVICE).eval()
-                    layer.router.load_state_dict(reference.router.state_dict())
-                    layer.load_logical_experts(fc1, fc2)
+                    runtime, layer = grace_layer(spec, config, plan, rank, mode, reference, fc1, fc2)
+                    layer.eval()
                     with torch.no_grad():
                         out = layer(x)[0]
                     report["errors"][f"{dispatcher}/{policy}/{mode}"] = relative_error(out, expected)
