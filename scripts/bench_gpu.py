@@ -178,9 +178,11 @@ def measure_links(topology: Topology, rank: int, device: torch.device, dtype: to
             mine = make_node_group(topology, rank).group
             out["intra_node_group_GBps"] = big_bytes * max(peers, 1) / (exchange(big_bytes, True, 5, mine)[0] * 1e-3) / 1e9
             out["intra_node_group_latency_us"] = exchange(1024, True, 20, mine)[0] * 1e3
-    # bf16 GEMM rate at an expert's shape: [tokens, H] x [H, 2I].
-    a = torch.randn(8192, 2048, dtype=dtype, device=device)
-    b = torch.randn(2048, 2048, dtype=dtype, device=device)
+    # bf16 GEMM rate at an expert's shape: [tokens, H] x [H, 2I]. A CPU run only smoke-tests the path, and a CPU
+    # without bf16 matrix units (no AMX / AVX512-BF16) takes minutes for one product at the GPU shape.
+    tokens, hidden = (8192, 2048) if device.type == "cuda" else (256, 256)
+    a = torch.randn(tokens, hidden, dtype=dtype, device=device)
+    b = torch.randn(hidden, hidden, dtype=dtype, device=device)
     watch = Stopwatch(device)
     for _ in range(12):
         started = watch.start()
