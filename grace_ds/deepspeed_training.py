@@ -87,9 +87,10 @@ def global_grad_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
 
 def _clip_by_global_norm(engine) -> None:
     """engine.clip_fp32_gradients for GRACE: torch's rule (coefficient max_norm / (norm + 1e-6), at most 1)
-    over the exact global norm."""
+    over the exact global norm, which engine.get_global_grad_norm() then reports (DeepSpeed leaves it None here)."""
     parameters = [p for p in engine.module.parameters() if p.grad is not None]
     norm = global_grad_norm(parameters)
+    engine._global_grad_norm = float(norm)
     coefficient = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
     for param in parameters:
         param.grad.mul_(coefficient.to(param.grad.dtype))

@@ -191,18 +191,19 @@ def train(net: torch.nn.Module, grace: bool, stage: int, steps: int, rank: int, 
         engine, *_ = grace_deepspeed.initialize(net, config, optimizer=optimizer)
     else:
         engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=config)
-    snapshots, apart = {}, []
+    snapshots, apart, norms = {}, [], []
     for step in range(steps):
         loss = engine(batch(rank, step + 1).to(torch.bfloat16 if dtype == "bf16" else torch.float32))
         engine.backward(loss)
         engine.step()
+        norms.append(engine.get_global_grad_norm())  # what clipping divided by
         if grace:
             apart.append(engine.max_replica_difference())
         if step + 1 in (1, steps):
             snapshots[step + 1] = parameters_of(net)
     if checkpoint is not None:
         engine.save_checkpoint(checkpoint, tag="t")
-    return {"parameters": snapshots, "replicas_apart": apart, "engine": engine}
+    return {"parameters": snapshots, "replicas_apart": apart, "engine": engine, "norms": norms}
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -217,7 +218,8 @@ def check_training(rank: int, world: int, topology: Topology, out_dir: str) -> d
     gate_weight = torch.randn(EXPERTS, HIDDEN)
     plan = make_plan("grace", routing_profile(gate_weight, every_batch(world), k), topology, replica_slots=1)
     reference, _, _ = build_pair(k, plan, 0.01, "flat", world, set_groups=False)
-    expected = train(reference, False, 1, steps, rank)["parameters"]
+    expected_run = train(reference, False, 1, steps, rank)
+    expected, expected_norms = expected_run["parameters"], expected_run["norms"]
     results = {}
     modes = ["flat"] + ["hierarchical"] * (topology.num_nodes > 1)
     for mode in modes:
@@ -225,7 +227,10 @@ def check_training(rank: int, world: int, topology: Topology, out_dir: str) -> d
             _, grace, _ = build_pair(k, plan, 0.01, mode, world, set_groups=False)
             checkpoint = str(Path(out_dir, f"ckpt-{mode}-{stage}"))
             run = train(grace, True, stage, steps, rank, checkpoint=checkpoint)
-            entry = {"differences": compare(run["parameters"], expected), "replicas_apart": max(run["replicas_apart"])}
+            entry = {"differences": compare(run["parameters"], expected), "replicas_apart": max(run["replicas_apart"]),
+                     # a replica keeping its gradient would count its expert twice in the norm clipping uses
+                     "norm_relative_differences": [abs(float(a) - float(b)) / float(b)
+                                                   for a, b in zip(run["norms"], expected_norms)]}
             # A fresh model from other weights loads the checkpoint: the same parameters, copies equal.
             _, fresh, _ = build_pair(k, plan, 0.01, mode, world, seed=11, set_groups=False)
             restored = train(fresh, True, stage, 0, rank)["engine"]
@@ -258,7 +263,8 @@ def check_expert_data_parallel(rank: int, world: int, out_dir: str) -> dict:
     gradients = {name: max_difference(grads[0][name], grads[1][name]) for name in grads[0]}
     reference, _, _ = build_pair(k, plan, 0.01, "flat", ep_size, set_groups=False)
     _, grace, _ = build_pair(k, plan, 0.01, "flat", ep_size, set_groups=False)
-    expected = train(reference, False, 1, steps, rank)["parameters"]
+    expected_run = train(reference, False, 1, steps, rank)
+    expected, expected_norms = expected_run["parameters"], expected_run["norms"]
     run = train(grace, True, 1, steps, rank)
     try:
         GraceRuntime(plan, rank, None, "tar", "flat", device=DEVICE)
