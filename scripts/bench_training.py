@@ -367,7 +367,7 @@ def plot(results: list[dict], path: Path) -> None:
                           label=f"{r['variant']} vs {reference['variant']}", linewidth=1.5 if control else 1)
     curves.set(xlabel="step", ylabel="training loss (mean over ranks)", title="Loss curves")
     gaps.set(xlabel="step", ylabel="|loss difference| (floor 1e-12)",
-             title="Difference from the reference run (dotted: weights moved by one rounding)")
+             title="Difference from the reference (dotted: one-rounding control)")
     for axis in (curves, gaps):
         axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
