@@ -84,7 +84,10 @@ class WireBytes:
         peers = dist.get_world_size(group)
         me = dist.get_rank()
         row_bytes = input[0].numel() * input.element_size() if input.dim() > 1 else input.element_size()
-        rows = splits if splits is not None else [input.shape[0] // peers] * peers if input.dim() else [0] * peers
+        if splits is not None:
+            rows = splits
+        else:  # even splits: the first dimension in equal parts
+            rows = [(input.shape[0] if input.dim() else input.numel()) // peers] * peers
         for peer, count in enumerate(rows):
             target = dist.get_global_rank(group, peer) if group is not None else peer
             if target == me:
