@@ -240,7 +240,7 @@ def expert_compute_lines(path: Path) -> list[str]:
              "rows straight into slot order, grouped GEMMs, then back per row as pairs arrive sorted by row: from "
              "`SPARSE_SUM_MIN_PAIRS` (8192) pairs on, outside gradients and graph capture, one sparse CSR x dense "
              "product of the weights with the outputs (runs from 2026-11-28 evening: "
-             "`docs/expert-compute-h200.json`); below, and in earlier runs (`docs/expert-compute-h200-gather.json`), "
+             "`docs/expert-compute-h200.json`); below, and in earlier runs (`docs/history/expert-compute-h200-gather.json`), "
              "a gather back into pair order, weighting and a sum over each row's contiguous pairs). scatter: the "
              "same for pairs in any order, back "
              "by one weighted scatter-add (atomic adds). per-row: "
