@@ -64,3 +64,32 @@ def test_two_emulated_nodes_under_the_deepspeed_launcher(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     assert "offline" in log_wandb(report, report, paths, {"wandb": {"enabled": True, "project": "t"}}, tmp_path / "out")
+
+
+def _launch_threads(tmp_path, args: list[str], env_extra: dict[str, str]) -> list[str]:
+    """Runs launch.sh with a stand-in launcher that records the OMP_NUM_THREADS its ranks would get."""
+    fake = tmp_path / "fake_deepspeed"
+    record = tmp_path / "threads.txt"
+    fake.write_text(f'#!/usr/bin/env bash\nvalue="$OMP_NUM_THREADS"\n'
+                    f'if [ -n "${{DS_ENV_FILE:-}}" ]; then value="file:$(tr "\\n" ";" < "$DS_ENV_FILE")"; fi\n'
+                    f'echo "$value" >> {record}\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "DS_ENV_FILE")}
+    env.update(GRACE_DEEPSPEED=str(fake), HOME=str(tmp_path), **env_extra)
+    subprocess.run(["bash", str(ROOT / "scripts" / "launch.sh"), *args, "--", "program.py"], check=True, env=env,
+                   cwd=tmp_path, timeout=60)
+    return record.read_text().split()
+
+
+def test_launcher_gives_each_local_rank_its_share_of_the_cores_unless_set(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    assert _launch_threads(tmp_path, ["--emulate-nodes", "2", "--num-gpus", "2"], {}) == [str(max(1, cores // 4))] * 2
+    (tmp_path / "threads.txt").unlink()
+    assert _launch_threads(tmp_path, ["--num-gpus", "1"], {}) == [str(cores)]
+    (tmp_path / "threads.txt").unlink()
+    assert _launch_threads(tmp_path, ["--emulate-nodes", "2", "--num-gpus", "1"], {"OMP_NUM_THREADS": "3"}) == ["3", "3"]
+    (tmp_path / "threads.txt").unlink()
+    # Real nodes: pdsh does not carry the variable, DeepSpeed's environment file does, after the user's own lines.
+    (tmp_path / ".deepspeed_env").write_text("NCCL_DEBUG=INFO")  # no final newline
+    assert _launch_threads(tmp_path, ["--hostfile", "hosts", "--num-nodes", "2", "--num-gpus", "64"], {}) == [
+        "file:NCCL_DEBUG=INFO;OMP_NUM_THREADS=1;"]
