@@ -133,21 +133,33 @@ def test_host_tail_overlaps_the_device_work_after_the_last_wait():
 
 @pytest.mark.filterwarnings("ignore:some other warning")
 def test_host_tail_is_the_time_after_the_last_synchronising_call():
-    def forward(wait_s: float, tail_s: float, syncs: int):
+    # Bounded by the test's own clock around each wait, not by how fast the host sleeps: the tail starts
+    # no earlier than the last wait's warning and ends no later than the call's return.
+    def forward(wait_s: float, tail_s: float, syncs: int, clock: dict):
         def run(_x):
+            clock["start"] = time.perf_counter()
             for _ in range(syncs):
                 time.sleep(wait_s)
+                clock["before_warning"] = time.perf_counter()
                 warnings.warn(f"{bench_layers.SYNC_WARNING} (a test's)")
+                clock["after_warning"] = time.perf_counter()
             warnings.warn("some other warning, not a wait")
             time.sleep(tail_s)
+            clock["end"] = time.perf_counter()
         return run
 
     filters, show = list(warnings.filters), warnings.showwarning
-    tails = bench_layers.tails_after_sync_warnings(forward(0.05, 0.02, 2), None, 2, lambda: None)
-    assert len(tails) == 2 and all(20.0 <= t < 50.0 for t in tails)
+    for _ in range(2):
+        clock: dict = {}
+        [tail] = bench_layers.tails_after_sync_warnings(forward(0.05, 0.02, 2, clock), None, 1, lambda: None)
+        returned = time.perf_counter()
+        assert (clock["end"] - clock["after_warning"]) * 1e3 <= tail <= (returned - clock["before_warning"]) * 1e3
+        # The 50 ms wait before that warning is not in it.
+        assert tail < (clock["end"] - clock["start"]) * 1e3
     # No wait at all: every moment of the forward is launch time the device can overlap.
-    assert all(t >= 20.0 for t in bench_layers.tails_after_sync_warnings(forward(0.05, 0.02, 0), None, 1,
-                                                                          lambda: None))
+    clock = {}
+    [tail] = bench_layers.tails_after_sync_warnings(forward(0.05, 0.02, 0, clock), None, 1, lambda: None)
+    assert tail >= (clock["end"] - clock["start"]) * 1e3
     # The capture leaves no filter or display hook behind.
     assert warnings.filters == filters and warnings.showwarning is show
 
