@@ -84,23 +84,9 @@ def plots(native: dict, grace: dict, profile: RoutingProfile, plan: PlacementPla
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    # 1. Co-activation of the most skewed layer, experts ordered by the GPU holding their primary.
-    layer = int((profile.expert_load.max(1).values / profile.expert_load.mean(1)).argmax())
-    home = plan.gpu_of_expert_primary()[layer]
-    order = torch.argsort(home * profile.num_experts + torch.arange(profile.num_experts))
-    co = profile.coactivation[layer][order][:, order] if profile.coactivation is not None else None
-    if co is not None:
-        fig, ax = plt.subplots(figsize=(5.5, 5))
-        ax.imshow(co.numpy(), cmap="viridis")
-        bounds = torch.cumsum(torch.bincount(home, minlength=plan.num_gpus), 0)[:-1].tolist()
-        for b in bounds:
-            ax.axhline(b - 0.5, color="white", linewidth=0.8)
-            ax.axvline(b - 0.5, color="white", linewidth=0.8)
-        ax.set(title=f"co-activation, {profile.layer_names[layer]}, grouped by GRACE GPU", xlabel="expert", ylabel="expert")
-        fig.tight_layout()
-        paths["coactivation"] = out / "coactivation.png"
-        fig.savefig(paths["coactivation"], dpi=110)
-        plt.close(fig)
+    # 1. Co-activation of every layer, experts ordered by the GPU holding their primary.
+    if profile.coactivation is not None:
+        paths["coactivation"] = _coactivation_plot(plt, profile, plan, out / "coactivation.png")
     # 2. Per-GPU load (pairs computed, measured) per layer: native layout vs GRACE.
     n_layers = len(native["pairs_per_gpu_per_layer"])
     fig, axes = plt.subplots(1, n_layers, figsize=(3 * n_layers, 3), sharey=True, squeeze=False)
@@ -109,7 +95,7 @@ def plots(native: dict, grace: dict, profile: RoutingProfile, plan: PlacementPla
         x = torch.arange(len(a)).float()
         ax.bar(x - 0.2, a, 0.4, label="native layout")
         ax.bar(x + 0.2, b, 0.4, label="GRACE")
-        ax.set(title=f"layer {i}", xlabel="GPU")
+        ax.set(title=f"layer {i}", xlabel="GPU", xticks=range(len(a)))
     axes[0][0].set_ylabel("(token, expert) pairs")
     axes[0][0].legend(fontsize=7)
     fig.suptitle("per-GPU load, measured (prefill)")
@@ -118,19 +104,60 @@ def plots(native: dict, grace: dict, profile: RoutingProfile, plan: PlacementPla
     fig.savefig(paths["gpu_load"], dpi=110)
     plt.close(fig)
     # 3. Traffic per layer.
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(8, 3.2))
     x = torch.arange(n_layers).float()
     for offset, report, name in ((-0.2, native, "native layout"), (0.2, grace, "GRACE")):
         ax.bar(x + offset, [v / 1e6 for v in report["cross_node_bytes_per_layer"]], 0.4, label=f"{name}, cross-node")
         ax.bar(x + offset, [v / 1e6 for v in report["intra_node_bytes_per_layer"]], 0.4,
                bottom=[v / 1e6 for v in report["cross_node_bytes_per_layer"]], alpha=0.4, label=f"{name}, intra-node")
-    ax.set(xlabel="MoE layer", ylabel="MB sent (all ranks)", title="traffic per layer (prefill)")
-    ax.legend(fontsize=7)
+    ax.set(xlabel="MoE layer", ylabel="MB sent (all ranks)", title="traffic per layer (prefill)", xticks=range(n_layers))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
     paths["traffic"] = out / "traffic.png"
-    fig.savefig(paths["traffic"], dpi=110)
+    fig.savefig(paths["traffic"], dpi=110, bbox_inches="tight")
     plt.close(fig)
     return paths
+
+
+def _coactivation_plot(plt, profile: RoutingProfile, plan: PlacementPlan, path: Path) -> Path:
+    """One panel per layer (small multiples, one shared log colour scale): co-activation counts with the
+    experts ordered by the GPU of their primary copy, GPU groups ruled off, expert ids on the axes."""
+    from matplotlib.colors import LogNorm
+
+    layers, experts = profile.coactivation.shape[0], profile.num_experts
+    columns = min(layers, 4)
+    rows = -(-layers // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns + 1.0, 3.7 * rows), squeeze=False)
+    homes = plan.gpu_of_expert_primary()
+    counts = profile.coactivation.double()
+    norm = LogNorm(vmin=1.0, vmax=max(float(counts.max()), 2.0))
+    step = max(1, -(-experts // 16))  # at most 16 expert ids an axis stay legible
+    image = None
+    for layer, ax in enumerate(axes.flat):
+        if layer >= layers:
+            ax.axis("off")
+            continue
+        home = homes[layer]
+        order = torch.argsort(home * experts + torch.arange(experts))
+        co = counts[layer][order][:, order].clamp(min=norm.vmin)  # never co-activated: the scale's floor
+        image = ax.imshow(co.numpy(), cmap="viridis", norm=norm, interpolation="nearest")
+        for bound in torch.cumsum(torch.bincount(home, minlength=plan.num_gpus), 0)[:-1].tolist():
+            ax.axhline(bound - 0.5, color="white", linewidth=0.8)
+            ax.axvline(bound - 0.5, color="white", linewidth=0.8)
+        ticks = list(range(0, experts, step))
+        labels = [str(int(order[t])) for t in ticks]
+        ax.set_xticks(ticks, labels, fontsize=6, rotation=90)
+        ax.set_yticks(ticks, labels, fontsize=6)
+        ax.set_title(profile.layer_names[layer] if profile.layer_names else f"layer {layer}", fontsize=9)
+        ax.set_xlabel("expert id", fontsize=8)
+        if layer % columns == 0:
+            ax.set_ylabel("expert id", fontsize=8)
+    fig.suptitle(f"co-activation per layer, experts grouped by the GPU of their GRACE primary "
+                 f"(white lines: GPU boundaries, {plan.topology.describe()})", fontsize=10)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="tokens routed to both experts")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def log_wandb(native: dict, grace: dict, paths: dict[str, Path], ds_config: dict, out: Path) -> str:
