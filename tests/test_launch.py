@@ -40,7 +40,7 @@ def test_two_emulated_nodes_under_the_deepspeed_launcher(tmp_path, monkeypatch):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(line["rank"] for line in lines) == list(range(2 * per_node))
     for line in lines:
-        assert line["topology"] == f"2 nodes x {per_node} GPUs"
+        assert line["topology"] == f"2 nodes x {per_node} GPU{'s' if per_node > 1 else ''}"
         # auto: hierarchical across 2 x 2, but these small batches (at most 128 tokens a rank) all take the
         # gather exchange.
         assert line["comm_resolved"] == ("hierarchical" if per_node > 1 else "flat") and line["comm"] == "gather"
