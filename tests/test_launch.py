@@ -14,6 +14,7 @@ from grace_ds.planners import make_plan
 from grace_ds.topology import Topology
 from grace_ds.logical_nodes import free_port
 from tests.tiny_models import tiny_model
+from tests.conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ def test_two_emulated_nodes_under_the_deepspeed_launcher(tmp_path, monkeypatch):
                            "--master-port", str(free_port()), "--", str(ROOT / "scripts" / "serve.py"),
                            "--model", str(tmp_path / "model"), "--config", str(tmp_path / "ds.json"), "--check",
                            "--new-tokens", "3", "--report", str(tmp_path / "report.json")],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=ROOT)
     # Two launchers share the pipe: their lines may interleave, so pick the flat JSON objects out directly.
     lines = [json.loads(found) for found in re.findall(r"GRACE_SERVE (\{[^{}]*\})", done.stdout)]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -77,7 +78,7 @@ def _launch_threads(tmp_path, args: list[str], env_extra: dict[str, str]) -> lis
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "DS_ENV_FILE")}
     env.update(GRACE_DEEPSPEED=str(fake), HOME=str(tmp_path), **env_extra)
     subprocess.run(["bash", str(ROOT / "scripts" / "launch.sh"), *args, "--", "program.py"], check=True, env=env,
-                   cwd=tmp_path, timeout=60)
+                   cwd=tmp_path, timeout=HANG_GUARD_S)
     return record.read_text().split()
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -28,10 +29,10 @@ def _clone_after_main_job(root: Path) -> Path:
     (root / "outputs").mkdir()
     text = root / "heldout.txt"
     subprocess.run([sys.executable, "-c", f"from grace_ds.corpus import write_heldout_text; write_heldout_text({str(text)!r})"],
-                   check=True, cwd=ROOT, timeout=300)
+                   check=True, cwd=ROOT, timeout=HANG_GUARD_S)
     subprocess.run([sys.executable, "-m", "grace_ds.cli", "profile", "--model", str(ROOT / "grace_ds" / "default_model"),
                     "--data", str(text), "--max-tokens", "1024", "--sequence-length", "128",
-                    "--out", str(root / "outputs" / "profile.safetensors")], check=True, cwd=ROOT, timeout=300,
+                    "--out", str(root / "outputs" / "profile.safetensors")], check=True, cwd=ROOT, timeout=HANG_GUARD_S,
                    capture_output=True)
     return root
 
@@ -41,7 +42,7 @@ def _run_snippet(root: Path, env_extra: dict[str, str]) -> subprocess.CompletedP
     script.write_text(DEEPSPEED_SNIPPET + "\nprint('LOGITS', tuple(logits.shape))\n")
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
     env.update(env_extra)
-    return subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def test_the_deepspeed_snippet_runs_as_written_in_plain_python_after_the_main_job(tmp_path):
