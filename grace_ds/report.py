@@ -86,7 +86,10 @@ def plots(native: dict, grace: dict, profile: RoutingProfile, plan: PlacementPla
     paths = {}
     # 1. Co-activation of every layer, experts ordered by the GPU holding their primary.
     if profile.coactivation is not None:
-        paths["coactivation"] = _coactivation_plot(plt, profile, plan, out / "coactivation.png")
+        fig = coactivation_figure(plt, profile, plan)
+        paths["coactivation"] = out / "coactivation.png"
+        fig.savefig(paths["coactivation"], dpi=110, bbox_inches="tight")
+        plt.close(fig)
     # 2. Per-GPU load (pairs computed, measured) per layer: native layout vs GRACE.
     n_layers = len(native["pairs_per_gpu_per_layer"])
     fig, axes = plt.subplots(1, n_layers, figsize=(3 * n_layers, 3), sharey=True, squeeze=False)
@@ -119,7 +122,7 @@ def plots(native: dict, grace: dict, profile: RoutingProfile, plan: PlacementPla
     return paths
 
 
-def _coactivation_plot(plt, profile: RoutingProfile, plan: PlacementPlan, path: Path) -> Path:
+def coactivation_figure(plt, profile: RoutingProfile, plan: PlacementPlan):
     """One panel per layer (small multiples, one shared log colour scale): co-activation counts with the
     experts ordered by the GPU of their primary copy, GPU groups ruled off, expert ids on the axes."""
     from matplotlib.colors import LogNorm
@@ -155,9 +158,7 @@ def _coactivation_plot(plt, profile: RoutingProfile, plan: PlacementPlan, path: 
     fig.suptitle(f"co-activation per layer, experts grouped by the GPU of their GRACE primary "
                  f"(white lines: GPU boundaries, {plan.topology.describe()})", fontsize=10)
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="tokens routed to both experts")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return fig
 
 
 def log_wandb(native: dict, grace: dict, paths: dict[str, Path], ds_config: dict, out: Path) -> str:
