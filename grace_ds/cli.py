@@ -120,6 +120,14 @@ def cmd_simulate(args) -> None:
     if args.plan is None or (args.trace is None) == (args.loads is None):
         raise GraceInputError("simulate needs --plan and exactly one of --trace or --loads")
     plan = PlacementPlan.load(args.plan)
+    if args.nodes is not None or args.gpus_per_node is not None:
+        from grace_ds.topology import Topology
+
+        asked = Topology.uniform(args.nodes or plan.topology.num_nodes,
+                                 args.gpus_per_node or plan.topology.gpus_per_node[0])
+        if asked.gpus_per_node != plan.topology.gpus_per_node:
+            raise GraceInputError(f"{args.plan}: plan is for {plan.topology.describe()}, asked for {asked.describe()} "
+                                  f"(plan again with --nodes {asked.num_nodes} --gpus-per-node {asked.gpus_per_node[0]})")
     if args.loads is not None:
         from grace_ds.profile import RoutingProfile
 
@@ -140,10 +148,22 @@ def cmd_simulate(args) -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"plan {args.plan} ({plan.policy}, {plan.topology.describe()}), router {args.router}")
+    print(f"plan {args.plan} ({plan.policy}, {plan.topology.describe()}), router {args.router}; "
+          f"figures per MoE layer, averaged over layers")
     for key, value in result.items():
         if key not in ("layers", "plan", "router"):
-            print(f"  {key:36s} {value:,.3f}" if isinstance(value, float) else f"  {key:36s} {value}")
+            print(f"  {key:36s} {_figure(key, value)}")
+
+
+def _figure(key: str, value) -> str:
+    """A simulate figure with its unit: bytes as whole bytes (and MiB), times in us, ratios as they are."""
+    if not isinstance(value, float):
+        return f"{value:,}" if isinstance(value, int) else str(value)
+    if key.endswith("_bytes") or "_bytes_" in key:
+        return f"{round(value):,} B ({value / 2**20:,.1f} MiB)"
+    if key.endswith("_us") or "_us_" in key:
+        return f"{value:,.1f} us"
+    return f"{value:,.3f}"
 
 
 def cmd_evaluate(args) -> None:
@@ -160,48 +180,85 @@ def cmd_evaluate(args) -> None:
         print(f"rows -> {args.json_out}")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default shown (the help says what an unset optional one means); examples (the
+    epilogs) keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required or action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+EXAMPLES = {
+    "profile-trace": "grace-ds profile-trace ../shared/data/routing/mixtral_arxiv.safetensors --tokens :8192 "
+                     "--out profile.safetensors",
+    "profile": "grace-ds profile --model grace_ds/default_model --data outputs/heldout.txt --max-tokens 65536 "
+               "--sequence-length 128 --out profile.safetensors",
+    "profile-load": "grace-ds profile-load ../shared/data/expert_load/deepseek_v3/decode_in1000out1000.json "
+                    "--top-k 8 --out profile.safetensors",
+    "plan": "grace-ds plan --profile profile.safetensors --nodes 2 --gpus-per-node 2 --policy grace --out plan.json",
+    "simulate": "grace-ds simulate --plan plan.json --trace ../shared/data/routing/mixtral_arxiv.safetensors "
+                "--tokens 8192:16384 --nodes 2 --gpus-per-node 2",
+    "evaluate": "grace-ds evaluate --trace ../shared/data/routing/mixtral_arxiv.safetensors --nodes-list 2,4 "
+                "--gpus-list 2 --json-out rows.json",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grace-ds", description="GRACE-MoE expert placement for DeepSpeed")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="grace-ds", description="GRACE-MoE expert placement for DeepSpeed",
+                                     formatter_class=_HelpFormatter,
+                                     epilog="example (a plan from a trace, then its cost):\n  "
+                                            + "\n  ".join(EXAMPLES[c] for c in ("profile-trace", "plan", "simulate")))
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    class _Sub:  # every subcommand with the shared formatter and its example
+        @staticmethod
+        def add_parser(name: str, **kwargs):
+            return subparsers.add_parser(name, formatter_class=_HelpFormatter, description=kwargs.get("help"),
+                                         epilog=f"example:\n  {EXAMPLES[name]}", **kwargs)
+
+    sub = _Sub()
 
     p = sub.add_parser("profile-trace", help="routing profile from a per-token top-k trace (safetensors)")
-    p.add_argument("trace", type=Path)
-    p.add_argument("--tokens", help="token range A:B of the trace to use (default: all)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("trace", type=Path, help="per-token top-k trace (safetensors, [T, L, k])")
+    p.add_argument("--tokens", help="token range A:B of the trace to use (none: all)")
+    p.add_argument("--out", type=Path, required=True, help="profile file to write (its folder must exist)")
     p.set_defaults(func=cmd_profile_trace)
 
     p = sub.add_parser("profile", help="routing profile of a transformers MoE model on a text file")
     p.add_argument("--model", type=Path, required=True, help="transformers checkpoint directory")
     p.add_argument("--data", type=Path, required=True, help="UTF-8 text file")
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--sequence-length", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--max-tokens", type=int, help="profile at most this many tokens of the text (none: all)")
+    p.add_argument("--sequence-length", type=int, default=256, help="tokens per sequence fed to the model")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward")
+    p.add_argument("--out", type=Path, required=True, help="profile file to write (its folder must exist)")
     p.add_argument("--trace-out", type=Path, help="also write every token's top-k ([T, L, k] routing trace)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("profile-load", help="load-only profile from a {'logical_count': [[...]]} JSON")
-    p.add_argument("loads", type=Path)
-    p.add_argument("--top-k", type=int, default=8, help="experts per token of the model (default 8, DeepSeek-V3)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("loads", type=Path, help="JSON with logical_count [L][E] (tokens per expert per layer)")
+    p.add_argument("--top-k", type=int, default=8, help="experts per token of the model (8: DeepSeek-V3)")
+    p.add_argument("--out", type=Path, required=True, help="profile file to write (its folder must exist)")
     p.set_defaults(func=cmd_profile_load)
 
     def add_topology(p):
-        p.add_argument("--nodes", type=int, default=2)
-        p.add_argument("--gpus-per-node", type=int, default=2)
+        p.add_argument("--nodes", type=int, default=2, help="nodes of the job")
+        p.add_argument("--gpus-per-node", type=int, default=2, help="GPUs (ranks) per node")
         p.add_argument("--gpus-per-node-list", help="uneven nodes, e.g. 4,2 (overrides --nodes/--gpus-per-node)")
         p.add_argument("--inter-node-gbps", type=float, default=25.0, help="cross-node link, Gbit/s per node")
 
     from grace_ds.planners import POLICIES
 
     p = sub.add_parser("plan", help="placement plan from a profile")
-    p.add_argument("--profile", type=Path, required=True)
+    p.add_argument("--profile", type=Path, required=True, help="routing profile (grace-ds profile*)")
     add_topology(p)
-    p.add_argument("--policy", choices=POLICIES, default="grace")
+    p.add_argument("--policy", choices=POLICIES, default="grace", help="placement planner")
     p.add_argument("--replica-slots", type=int, default=1, help="extra expert copies per GPU per layer")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="grace: plan layers in this many processes (default: one per CPU; same result)")
-    p.add_argument("--r", type=float, help="grace: GPU-group size ratio r (default: knee of S(r) vs U(r))")
+                   help="grace: plan layers in this many processes (one per CPU here; the result is the same)")
+    p.add_argument("--r", type=float, help="grace: GPU-group size ratio r (none: the knee of S(r) vs U(r))")
     p.add_argument("--paper", action="store_true", help="grace: the paper's spectral grouping, one replication round")
     p.add_argument("--no-tune", action="store_true", help="grace: do not score candidate settings on the profile")
     p.add_argument("--objective", choices=("time", "copies"), default="time",
@@ -209,39 +266,53 @@ def build_parser() -> argparse.ArgumentParser:
                         "time (flat + hierarchical), or GPU copies per token")
     p.add_argument("--balance-limit", type=float,
                    help="grace: the tuner keeps settings whose max/mean GPU load on the sample stays within this "
-                        "(default 1.12)")
-    p.add_argument("--out", type=Path, required=True)
+                        "(none: 1.12)")
+    p.add_argument("--out", type=Path, required=True, help="plan file to write (JSON; its folder must exist)")
     p.set_defaults(func=cmd_plan)
 
     from grace_ds.routing import ROUTER_POLICIES
 
     p = sub.add_parser("simulate", help="replay a trace (or loads) under a plan: traffic, balance, modeled time")
-    p.add_argument("--plan", type=Path)
-    p.add_argument("--trace", type=Path)
+    p.add_argument("--plan", type=Path, help="placement plan (grace-ds plan)")
+    p.add_argument("--trace", type=Path, help="per-token top-k trace to replay (safetensors)")
     p.add_argument("--loads", type=Path, help="load-only JSON: balance metrics only")
-    p.add_argument("--tokens", help="token range A:B of the trace")
-    p.add_argument("--router", choices=ROUTER_POLICIES, default="tar")
-    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--tokens", help="token range A:B of the trace (none: all)")
+    p.add_argument("--nodes", type=int, help="refuse the plan unless it is for this many nodes (none: the plan's)")
+    p.add_argument("--gpus-per-node", type=int, help="refuse the plan unless it has this many GPUs per node (none: the plan's)")
+    p.add_argument("--router", choices=ROUTER_POLICIES, default="tar", help="replica router")
+    p.add_argument("--hidden", type=int, default=2048, help="model hidden size (bytes per token row)")
     p.add_argument("--ffn-hidden", type=int, default=1024, help="expert intermediate size (for GEMM time)")
-    p.add_argument("--dtype-bytes", type=int, default=2)
+    p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per activation element (2: bf16)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--explain", action="store_true", help="print the cost model's formula")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("evaluate", help="every policy on a trace: plan on the first half, replay the second")
-    p.add_argument("--trace", type=Path, required=True)
+    p.add_argument("--trace", type=Path, required=True, help="per-token top-k trace (safetensors)")
     p.add_argument("--test-trace", type=Path, help="replay this trace instead (plan on one domain, run another)")
-    p.add_argument("--nodes-list", default="2")
-    p.add_argument("--gpus-list", default="2")
-    p.add_argument("--replica-slots", type=int, default=1)
-    p.add_argument("--json-out", type=Path)
+    p.add_argument("--nodes-list", default="2", help="comma-separated node counts to evaluate")
+    p.add_argument("--gpus-list", default="2", help="comma-separated GPUs per node to evaluate")
+    p.add_argument("--replica-slots", type=int, default=1, help="extra expert copies per GPU per layer")
+    p.add_argument("--json-out", type=Path, help="also write the rows as JSON (its folder must exist)")
     p.set_defaults(func=cmd_evaluate)
     return parser
+
+
+OUTPUT_OPTIONS = ("out", "trace_out", "json_out")
+
+
+def _check_output_folders(args) -> None:
+    """A typo in an output path should not create folders: the folder must exist."""
+    for name in OUTPUT_OPTIONS:
+        path = getattr(args, name, None)
+        if path is not None and not path.parent.is_dir():
+            raise GraceInputError(f"--{name.replace('_', '-')} {path}: no folder {path.parent} (create it first)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_output_folders(args)
         args.func(args)
     except GraceInputError as error:
         print(f"grace-ds: error: {error}", file=sys.stderr)

@@ -186,6 +186,7 @@ def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | No
     engine = deepspeed.init_inference(model, config=rest, **kwargs)
     if section is None or not section.enabled:
         return engine
+    _single_process_group()
     group = faults.fault_group(section.fault_timeout_s) if dist.is_available() and dist.is_initialized() else None
     topology = job_topology(LinkModel(inter_node_bandwidth_Gbps=section.inter_node_gbps), group)
     plan = _agreed_plan(section, topology, group)
@@ -200,6 +201,16 @@ def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | No
     if section.online is not None and section.online.enabled:
         engine.grace_replanner = start_online_replanning(engine.module, runtime, section, group)
     return engine
+
+
+def _single_process_group() -> None:
+    """Plain `python`, no launcher: a process group of this one process, so the job serves here alone
+    (a plan for more GPUs is then refused by name). Launched processes (WORLD_SIZE set) make their own."""
+    if dist.is_available() and not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        from deepspeed.accelerator import get_accelerator
+
+        dist.init_process_group(get_accelerator().communication_backend_name(), store=dist.HashStore(), rank=0,
+                                world_size=1)
 
 
 def start_online_replanning(model: torch.nn.Module, runtime: GraceRuntime, section: GraceMoEConfig, group=None):

@@ -22,6 +22,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from grace_ds.errors import GraceInputError
+
 DEFAULT_TIMEOUT_S = 300.0
 COLLECTIVE_SHARE = 0.4  # of the fault timeout; the roll call gets the rest
 
@@ -61,6 +63,10 @@ def timeout_of(group) -> float:
 def guarded(phase: str, process_group, call: Callable, /, *args, **kwargs):
     """call(*args, **kwargs), a collective of `process_group`; its failure becomes a GraceDistributedError.
     While a CUDA graph is being captured nothing runs yet: a failure there is the capture's, not a peer's."""
+    if not dist.is_initialized():  # else torch's own error names no cause a user can act on
+        raise GraceInputError(f"GRACE {phase} needs a torch.distributed process group and none is initialized: "
+                              f"start the job with scripts/launch.sh (or the deepspeed launcher), or call "
+                              f"torch.distributed.init_process_group first")
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return call(*args, **kwargs)
     try:

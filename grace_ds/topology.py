@@ -92,9 +92,12 @@ class Topology:
         return list(range(start, start + self.gpus_per_node[node]))
 
     def describe(self) -> str:
+        """'2 nodes x 4 GPUs', '1 node x 1 GPU', '2 nodes with [4, 2] GPUs'."""
+        nodes = f"{self.num_nodes} node{'' if self.num_nodes == 1 else 's'}"
         if len(set(self.gpus_per_node)) == 1:
-            return f"{self.num_nodes} nodes x {self.gpus_per_node[0]} GPUs"
-        return f"{self.num_nodes} nodes with {list(self.gpus_per_node)} GPUs"
+            gpus = self.gpus_per_node[0]
+            return f"{nodes} x {gpus} GPU{'' if gpus == 1 else 's'}"
+        return f"{nodes} with {list(self.gpus_per_node)} GPUs"
 
     def to_dict(self) -> dict:
         return {"gpus_per_node": list(self.gpus_per_node), "links": dataclasses.asdict(self.links)}

@@ -105,7 +105,9 @@ def _worker(rank: int, scenarios: list[dict], port: int, timeout_s: float, out_d
         if scenario["fault"] == "die":
             if rank == 0:  # hosts the job's store: stay until every survivor has finished its roll call
                 others = [r for r in range(WORLD) if r not in (0, FAULTY)]
-                deadline = time.monotonic() + 2 * timeout_s
+                # Leaves as soon as they have; the bound only guards a hang, so a loaded host's slow roll
+                # call does not find the store gone (which would name no rank).
+                deadline = time.monotonic() + 10 * timeout_s
                 while time.monotonic() < deadline and not all(
                         Path(out_dir, f"{index}_rank{r}.json").exists() for r in others):
                     time.sleep(0.05)

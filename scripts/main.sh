@@ -22,17 +22,37 @@ while [ $# -gt 0 ]; do
 done
 OUT="$ROOT/outputs"
 mkdir -p "$OUT"
+BEGAN=$SECONDS
+# stage NAME LOG COMMAND...: one line per stage with its elapsed seconds; the command's output goes to LOG.
+# On failure: each distinct error line once (ranks repeat theirs, and DeepSpeed's launchers stamp theirs),
+# then where the whole output is.
+stage() {
+  local name="$1" log="$2" began=$SECONDS
+  shift 2
+  printf '%-14s' "$name"
+  if "$@" > "$log" 2>&1; then
+    echo "$((SECONDS - began)) s"
+    return
+  fi
+  echo "failed after $((SECONDS - began)) s"
+  grep -iE "error|exception|killed" "$log" | sed -E 's/^\[[0-9-]+ [0-9:,.]+\] //; s/^\[rank[0-9]+\]:? ?//' \
+    | awk '!seen[$0]++' | tail -n 15 >&2 || true
+  echo "main.sh: $name failed; its whole output is in $log" >&2
+  exit 1
+}
 if [ -z "$DATA" ]; then
   DATA="$OUT/heldout.txt"
   python -c "from grace_ds.corpus import write_heldout_text; write_heldout_text('$DATA')"
 fi
-echo "== 1. profile $(basename "$MODEL") on $(basename "$DATA")"
-grace-ds profile --model "$MODEL" --data "$DATA" --max-tokens 65536 --sequence-length 128 --out "$OUT/profile.safetensors"
-echo "== 2. plan for $NODES nodes x $GPUS GPUs: GRACE, and DeepSpeed's contiguous layout"
-grace-ds plan --profile "$OUT/profile.safetensors" --nodes "$NODES" --gpus-per-node "$GPUS" --policy grace --out "$OUT/plan_grace.json"
-grace-ds plan --profile "$OUT/profile.safetensors" --nodes "$NODES" --gpus-per-node "$GPUS" --policy contiguous \
-  --replica-slots 0 --out "$OUT/plan_native.json"
-python - "$OUT" <<'PY'
+echo "main job: $(basename "$MODEL") on $(basename "$DATA"), $NODES nodes x $GPUS GPUs emulated; logs in outputs/"
+stage "profile" "$OUT/profile.log" grace-ds profile --model "$MODEL" --data "$DATA" --max-tokens 65536 \
+  --sequence-length 128 --out "$OUT/profile.safetensors"
+plan_both() {  # GRACE, and DeepSpeed's contiguous layout (no replicas), each with the DeepSpeed JSON serving it
+  grace-ds plan --profile "$OUT/profile.safetensors" --nodes "$NODES" --gpus-per-node "$GPUS" --policy grace \
+    --out "$OUT/plan_grace.json" || return
+  grace-ds plan --profile "$OUT/profile.safetensors" --nodes "$NODES" --gpus-per-node "$GPUS" --policy contiguous \
+    --replica-slots 0 --out "$OUT/plan_native.json" || return
+  python - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
 base = json.load(open("configs/ds_demo.json"))
@@ -40,14 +60,20 @@ for label, comm in (("grace", "auto"), ("native", "flat")):
     config = dict(base, grace_moe=dict(base["grace_moe"], plan=f"{out}/plan_{label}.json", communication=comm))
     json.dump(config, open(f"{out}/ds_{label}.json", "w"), indent=1)
 PY
-for label in native grace; do
-  echo "== 3. serve with the $label layout on $NODES x $GPUS emulated ranks"
-  rm -f "$OUT/$label.json"
+}
+stage "plan" "$OUT/plan.log" plan_both
+serve() {  # serve LABEL: every rank's output into the stage's log; rank 0 writes outputs/LABEL.json
+  rm -f "$OUT/$1.json"
   bash scripts/launch.sh --emulate-nodes "$NODES" --num-gpus "$GPUS" -- scripts/serve.py --model "$MODEL" \
-    --config "$OUT/ds_$label.json" --prompts-file "$DATA" --sequence-length 128 --sequences-per-rank 4 \
-    --new-tokens 8 --check --report "$OUT/$label.json" --label "$label" 2>&1 | grep -E "GRACE_SERVE|error" || true
-  [ -f "$OUT/$label.json" ] || { echo "main.sh: the $label run wrote no report" >&2; exit 1; }
-done
-echo "== 4. report"
+    --config "$OUT/ds_$1.json" --prompts-file "$DATA" --sequence-length 128 --sequences-per-rank 4 \
+    --new-tokens 8 --check --report "$OUT/$1.json" --label "$1" || return
+  [ -f "$OUT/$1.json" ] || { echo "main.sh: error: the $1 run wrote no report"; return 1; }
+}
+stage "serve native" "$OUT/serve_native.log" serve native
+stage "serve GRACE" "$OUT/serve_grace.log" serve grace
+began=$SECONDS
 python -m grace_ds.report --native "$OUT/native.json" --grace "$OUT/grace.json" --profile "$OUT/profile.safetensors" \
-  --plan "$OUT/plan_grace.json" --ds-config configs/ds_demo.json --out "$OUT"
+  --plan "$OUT/plan_grace.json" --ds-config configs/ds_demo.json --out "$OUT" 2> "$OUT/report.log" \
+  || { cat "$OUT/report.log" >&2; exit 1; }
+printf '%-14s%s\n' "report" "$((SECONDS - began)) s (table above; plots and report.md in outputs/)"
+echo "main job: $((SECONDS - BEGAN)) s"

@@ -45,3 +45,9 @@ def _remove_leftover_deepspeed_buffers():
                 buffer.unlink()
         except OSError:  # another job's, gone or not ours to remove
             pass
+
+
+# Subprocess timeouts in the tests only stop a hung run, never judge speed: on this 2-core machine a
+# loaded host ran 30x slower than a quiet one (the main job's profiling stage: 6 s quiet, 177 s at a load
+# average of 11), so the guard is far beyond any run that is merely slow.
+HANG_GUARD_S = 3600

@@ -13,7 +13,7 @@ from grace_ds.planners import make_plan
 from grace_ds.simulate import simulate_trace
 from grace_ds.profile import RoutingProfile
 from grace_ds.topology import LinkModel, Topology
-from tests.conftest import tiny_trace
+from tests.conftest import HANG_GUARD_S, tiny_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -23,7 +23,7 @@ import bench_layers  # noqa: E402
 def rendered_page(tmp_path: Path, report: Path, *options: str) -> str:
     """benchmark_report.py's page for `report` (and its options), as text."""
     subprocess.run([sys.executable, str(ROOT / "scripts/benchmark_report.py"), str(report), *options,
-                    "--out", str(tmp_path / "benchmarks.md")], check=True, cwd=ROOT, timeout=120)
+                    "--out", str(tmp_path / "benchmarks.md")], check=True, cwd=ROOT, timeout=HANG_GUARD_S)
     return (tmp_path / "benchmarks.md").read_text()
 
 
@@ -31,7 +31,7 @@ def test_bench_gpu_runs_every_variant_on_cpu(shared_data, tmp_path):
     out = tmp_path / "bench"
     subprocess.run([sys.executable, str(ROOT / "scripts/bench_gpu.py"), "--device", "cpu", "--tiny", "--gpus", "2",
                     "--nodes", "2", "--shapes", "olmoe", "--iters", "2", "--warmup", "1",
-                    "--traces", str(shared_data / "routing"), "--out", str(out)], check=True, cwd=ROOT, timeout=600)
+                    "--traces", str(shared_data / "routing"), "--out", str(out)], check=True, cwd=ROOT, timeout=HANG_GUARD_S)
     report = json.loads((out / "bench_gpu.json").read_text())
     results = report["results"]
     variants = {r["variant"] for r in results}
@@ -74,7 +74,7 @@ def test_bench_gpu_runs_every_variant_on_cpu(shared_data, tmp_path):
     # Redoing the model from the measured JSON (same plans, rebuilt) gives the run's own modeled times.
     again = tmp_path / "again"
     subprocess.run([sys.executable, str(ROOT / "scripts/bench_gpu.py"), "--remodel", str(out / "bench_gpu_measured.json"),
-                    "--traces", str(shared_data / "routing"), "--out", str(again)], check=True, cwd=ROOT, timeout=300)
+                    "--traces", str(shared_data / "routing"), "--out", str(again)], check=True, cwd=ROOT, timeout=HANG_GUARD_S)
     remodeled = json.loads((again / "bench_gpu.json").read_text())
     assert [r["modeled_ms"] for r in remodeled["results"]] == pytest.approx([r["modeled_ms"] for r in results])
     # The docs page renders from it, with an earlier run beside it.
@@ -133,21 +133,33 @@ def test_host_tail_overlaps_the_device_work_after_the_last_wait():
 
 @pytest.mark.filterwarnings("ignore:some other warning")
 def test_host_tail_is_the_time_after_the_last_synchronising_call():
-    def forward(wait_s: float, tail_s: float, syncs: int):
+    # Bounded by the test's own clock around each wait, not by how fast the host sleeps: the tail starts
+    # no earlier than the last wait's warning and ends no later than the call's return.
+    def forward(wait_s: float, tail_s: float, syncs: int, clock: dict):
         def run(_x):
+            clock["start"] = time.perf_counter()
             for _ in range(syncs):
                 time.sleep(wait_s)
+                clock["before_warning"] = time.perf_counter()
                 warnings.warn(f"{bench_layers.SYNC_WARNING} (a test's)")
+                clock["after_warning"] = time.perf_counter()
             warnings.warn("some other warning, not a wait")
             time.sleep(tail_s)
+            clock["end"] = time.perf_counter()
         return run
 
     filters, show = list(warnings.filters), warnings.showwarning
-    tails = bench_layers.tails_after_sync_warnings(forward(0.05, 0.02, 2), None, 2, lambda: None)
-    assert len(tails) == 2 and all(20.0 <= t < 50.0 for t in tails)
+    for _ in range(2):
+        clock: dict = {}
+        [tail] = bench_layers.tails_after_sync_warnings(forward(0.05, 0.02, 2, clock), None, 1, lambda: None)
+        returned = time.perf_counter()
+        assert (clock["end"] - clock["after_warning"]) * 1e3 <= tail <= (returned - clock["before_warning"]) * 1e3
+        # The 50 ms wait before that warning is not in it.
+        assert tail < (clock["end"] - clock["start"]) * 1e3
     # No wait at all: every moment of the forward is launch time the device can overlap.
-    assert all(t >= 20.0 for t in bench_layers.tails_after_sync_warnings(forward(0.05, 0.02, 0), None, 1,
-                                                                          lambda: None))
+    clock = {}
+    [tail] = bench_layers.tails_after_sync_warnings(forward(0.05, 0.02, 0, clock), None, 1, lambda: None)
+    assert tail >= (clock["end"] - clock["start"]) * 1e3
     # The capture leaves no filter or display hook behind.
     assert warnings.filters == filters and warnings.showwarning is show
 
@@ -157,7 +169,7 @@ def test_bench_gpu_at_two_by_two_times_node_group_exchanges_and_the_auto_model(s
     subprocess.run([sys.executable, str(ROOT / "scripts/bench_gpu.py"), "--device", "cpu", "--tiny", "--gpus", "4",
                     "--nodes", "2", "--shapes", "olmoe", "--variants", "grace-layer/contiguous", "--batches", "decode-256",
                     "--iters", "1", "--warmup", "1",
-                    "--traces", str(shared_data / "routing"), "--out", str(out)], check=True, cwd=ROOT, timeout=600)
+                    "--traces", str(shared_data / "routing"), "--out", str(out)], check=True, cwd=ROOT, timeout=HANG_GUARD_S)
     report = json.loads((out / "bench_gpu.json").read_text())
     # Same-node exchanges are also measured over a process group of the node alone.
     links = report["links"]
@@ -200,7 +212,7 @@ def test_a_faster_fanout_shortens_only_the_stages_inside_a_node():
 def test_predict_layout_models_every_plan_and_exchange_at_two_by_four(shared_data, tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts/predict_layout.py"), "--calibration",
                     str(ROOT / "docs/bench-gpu-2x2.json"), "--traces", str(shared_data / "routing"),
-                    "--out", str(tmp_path)], check=True, cwd=ROOT, timeout=300)
+                    "--out", str(tmp_path)], check=True, cwd=ROOT, timeout=HANG_GUARD_S)
     report = json.loads((tmp_path / "predicted-2x4.json").read_text())
     assert report["target"] == "2 nodes x 4 GPUs"
     # olmoe_arxiv: 4 plans x (2 exchanges x 3 batches + gather x 2 decode batches), at the target and at
@@ -219,7 +231,7 @@ def test_shared_link_divides_the_cross_node_rate_among_more_nodes(shared_data, t
     for name, extra in (("own", []), ("shared", ["--shared-link"])):
         subprocess.run([sys.executable, str(ROOT / "scripts/predict_layout.py"), "--calibration",
                         str(ROOT / "docs/bench-gpu-2x2.json"), "--nodes", "4", "--gpus-per-node", "1", "--traces",
-                        str(shared_data / "routing"), "--out", str(tmp_path)] + extra, check=True, cwd=ROOT, timeout=300)
+                        str(shared_data / "routing"), "--out", str(tmp_path)] + extra, check=True, cwd=ROOT, timeout=HANG_GUARD_S)
         reports[name] = json.loads((tmp_path / "predicted-4x1.json").read_text())
     # At the calibration's own 2 nodes the share is the measured rate, so nothing changes there.
     assert reports["own"]["calibration_rows"] == reports["shared"]["calibration_rows"]
@@ -231,7 +243,7 @@ def test_shared_link_divides_the_cross_node_rate_among_more_nodes(shared_data, t
 def test_expert_compute_benchmark_times_fused_per_row_and_gemm_alike(shared_data, tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts/bench_expert_compute.py"), "--device", "cpu", "--tiny",
                     "--iters", "2", "--warmup", "1", "--traces", str(shared_data / "routing"), "--out", str(tmp_path)],
-                   check=True, cwd=ROOT, timeout=300)
+                   check=True, cwd=ROOT, timeout=HANG_GUARD_S)
     results = json.loads((tmp_path / "expert_compute.json").read_text())["results"]
     assert {(r["shape"], r["batch"]) for r in results} == {
         (s, b) for s in ("olmoe", "qwen3", "dsv2lite") for b in ("prefill", "decode-256", "decode-512")}
@@ -272,7 +284,7 @@ def test_variants_take_turns_in_rounds_sharing_the_iterations():
 def test_profile_writes_the_op_table_of_the_asked_exchange_and_batch(shared_data, tmp_path):
     run = [sys.executable, str(ROOT / "scripts/bench_gpu.py"), "--device", "cpu", "--tiny", "--gpus", "2", "--nodes",
            "2", "--shapes", "olmoe", "--no-e2e", "--traces", str(shared_data / "routing"), "--out", str(tmp_path)]
-    subprocess.run(run + ["--profile-decode"], check=True, cwd=ROOT, timeout=300, capture_output=True)
+    subprocess.run(run + ["--profile-decode"], check=True, cwd=ROOT, timeout=HANG_GUARD_S, capture_output=True)
     assert "Self CPU time total" in (tmp_path / "profile_flat_decode-256.txt").read_text()
-    bad = subprocess.run(run + ["--profile", "hierarchical"], cwd=ROOT, timeout=60, capture_output=True, text=True)
+    bad = subprocess.run(run + ["--profile", "hierarchical"], cwd=ROOT, timeout=HANG_GUARD_S, capture_output=True, text=True)
     assert bad.returncode == 2 and "EXCHANGE:BATCH" in bad.stderr

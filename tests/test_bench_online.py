@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from tests.conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,7 +15,7 @@ def test_bench_online_runs_every_policy_on_cpu(shared_data, tmp_path):
                     "--nodes", "2", "--small", "--step-tokens", "256", "--steps-before", "4", "--steps-after", "8",
                     "--window-steps", "4", "--interval", "2", "--repeats", "1", "--check-every", "2",
                     "--traces", str(shared_data / "routing"), "--out", str(tmp_path)], check=True, cwd=ROOT,
-                   timeout=600)
+                   timeout=HANG_GUARD_S)
     report = json.loads((tmp_path / "bench-online-2x2.json").read_text())
     policies = report["policies"]
     assert set(policies) == {"grace-offline", "grace-online", "eplb-periodic"}

@@ -1,4 +1,6 @@
+import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -115,3 +117,63 @@ def test_grace_plan_modes(shared_data, tmp_path, flags):
     if flags == ["--r", "0.3"]:
         assert all(s["r"] == 0.3 for s in settings)
     assert options["tuned"] is False
+
+
+SUBCOMMANDS = ("profile-trace", "profile", "profile-load", "plan", "simulate", "evaluate")
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_option_has_help_and_every_subcommand_an_example(command):
+    from grace_ds.cli import EXAMPLES, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    for action in sub._actions:
+        assert action.help, f"{command} {action.option_strings or action.dest}: no help text"
+        if action.default not in (None, False, argparse.SUPPRESS) and not action.required:
+            assert "(default: " in sub.formatter_class(command)._get_help_string(action), action.dest
+    text = sub.format_help()
+    assert f"example:\n  {EXAMPLES[command]}" in text and EXAMPLES[command].startswith(f"grace-ds {command} ")
+    # The example parses: its options are this subcommand's.
+    args = parser.parse_args(EXAMPLES[command].split()[1:])
+    assert args.command == command
+
+
+def test_simulate_prints_whole_bytes_with_units_and_refuses_another_topology(shared_data, tmp_path):
+    trace = shared_data / "routing" / "mixtral_arxiv.safetensors"
+    profile, plan = tmp_path / "profile.safetensors", tmp_path / "plan.json"
+    assert run_cli("profile-trace", trace, "--tokens", ":2048", "--out", profile).returncode == 0
+    assert run_cli("plan", "--profile", profile, "--nodes", 2, "--gpus-per-node", 2, "--out", plan).returncode == 0
+    done = run_cli("simulate", "--plan", plan, "--trace", trace, "--tokens", "2048:4096", "--nodes", 2,
+                   "--gpus-per-node", 2)
+    assert done.returncode == 0, done.stderr
+    assert "(grace, 2 nodes x 2 GPUs)" in done.stdout
+    byte_lines = [line for line in done.stdout.splitlines() if line.split()[0].endswith("_bytes")]
+    assert byte_lines and all(re.fullmatch(r"\s*\w+\s+[\d,]+ B \([\d,.]+ MiB\)", line) for line in byte_lines), byte_lines
+    assert re.search(r"modeled_layer_time_us\s+[\d,]+\.\d us", done.stdout)
+    done = run_cli("simulate", "--plan", plan, "--trace", trace, "--nodes", 1, "--gpus-per-node", 4)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "plan is for 2 nodes x 2 GPUs, asked for 1 node x 4 GPUs" in done.stderr
+
+
+@pytest.mark.parametrize("command, option", [("plan", "--out"), ("profile", "--out"), ("profile", "--trace-out"),
+                                             ("evaluate", "--json-out")])
+def test_output_into_a_missing_folder_is_refused_before_any_work(tmp_path, command, option):
+    missing = tmp_path / "missing" / "dir"
+    inputs = {"plan": ["--profile", tmp_path / "p.safetensors"], "evaluate": ["--trace", tmp_path / "t.safetensors"],
+              "profile": ["--model", tmp_path, "--data", tmp_path / "t.txt"]}[command]
+    outputs = {"plan": {"--out": tmp_path / "plan.json"}, "evaluate": {},
+               "profile": {"--out": tmp_path / "p.safetensors", "--trace-out": tmp_path / "t.safetensors"}}[command]
+    outputs[option] = missing / "x.out"
+    done = run_cli(command, *inputs, *[item for pair in outputs.items() for item in pair])
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr == f"grace-ds: error: {option} {missing / 'x.out'}: no folder {missing} (create it first)\n"
+    assert not (tmp_path / "missing").exists()
+
+
+def test_topology_names_count_singular_and_plural():
+    from grace_ds.topology import Topology
+
+    assert Topology.uniform(1, 4).describe() == "1 node x 4 GPUs"
+    assert Topology.uniform(2, 1).describe() == "2 nodes x 1 GPU"
+    assert Topology((4, 2)).describe() == "2 nodes with [4, 2] GPUs"

@@ -11,7 +11,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import fault_drill  # noqa: E402
 
 TIMEOUT_S = 3.0
-SLACK_S = 3.0  # process scheduling and gloo's lazy connection set-up on a busy 2-core machine
+# A survivor stops about TIMEOUT_S after entering the phase (docs/reliability.md), later on a loaded host
+# (7.8 s seen at a load average of 8 on 2 cores). The bound is the test's own figure, not the host's speed:
+# a multiple of the timeout far below what a survivor that ignored it would take (the default 300 s, or
+# the drill's kill deadline).
+LIMIT_S = 10 * TIMEOUT_S
 
 
 def test_every_survivor_names_the_faulty_rank_and_phase():
@@ -25,7 +29,7 @@ def test_every_survivor_names_the_faulty_rank_and_phase():
         assert error is not None, o
         assert f"rank {o['rank']}: GRACE {o['phase']}" in error, error
         assert f"rank {fault_drill.FAULTY} did not answer" in error, error
-        assert o["seconds"] <= TIMEOUT_S + SLACK_S, o
+        assert o["seconds"] <= LIMIT_S, o
     assert seen == {(f, p) for f in ("stall", "die") for p in fault_drill.PHASES}
     survivors = [o for o in outcomes if o["rank"] != fault_drill.FAULTY]
     assert len(survivors) == 2 * len(fault_drill.PHASES) * (fault_drill.WORLD - 1)

@@ -14,6 +14,7 @@ from grace_ds.planners import make_plan
 from grace_ds.topology import Topology
 from grace_ds.logical_nodes import free_port
 from tests.tiny_models import tiny_model
+from tests.conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,13 +35,13 @@ def test_two_emulated_nodes_under_the_deepspeed_launcher(tmp_path, monkeypatch):
                            "--master-port", str(free_port()), "--", str(ROOT / "scripts" / "serve.py"),
                            "--model", str(tmp_path / "model"), "--config", str(tmp_path / "ds.json"), "--check",
                            "--new-tokens", "3", "--report", str(tmp_path / "report.json")],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=ROOT)
     # Two launchers share the pipe: their lines may interleave, so pick the flat JSON objects out directly.
     lines = [json.loads(found) for found in re.findall(r"GRACE_SERVE (\{[^{}]*\})", done.stdout)]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(line["rank"] for line in lines) == list(range(2 * per_node))
     for line in lines:
-        assert line["topology"] == f"2 nodes x {per_node} GPUs"
+        assert line["topology"] == f"2 nodes x {per_node} GPU{'s' if per_node > 1 else ''}"
         # auto: hierarchical across 2 x 2, but these small batches (at most 128 tokens a rank) all take the
         # gather exchange.
         assert line["comm_resolved"] == ("hierarchical" if per_node > 1 else "flat") and line["comm"] == "gather"
@@ -64,3 +65,32 @@ def test_two_emulated_nodes_under_the_deepspeed_launcher(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     assert "offline" in log_wandb(report, report, paths, {"wandb": {"enabled": True, "project": "t"}}, tmp_path / "out")
+
+
+def _launch_threads(tmp_path, args: list[str], env_extra: dict[str, str]) -> list[str]:
+    """Runs launch.sh with a stand-in launcher that records the OMP_NUM_THREADS its ranks would get."""
+    fake = tmp_path / "fake_deepspeed"
+    record = tmp_path / "threads.txt"
+    fake.write_text(f'#!/usr/bin/env bash\nvalue="$OMP_NUM_THREADS"\n'
+                    f'if [ -n "${{DS_ENV_FILE:-}}" ]; then value="file:$(tr "\\n" ";" < "$DS_ENV_FILE")"; fi\n'
+                    f'echo "$value" >> {record}\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "DS_ENV_FILE")}
+    env.update(GRACE_DEEPSPEED=str(fake), HOME=str(tmp_path), **env_extra)
+    subprocess.run(["bash", str(ROOT / "scripts" / "launch.sh"), *args, "--", "program.py"], check=True, env=env,
+                   cwd=tmp_path, timeout=HANG_GUARD_S)
+    return record.read_text().split()
+
+
+def test_launcher_gives_each_local_rank_its_share_of_the_cores_unless_set(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    assert _launch_threads(tmp_path, ["--emulate-nodes", "2", "--num-gpus", "2"], {}) == [str(max(1, cores // 4))] * 2
+    (tmp_path / "threads.txt").unlink()
+    assert _launch_threads(tmp_path, ["--num-gpus", "1"], {}) == [str(cores)]
+    (tmp_path / "threads.txt").unlink()
+    assert _launch_threads(tmp_path, ["--emulate-nodes", "2", "--num-gpus", "1"], {"OMP_NUM_THREADS": "3"}) == ["3", "3"]
+    (tmp_path / "threads.txt").unlink()
+    # Real nodes: pdsh does not carry the variable, DeepSpeed's environment file does, after the user's own lines.
+    (tmp_path / ".deepspeed_env").write_text("NCCL_DEBUG=INFO")  # no final newline
+    assert _launch_threads(tmp_path, ["--hostfile", "hosts", "--num-nodes", "2", "--num-gpus", "64"], {}) == [
+        "file:NCCL_DEBUG=INFO;OMP_NUM_THREADS=1;"]

@@ -61,7 +61,7 @@ def test_check_matches_refuses_other_jobs(plan):
         plan.check_matches(8, 3, 2, None)
     with pytest.raises(GraceInputError, match="top_k"):
         plan.check_matches(8, 2, 4, None)
-    with pytest.raises(GraceInputError, match="1 nodes x 4 GPUs"):
+    with pytest.raises(GraceInputError, match="1 node x 4 GPUs"):
         plan.check_matches(8, 2, 2, Topology.uniform(1, 4))
 
 

@@ -73,7 +73,7 @@ def test_outputs_match_the_unmodified_model(world, nodes, tmp_path):
         per_node = world // nodes  # in-node stages over the node's own group (grace_moe.node_groups) where there are any
         node = list(range(rank // per_node * per_node, (rank // per_node + 1) * per_node))
         assert served["node_group"] == (node if nodes > 1 and per_node > 1 else None)
-        assert "plan is for 1 nodes x 1 GPUs" in served["refused"] or world == 1
+        assert "plan is for 1 node x 1 GPU" in served["refused"] or world == 1
         assert (tmp_path / "served.safetensors").exists()
         ds_errors = report.pop("deepspeed")["errors"]
         worst = max(ds_errors.items(), key=lambda kv: kv[1])

@@ -1,0 +1,86 @@
+"""The README's snippets as a newcomer meets them: the DeepSpeed one runs as written from the repository
+root after the main job (here against a small profile of the embedded model), the others compile and
+import what they name, and the configs it names point at files the main job writes."""
+import ast
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tests.conftest import HANG_GUARD_S
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+SNIPPETS = re.findall(r"```python\n(.*?)```", README, re.S)
+DEEPSPEED_SNIPPET = next(s for s in SNIPPETS if "init_inference" in s)
+
+
+def _clone_after_main_job(root: Path) -> Path:
+    """A directory laid out as the repository is after `bash scripts/main.sh`, as far as the snippet looks:
+    its configs, the embedded model, and a profile (the main job's, at a small size)."""
+    shutil.copytree(ROOT / "configs", root / "configs")
+    (root / "grace_ds").mkdir()
+    (root / "grace_ds" / "default_model").symlink_to(ROOT / "grace_ds" / "default_model")
+    (root / "outputs").mkdir()
+    text = root / "heldout.txt"
+    subprocess.run([sys.executable, "-c", f"from grace_ds.corpus import write_heldout_text; write_heldout_text({str(text)!r})"],
+                   check=True, cwd=ROOT, timeout=HANG_GUARD_S)
+    subprocess.run([sys.executable, "-m", "grace_ds.cli", "profile", "--model", str(ROOT / "grace_ds" / "default_model"),
+                    "--data", str(text), "--max-tokens", "1024", "--sequence-length", "128",
+                    "--out", str(root / "outputs" / "profile.safetensors")], check=True, cwd=ROOT, timeout=HANG_GUARD_S,
+                   capture_output=True)
+    return root
+
+
+def _run_snippet(root: Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    script = root.parent / "snippet.py"  # outside the clone: the snippet's paths are the clone's, not its own
+    script.write_text(DEEPSPEED_SNIPPET + "\nprint('LOGITS', tuple(logits.shape))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+
+
+def test_the_deepspeed_snippet_runs_as_written_in_plain_python_after_the_main_job(tmp_path):
+    root = _clone_after_main_job(tmp_path / "clone")
+    done = _run_snippet(root, {})
+    assert done.returncode == 0, done.stderr[-3000:]
+    prompt = re.search(r'input_ids = torch\.tensor\(\[list\(b"(.*?)"\)\]\)', DEEPSPEED_SNIPPET).group(1)
+    assert f"LOGITS (1, {len(prompt)}, 256)" in done.stdout
+    # A process that says it was launched (WORLD_SIZE) but made no process group: one clear line, not torch's.
+    done = _run_snippet(root, {"WORLD_SIZE": "1"})
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("grace_ds.errors.GraceInputError: GRACE dispatch of layer 0 needs a torch.distributed "
+                           "process group"), done.stderr[-3000:]
+    assert "Default process group has not been initialized" not in done.stderr
+
+
+def test_configs_the_readme_names_point_at_files_the_main_job_writes():
+    main_job = (ROOT / "scripts" / "main.sh").read_text()
+    named = sorted(set(re.findall(r"configs/[\w.-]+\.json", README)))
+    assert "configs/ds_inference_cpu.json" in named
+    for name in named:
+        section = json.loads((ROOT / name).read_text()).get("grace_moe", {})
+        for key in ("plan", "profile"):
+            path = section.get(key)
+            if path is None or not path.startswith("outputs/"):
+                continue
+            assert f'"$OUT/{path.removeprefix("outputs/")}"' in main_job, f"{name}: {key} {path} is not written by main.sh"
+
+
+@pytest.mark.parametrize("index", range(len(SNIPPETS)))
+def test_every_readme_python_snippet_compiles_and_imports_what_exists(index):
+    tree = ast.parse(SNIPPETS[index])
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name), f"snippet {index}: {node.module} has no {alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                importlib.import_module(alias.name)
