@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import HANG_GUARD_S
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -12,7 +14,7 @@ def test_bench_training_measures_grace_against_deepspeed_moe(tmp_path):
     out = tmp_path / "training"
     subprocess.run([sys.executable, str(ROOT / "scripts/bench_training.py"), "--out", str(out), "--steps", "4",
                     "--warmup", "1", "--variants", "deepspeed-moe,grace", "--sequence-length", "32"],
-                   check=True, cwd=ROOT, timeout=600)
+                   check=True, cwd=ROOT, timeout=HANG_GUARD_S)
     report = json.loads((out / "bench_training.json").read_text())
     assert report["setting"]["ranks"] == 4 and report["setting"]["commit"]
     ours, theirs = (next(r for r in report["results"] if r["variant"] == v) for v in ("grace", "deepspeed-moe"))
