@@ -39,7 +39,7 @@ def check_family(family: str, rank: int, world: int, topology: Topology, policie
     ids = torch.randint(0, 128, (world * SEQUENCES_PER_RANK, SEQUENCE_LENGTH)).to(DEVICE)
     blocks = find_moe_blocks(reference)
     recorder = RoutingStats(len(blocks), int(blocks[0][1].experts.gate_up_proj.shape[0]),
-                               reference.config.num_experts_per_tok).attach_to_routers(blocks)
+                            reference.config.num_experts_per_tok).attach_to_routers(blocks)
     with torch.no_grad():
         ref_logits = reference(ids).logits
     recorder.detach()

@@ -412,7 +412,7 @@ def check_hf_training(rank: int, world: int, topology: Topology, out_dir: str, f
                for s in range(steps)]
         blocks = find_moe_blocks(reference)
         recorder = RoutingStats(len(blocks), int(blocks[0][1].experts.gate_up_proj.shape[0]),
-                                   reference.config.num_experts_per_tok).attach_to_routers(blocks)
+                                reference.config.num_experts_per_tok).attach_to_routers(blocks)
         with torch.no_grad():
             reference(ids[0])
         recorder.detach()
