@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from grace_ds import faults
 from grace_ds.errors import GraceInputError
-from grace_ds.hooks import RoutingRecorder
+from grace_ds.routing_stats import RoutingStats as RoutingRecorder  # its old name, used below
 from grace_ds.layer import DEFAULT_GATHER_MAX_TOKENS, DEFAULT_HIERARCHICAL_MIN_TOKENS, GraceRuntime
 from grace_ds.models import convert_model, find_moe_blocks
 from grace_ds.models.convert import top_k_of

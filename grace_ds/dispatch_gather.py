@@ -18,6 +18,7 @@ grow with GPUs per node. Both take fixed split sizes: no host synchronisation ei
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ import torch.distributed as dist
 
 from grace_ds.faults import guarded
 from grace_ds.node_groups import NodeGroup
+from grace_ds.topology import Topology
 
 # Newer torch names them *_single; 2.11 (the GPU machine's) only has the older names.
 _all_gather_rows = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -77,9 +79,10 @@ class NodeLayout:
     def local(self) -> int:
         return self.rank % self.per_node
 
-    @property
+    @functools.cached_property  # read every call: worked out once
     def peers(self) -> list[int]:
-        return [n * self.per_node + self.local for n in range(self.nodes) if n != self.node]
+        topology = Topology.uniform(self.nodes, self.per_node)
+        return [topology.peer_of(self.rank, n) for n in range(self.nodes) if n != self.node]
 
     @property
     def mates(self) -> list[int]:

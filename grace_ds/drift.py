@@ -1,9 +1,9 @@
 """Drift: how far the traffic being served has moved from what the plan was built for.
 
 Per layer, the GPU loads the plan expects (`predicted_gpu_load`, set when the plan was made) are
-compared with the loads the observed expert loads give under the same plan and router: the growth of
-max/mean GPU load (what a straggler GPU costs every forward) and the total-variation distance between
-the two load shares. Only routing tables and counts are read: no device work.
+compared with the loads the router actually produced (pairs per GPU of its physical picks, counted by
+grace_ds.routing_stats): the growth of max/mean GPU load (what a straggler GPU costs every forward) and
+the total-variation distance between the two load shares. Only counts are read: no device work.
 """
 from __future__ import annotations
 
@@ -12,14 +12,13 @@ from dataclasses import dataclass
 import torch
 
 from grace_ds.plan import PlacementPlan
-from grace_ds.simulate import expected_gpu_load
 
 
 @dataclass
 class LayerDrift:
     layer: int
     predicted_imbalance: float  # max/mean GPU load the plan expected
-    observed_imbalance: float  # max/mean GPU load of the observed expert loads under the plan
+    observed_imbalance: float  # max/mean GPU load the router produced
     load_shift: float  # total-variation distance between predicted and observed GPU-load shares, in [0, 1]
 
     @property
@@ -32,11 +31,11 @@ def _imbalance(gpu_load: torch.Tensor) -> float:
     return float(gpu_load.max()) / mean if mean > 0 else 1.0
 
 
-def measure_drift(plan: PlacementPlan, expert_load: torch.Tensor, router_policy: str = "tar") -> list[LayerDrift]:
-    """expert_load [L, E] observed pairs per expert -> one LayerDrift per plan layer."""
+def measure_drift(plan: PlacementPlan, gpu_load: torch.Tensor) -> list[LayerDrift]:
+    """gpu_load [L, P] pairs each GPU computed under `plan` -> one LayerDrift per plan layer."""
     out = []
     for layer in range(plan.num_layers):
-        observed = expected_gpu_load(plan, layer, expert_load[layer].double(), router_policy)
+        observed = gpu_load[layer].double()
         predicted = plan.predicted_gpu_load[layer]
         shift = 0.5 * float((observed / observed.sum().clamp(min=1e-12)
                              - predicted / predicted.sum().clamp(min=1e-12)).abs().sum())

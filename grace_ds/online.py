@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -31,7 +32,7 @@ from grace_ds.planners import make_plan
 from grace_ds.planners.assemble import base_slots
 from grace_ds.planners.incremental import IncrementalResult, Move, align_plan, moved_copies, replan_incremental
 from grace_ds.profile import RoutingProfile
-from grace_ds.window import RoutingWindow
+from grace_ds.routing_stats import RoutingStats
 
 
 REPLAN_POLICIES = ("incremental", "eplb-periodic", "grace-periodic")
@@ -72,12 +73,13 @@ class _Pending:
     posted_at: float
 
 
-def decide_replan(plan: PlacementPlan, window: RoutingProfile, settings: OnlineSettings, unfinished: bool,
-                  mode: str = "both", router_policy: str = "tar") -> tuple[dict, IncrementalResult | None]:
-    """The check every interval: (a record of it, the re-plan or None). Incremental: a bounded re-plan when
-    the drift passes the threshold or the last re-plan ran out of moves; periodic policies: a plan from
-    scratch, renumbered to keep copies in place. Pure (the runtime runs it on the first rank only)."""
-    drifts = measure_drift(plan, window.expert_load, router_policy)
+def decide_replan(plan: PlacementPlan, window: RoutingProfile, gpu_load: torch.Tensor, settings: OnlineSettings,
+                  unfinished: bool, mode: str = "both") -> tuple[dict, IncrementalResult | None]:
+    """The check every interval, on the window's profile and gpu_load [L, P] (pairs each GPU computed
+    under `plan`): (a record of it, the re-plan or None). Incremental: a bounded re-plan when the drift
+    passes the threshold or the last re-plan ran out of moves; periodic policies: a plan from scratch,
+    renumbered to keep copies in place. Pure (the runtime runs it on the first rank only)."""
+    drifts = measure_drift(plan, gpu_load)
     signal = drift_signal(drifts)
     record = {"drift": signal, "load_shift": max(d.load_shift for d in drifts),
               "observed_imbalance": max(d.observed_imbalance for d in drifts), "replanned": False,
@@ -112,9 +114,10 @@ class OnlineReplanner:
         self.group = group if group is not None else runtime.group
         self.transfer_group = transfer_group if transfer_group is not None else self.group
         s = self.settings
-        self.window = RoutingWindow(plan.num_layers, plan.num_experts, plan.top_k, s.window_steps, s.window_buckets,
-                                    s.sample_tokens, runtime.device, plan.model_name, list(plan.layer_names))
-        runtime.observers.append(self.window.observe)
+        self.window = RoutingStats(plan.num_layers, plan.num_experts, plan.top_k, runtime.device, plan.model_name,
+                                   list(plan.layer_names), s.sample_tokens, s.window_steps, s.window_buckets,
+                                   plan.num_gpus, plan.slots_per_gpu)
+        runtime.observers.append(self._observe)
         self.log = log
         self.history: list[dict] = []
         self.step = 0
@@ -124,6 +127,12 @@ class OnlineReplanner:
         self._unfinished = False  # the first rank's: only it plans
         self._rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self._handles: list = []
+
+    def _observe(self, layer: int, top_k_index: torch.Tensor) -> None:
+        """Counts a layer call's picks with the physical slots the served router gives them (peeked: the
+        layer's own routing right after gets the same), so drift measures the loads the GPUs computed."""
+        ids = top_k_index.detach().reshape(-1, top_k_index.shape[-1])
+        self.window.observe(layer, ids, self.runtime.router.peek(layer, ids, self.runtime.rank))
 
     def attach(self, model: nn.Module) -> "OnlineReplanner":
         """A forward hook on `model` that ends a step after each of its forwards."""
@@ -137,8 +146,8 @@ class OnlineReplanner:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self.window.observe in self.runtime.observers:
-            self.runtime.observers.remove(self.window.observe)
+        if self._observe in self.runtime.observers:
+            self.runtime.observers.remove(self._observe)
 
     def end_step(self) -> None:
         """A step boundary: switch a posted re-plan; post one whose planning is due; else check the drift
@@ -157,13 +166,12 @@ class OnlineReplanner:
         """Sum the window over ranks (a collective, here); the job's first rank plans on a thread while
         serving goes on, and every rank takes the plan up at a fixed later step."""
         runtime = self.runtime
-        profile = self.window.to_profile(self.group)
+        profile, gpu_load = self.window.totals(self.group)
         mode = runtime.comm_mode if runtime.plan.topology.num_nodes > 1 else "flat"
         started, step = time.perf_counter(), self.step
 
         def plan():
-            record, result = decide_replan(runtime.plan, profile, self.settings, self._unfinished, mode,
-                                           runtime.router_policy)
+            record, result = decide_replan(runtime.plan, profile, gpu_load, self.settings, self._unfinished, mode)
             record.update(step=step, planning_s=time.perf_counter() - started)
             return record, result
 
@@ -203,6 +211,7 @@ class OnlineReplanner:
         waited = time.perf_counter()
         arrived = pending.transfer.wait()
         self.runtime.switch_plan(pending.plan, arrived)
+        self.window.forget_gpu_loads()
         record = pending.record
         sent, received = pending.transfer.bytes_sent, pending.transfer.bytes_received
         record.update(switch_step=self.step, transfer_wait_s=time.perf_counter() - waited,

@@ -178,6 +178,15 @@ class ReplicaRouter:
             self._layers[layer] = {k: v.to(self.device) for k, v in tables.items()}
         return self._layers[layer]
 
+    def peek(self, layer: int, topk_ids: torch.Tensor, source_gpu: int | torch.Tensor) -> torch.Tensor:
+        """The slots `route` gives these picks, leaving the random draws where they were: the next `route`
+        of the same picks returns the same slots (an observer sees what the layer will get)."""
+        state = self._generator.get_state()
+        try:
+            return self.route(layer, topk_ids, source_gpu)
+        finally:
+            self._generator.set_state(state)
+
     def route(self, layer: int, topk_ids: torch.Tensor, source_gpu: int | torch.Tensor) -> torch.Tensor:
         """topk_ids [T, k] logical ids, source_gpu (int or [T]) -> physical slot ids [T, k]."""
         tables = self.tables(layer)

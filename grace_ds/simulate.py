@@ -107,7 +107,7 @@ def layer_traffic(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Top
                   cost: CostSettings) -> dict[str, float]:
     """dest_gpu [T, k] GPU serving each pair; token_gpu [T] GPU holding each token."""
     num_gpus, num_nodes = topology.num_gpus, topology.num_nodes
-    node_of_gpu, local_index = topology.node_of_gpu, topology.local_index_of_gpu
+    node_of_gpu = topology.node_of_gpu
     num_tokens = dest_gpu.shape[0]
     hits = torch.zeros(num_tokens, num_gpus, dtype=torch.bool)
     hits.scatter_(1, dest_gpu, True)
@@ -146,10 +146,7 @@ def layer_traffic(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Top
     local_remote = remote & ~gpu_on_other_node  # same-node targets: sent directly
     local_matrix = onehot_src.T @ local_remote.double()
     intra_local = torch.maximum(local_matrix.sum(1), local_matrix.sum(0)) * bytes_per_copy
-    # Peer of token's GPU on each node: local index modulo that node's GPU count.
-    counts = torch.tensor(topology.gpus_per_node)
-    peer_of = topology.first_gpu_of_node.view(1, -1) + local_index[token_gpu].view(-1, 1) % counts.view(1, -1)  # [T, N]
-    peer_gpu_of_dest = peer_of.gather(1, node_of_gpu.view(1, -1).expand(num_tokens, -1))  # [T, P]
+    peer_gpu_of_dest = topology.peer_of(token_gpu.view(-1, 1), node_of_gpu.view(1, -1))  # [T, P]
     fanout = hits & gpu_on_other_node & (torch.arange(num_gpus).view(1, -1) != peer_gpu_of_dest)
     fan_sent = torch.zeros(num_gpus, dtype=torch.float64).index_add_(0, peer_gpu_of_dest[fanout], torch.ones(int(fanout.sum()), dtype=torch.float64))
     fan_recv = fanout.double().sum(0)

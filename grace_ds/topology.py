@@ -87,6 +87,13 @@ class Topology:
         """[P] int64: a GPU's index inside its node (its peer on another node has the same index)."""
         return torch.arange(self.num_gpus) - self.first_gpu_of_node[self.node_of_gpu]
 
+    def peer_of(self, gpu: int | torch.Tensor, node: int | torch.Tensor) -> int | torch.Tensor:
+        """The GPU of `node` with `gpu`'s local index (modulo that node's size when nodes differ): where the
+        hierarchical exchanges send what `gpu` has for `node`. Ints, or int64 tensors that broadcast."""
+        sizes = torch.tensor(self.gpus_per_node)
+        peer = self.first_gpu_of_node[node] + self.local_index_of_gpu[gpu] % sizes[node]
+        return int(peer) if isinstance(gpu, int) and isinstance(node, int) else peer
+
     def gpus_of_node(self, node: int) -> list[int]:
         start = int(self.first_gpu_of_node[node])
         return list(range(start, start + self.gpus_per_node[node]))

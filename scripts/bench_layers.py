@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -129,10 +130,11 @@ def host_tail_ms(forward, x, iters: int, device: torch.device) -> list[float]:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def tails_after_sync_warnings(forward, x, iters: int, drain) -> list[float]:
+def tails_after_sync_warnings(forward, x, iters: int, drain,
+                              clock: Callable[[], float] = time.perf_counter) -> list[float]:
     """host_tail_ms's clock: torch raises a C++ warning as a Python one when the call that synchronised
     returns, so the last warning's moment is where the host stopped waiting. `drain()` empties the
-    device's queues before each iteration (untimed)."""
+    device's queues before each iteration (untimed). `clock()`: seconds (a test passes one it advances)."""
     tails = []
     with warnings.catch_warnings(), torch.no_grad():
         warnings.filterwarnings("always", message=f".*{SYNC_WARNING}")
@@ -141,7 +143,7 @@ def tails_after_sync_warnings(forward, x, iters: int, drain) -> list[float]:
 
         def note(message, *args, **kwargs) -> None:
             if SYNC_WARNING in str(message):
-                warned.append(time.perf_counter())
+                warned.append(clock())
             else:
                 show(message, *args, **kwargs)
 
@@ -149,9 +151,9 @@ def tails_after_sync_warnings(forward, x, iters: int, drain) -> list[float]:
         for _ in range(iters):
             drain()
             warned.clear()
-            started = time.perf_counter()
+            started = clock()
             forward(x)
-            ended = time.perf_counter()
+            ended = clock()
             tails.append((ended - max(warned, default=started)) * 1e3)
     return tails
 

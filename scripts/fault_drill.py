@@ -31,7 +31,7 @@ HIDDEN, EXPERTS, TOP_K = 8, 8, 2
 
 
 def _setup(rank: int):
-    from grace_ds.hooks import RoutingRecorder
+    from grace_ds.routing_stats import RoutingStats
     from grace_ds.layer import GraceRuntime
     from grace_ds.planners import make_plan
     from grace_ds.profile import RoutingProfile
@@ -43,7 +43,7 @@ def _setup(rank: int):
     # Flat: dispatch (own rows computed meanwhile), the arrived rows' experts, combine: a fault in the
     # arrived rows' experts lands in the combine.
     runtime = GraceRuntime(plan, rank, None, "tar", "flat")
-    recorder = RoutingRecorder(1, EXPERTS, TOP_K)
+    recorder = RoutingStats(1, EXPERTS, TOP_K)
     recorder.observe(0, ids[:16, 0])
     mine = ids[rank * 16:(rank + 1) * 16, 0]
     return plan, runtime, recorder, mine

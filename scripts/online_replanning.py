@@ -33,10 +33,11 @@ from grace_ds.online import OnlineSettings, decide_replan  # noqa: E402
 from grace_ds.planners import make_plan  # noqa: E402
 from grace_ds.planners.incremental import copies_to_receive  # noqa: E402
 from grace_ds.profile import RoutingProfile  # noqa: E402
-from grace_ds.simulate import CostSettings, simulate_trace, summarize  # noqa: E402
+from grace_ds.routing import ReplicaRouter  # noqa: E402
+from grace_ds.routing_stats import RoutingStats  # noqa: E402
+from grace_ds.simulate import CostSettings, simulate_trace, summarize, token_gpus  # noqa: E402
 from grace_ds.topology import Topology  # noqa: E402
 from grace_ds.trace import RoutingTrace  # noqa: E402
-from grace_ds.window import RoutingWindow  # noqa: E402
 
 POLICIES = ("grace-offline", "grace-online", "grace-periodic", "eplb-periodic")
 METRICS = ("modeled_layer_time_us", "max_over_mean_gpu_load", "gpu_copies_per_token")
@@ -58,19 +59,24 @@ def run_policy(policy: str, first: torch.Tensor, stream: torch.Tensor, topology:
                               window_steps=args.window_steps, window_buckets=4, interval_steps=args.interval,
                               drift_threshold=args.drift_threshold, max_moves_per_step=args.max_moves,
                               sample_tokens=args.sample_tokens, plan_delay_steps=args.plan_delay)
-    window = RoutingWindow(plan.num_layers, num_experts, first.shape[-1], settings.window_steps, settings.window_buckets,
-                           settings.sample_tokens)
+    window = RoutingStats(plan.num_layers, num_experts, first.shape[-1], sample_tokens=settings.sample_tokens,
+                          window_steps=settings.window_steps, buckets=settings.window_buckets, num_gpus=plan.num_gpus,
+                          slots_per_gpu=plan.slots_per_gpu)
+    sources = token_gpus(stream.shape[1], plan.num_gpus)
+    router = ReplicaRouter(plan)  # the simulator's router: every GPU a source, as simulate_trace routes
     mode_key = "modeled_layer_time_us" if args.mode == "hierarchical" else "modeled_layer_time_us_flat"
     steps, events, unfinished, pending = [], [], False, None
     for step, tokens in enumerate(stream):
         if pending is not None and step >= pending[0]:
             plan, pending = pending[1], None
+            router = ReplicaRouter(plan)
+            window.forget_gpu_loads()
         summary = summarize(simulate_trace(plan, tokens, cost=cost))
         steps.append({"step": step, "modeled_layer_time_us": summary[mode_key],
                       "max_over_mean_gpu_load": summary["max_over_mean_gpu_load"],
                       "gpu_copies_per_token": summary["gpu_copies_per_token"]})
-        for layer in range(plan.num_layers):
-            window.observe(layer, tokens[:, layer])
+        for layer in range(plan.num_layers):  # with the physical picks: drift is measured on them
+            window.observe(layer, tokens[:, layer], router.route(layer, tokens[:, layer], sources))
         window.end_step()
         progress.update(1)
         done = step + 1
@@ -79,7 +85,7 @@ def run_policy(policy: str, first: torch.Tensor, stream: torch.Tensor, topology:
                 or done < settings.window_steps // 2):
             continue
         started = time.perf_counter()
-        record, result = decide_replan(plan, window.to_profile(), settings, unfinished, args.mode)
+        record, result = decide_replan(plan, *window.totals(), settings, unfinished, args.mode)
         if result is None:
             continue
         unfinished = result.budget_exhausted

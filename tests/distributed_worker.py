@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grace_ds.experts as grace_experts  # noqa: E402
 from grace_ds.decode_graphs import GatherGraphs  # noqa: E402
-from grace_ds.hooks import RoutingRecorder  # noqa: E402
+from grace_ds.routing_stats import RoutingStats  # noqa: E402
 from grace_ds.logical_nodes import join_logical_node  # noqa: E402
 from grace_ds.layer import GraceExperts, GraceRuntime  # noqa: E402
 from grace_ds.models import convert_model, find_moe_blocks  # noqa: E402
@@ -38,8 +38,8 @@ def check_family(family: str, rank: int, world: int, topology: Topology, policie
     torch.manual_seed(1)
     ids = torch.randint(0, 128, (world * SEQUENCES_PER_RANK, SEQUENCE_LENGTH)).to(DEVICE)
     blocks = find_moe_blocks(reference)
-    recorder = RoutingRecorder(len(blocks), int(blocks[0][1].experts.gate_up_proj.shape[0]),
-                               reference.config.num_experts_per_tok).attach_to_routers(blocks)
+    recorder = RoutingStats(len(blocks), int(blocks[0][1].experts.gate_up_proj.shape[0]),
+                            reference.config.num_experts_per_tok).attach_to_routers(blocks)
     with torch.no_grad():
         ref_logits = reference(ids).logits
     recorder.detach()
@@ -188,7 +188,7 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
     torch.manual_seed(1)
     ids = torch.randint(0, 128, (world * SEQUENCES_PER_RANK, SEQUENCE_LENGTH)).to(DEVICE)
     blocks = find_moe_blocks(reference)
-    recorder = RoutingRecorder(len(blocks), 8, 2).attach_to_routers(blocks)
+    recorder = RoutingStats(len(blocks), 8, 2).attach_to_routers(blocks)
     with torch.no_grad():
         ref_logits = reference(ids).logits
     recorder.detach()

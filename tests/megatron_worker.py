@@ -16,7 +16,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from grace_ds.hooks import RoutingRecorder  # noqa: E402
+from grace_ds.routing_stats import RoutingStats  # noqa: E402
 from grace_ds.logical_nodes import join_logical_node  # noqa: E402
 from grace_ds.layer import GraceRuntime  # noqa: E402
 from grace_ds.megatron import grace_layer_spec, top_k_from_routing  # noqa: E402
@@ -179,7 +179,7 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
             fc1 = gathered(torch.stack([e.linear_fc1.weight.detach() for e in reference.experts.local_experts]))
             fc2 = gathered(torch.stack([e.linear_fc2.weight.detach() for e in reference.experts.local_experts]))
             x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(7 + rank)).to(DEVICE)
-            recorder = RoutingRecorder(1, EXPERTS, TOP_K).attach_to_megatron_routers([reference])
+            recorder = RoutingStats(1, EXPERTS, TOP_K).attach_to_megatron_routers([reference])
             with torch.no_grad():
                 expected = reference(x)[0]
             recorder.detach()

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grace_ds.hooks import RoutingRecorder  # noqa: E402
+from grace_ds.routing_stats import RoutingStats  # noqa: E402
 from grace_ds.logical_nodes import join_logical_node  # noqa: E402
 from grace_ds.models import find_moe_blocks  # noqa: E402
 from grace_ds.planners import make_plan  # noqa: E402
@@ -38,7 +38,7 @@ def serve(rank: int, world: int, topology: Topology, mode: str, out_dir: str) ->
 
     reference = tiny_model("olmoe").to(DEVICE)
     blocks = find_moe_blocks(reference)
-    recorder = RoutingRecorder(len(blocks), 8, 2).attach_to_routers(blocks)
+    recorder = RoutingStats(len(blocks), 8, 2).attach_to_routers(blocks)
     with torch.no_grad():
         reference(batch(0, world).to(DEVICE))
     recorder.detach()

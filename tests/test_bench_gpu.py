@@ -27,6 +27,46 @@ def rendered_page(tmp_path: Path, report: Path, *options: str) -> str:
     return (tmp_path / "benchmarks.md").read_text()
 
 
+EXTRA_LAYER_OVERHEAD_US = 1000.0  # added to every case's measured GRACE-layer fixed cost
+PERTURBED_BYTES = ("megatron-alltoall", "prefill-32768")  # this result's measured cross-node bytes are doubled
+
+
+def remodel_perturbed(measured: Path, shared_data: Path, out: Path) -> dict:
+    """bench_gpu.py --remodel of `measured` with its GRACE layer's fixed cost raised and one result's
+    cross-node bytes doubled."""
+    report = json.loads(measured.read_text())
+    for fixed in report["fixed_costs"].values():
+        fixed["layer_overhead_us"] += EXTRA_LAYER_OVERHEAD_US
+    for r in report["results"]:
+        if (r["variant"], r["batch"]) == PERTURBED_BYTES:
+            r["cross_node_bytes"] *= 2
+    perturbed = out.parent / "perturbed_measured.json"
+    perturbed.write_text(json.dumps(report))
+    subprocess.run([sys.executable, str(ROOT / "scripts/bench_gpu.py"), "--remodel", str(perturbed),
+                    "--traces", str(shared_data / "routing"), "--out", str(out)], check=True, cwd=ROOT, timeout=HANG_GUARD_S)
+    return json.loads((out / "bench_gpu.json").read_text())
+
+
+def assert_remodel_follows_the_perturbation(run: list[dict], remodeled: list[dict], links: dict, nodes: int) -> None:
+    """The flat GRACE layer's modeled time grows by the added fixed cost (its floor, which has none, stays);
+    the result whose bytes doubled grows by the extra bytes through one node's link, at the measured rate
+    in the model and the peak rate in the floor; every other modeled time and floor is the run's."""
+    assert len(run) == len(remodeled)
+    per_node_link_Bpms = links["inter_node_GBps"] * 1e6
+    peak_Bpms = links.get("inter_node_peak_GBps", links["inter_node_GBps"]) * 1e6
+    for before, after in zip(run, remodeled):
+        assert (before["variant"], before["batch"]) == (after["variant"], after["batch"])
+        model_delta = floor_delta = 0.0
+        if before["policy"] is not None and before["mode"] == "flat":
+            model_delta = EXTRA_LAYER_OVERHEAD_US / 1e3
+        if (before["variant"], before["batch"]) == PERTURBED_BYTES:
+            extra_per_node = before["cross_node_bytes"] / nodes
+            model_delta, floor_delta = extra_per_node / per_node_link_Bpms, extra_per_node / peak_Bpms
+            assert model_delta > 1e-6
+        assert after["modeled_ms"] == pytest.approx(before["modeled_ms"] + model_delta, rel=1e-9, abs=1e-9), after
+        assert after["floor_ms"] == pytest.approx(before["floor_ms"] + floor_delta, rel=1e-9, abs=1e-9), after
+
+
 def test_bench_gpu_runs_every_variant_on_cpu(shared_data, tmp_path):
     out = tmp_path / "bench"
     subprocess.run([sys.executable, str(ROOT / "scripts/bench_gpu.py"), "--device", "cpu", "--tiny", "--gpus", "2",
@@ -71,12 +111,10 @@ def test_bench_gpu_runs_every_variant_on_cpu(shared_data, tmp_path):
     assert {(r["policy"], r["batch"]) for r in model} == {
         (p, b) for p in ("contiguous", "eplb", "uniform-affinity", "grace")
         for b in ("prefill-256x128", "prefill-512x64", "decode-256", "decode-512")}
-    # Redoing the model from the measured JSON (same plans, rebuilt) gives the run's own modeled times.
+    # --remodel recomputes the model from the measured JSON's figures: perturbed, they move it as the model says.
     again = tmp_path / "again"
-    subprocess.run([sys.executable, str(ROOT / "scripts/bench_gpu.py"), "--remodel", str(out / "bench_gpu_measured.json"),
-                    "--traces", str(shared_data / "routing"), "--out", str(again)], check=True, cwd=ROOT, timeout=HANG_GUARD_S)
-    remodeled = json.loads((again / "bench_gpu.json").read_text())
-    assert [r["modeled_ms"] for r in remodeled["results"]] == pytest.approx([r["modeled_ms"] for r in results])
+    remodeled = remodel_perturbed(out / "bench_gpu_measured.json", shared_data, again)
+    assert_remodel_follows_the_perturbation(results, remodeled["results"], report["links"], nodes=2)
     # The docs page renders from it, with an earlier run beside it.
     page = rendered_page(tmp_path, out / "bench_gpu.json", "--earlier", str(again / "bench_gpu.json"))
     assert "## Findings" in page and "must-shows, run by run" in page and "Run-to-run spread" in page
@@ -133,33 +171,30 @@ def test_host_tail_overlaps_the_device_work_after_the_last_wait():
 
 @pytest.mark.filterwarnings("ignore:some other warning")
 def test_host_tail_is_the_time_after_the_last_synchronising_call():
-    # Bounded by the test's own clock around each wait, not by how fast the host sleeps: the tail starts
-    # no earlier than the last wait's warning and ends no later than the call's return.
-    def forward(wait_s: float, tail_s: float, syncs: int, clock: dict):
+    now = [0.0]  # the test's clock: the forward advances it, nothing else does
+
+    def forward(wait_s: float, tail_s: float, syncs: int):
         def run(_x):
-            clock["start"] = time.perf_counter()
             for _ in range(syncs):
-                time.sleep(wait_s)
-                clock["before_warning"] = time.perf_counter()
+                now[0] += wait_s
                 warnings.warn(f"{bench_layers.SYNC_WARNING} (a test's)")
-                clock["after_warning"] = time.perf_counter()
             warnings.warn("some other warning, not a wait")
-            time.sleep(tail_s)
-            clock["end"] = time.perf_counter()
+            now[0] += tail_s
         return run
 
+    def clock() -> float:
+        return now[0]
+
     filters, show = list(warnings.filters), warnings.showwarning
-    for _ in range(2):
-        clock: dict = {}
-        [tail] = bench_layers.tails_after_sync_warnings(forward(0.05, 0.02, 2, clock), None, 1, lambda: None)
-        returned = time.perf_counter()
-        assert (clock["end"] - clock["after_warning"]) * 1e3 <= tail <= (returned - clock["before_warning"]) * 1e3
-        # The 50 ms wait before that warning is not in it.
-        assert tail < (clock["end"] - clock["start"]) * 1e3
+    tails = bench_layers.tails_after_sync_warnings(forward(0.05, 0.02, 2), None, 2, lambda: None, clock)
+    assert tails == pytest.approx([20.0, 20.0])  # after the second wait, not the first (70 ms)
     # No wait at all: every moment of the forward is launch time the device can overlap.
-    clock = {}
-    [tail] = bench_layers.tails_after_sync_warnings(forward(0.05, 0.02, 0, clock), None, 1, lambda: None)
-    assert tail >= (clock["end"] - clock["start"]) * 1e3
+    assert bench_layers.tails_after_sync_warnings(forward(0.05, 0.02, 0), None, 1, lambda: None, clock) == \
+        pytest.approx([20.0])
+    # `drain` runs before the iteration's clock starts: its time is not the forward's.
+    drained = bench_layers.tails_after_sync_warnings(forward(0.0, 0.01, 0), None, 1,
+                                                     lambda: now.__setitem__(0, now[0] + 1.0), clock)
+    assert drained == pytest.approx([10.0])
     # The capture leaves no filter or display hook behind.
     assert warnings.filters == filters and warnings.showwarning is show
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from grace_ds.hooks import RoutingRecorder
+from grace_ds.routing_stats import RoutingStats
 from grace_ds.models import find_moe_blocks
 from grace_ds.planners import make_plan
 from grace_ds.topology import Topology
@@ -24,7 +24,7 @@ def test_two_emulated_nodes_under_the_deepspeed_launcher(tmp_path, monkeypatch):
     model = tiny_model("qwen3_moe")
     model.save_pretrained(tmp_path / "model")
     blocks = find_moe_blocks(model)
-    recorder = RoutingRecorder(len(blocks), 8, 2).attach_to_routers(blocks)
+    recorder = RoutingStats(len(blocks), 8, 2).attach_to_routers(blocks)
     with torch.no_grad():
         model(torch.randint(0, 128, (8, 32)))
     make_plan("grace", recorder.to_profile(reduce=False), Topology.uniform(2, per_node), 1).save(tmp_path / "plan.json")

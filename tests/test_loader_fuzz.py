@@ -1,7 +1,11 @@
 """Every loader meets random and mutated bytes with a GraceInputError naming the file, or a valid object;
-never another exception, never a partial write."""
+never another exception. A writer interrupted half-way leaves the file it replaces as it was, and no
+temporary file beside it."""
 import json
 import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +16,7 @@ from grace_ds.errors import GraceInputError
 from grace_ds.plan import PlacementPlan
 from grace_ds.planners import make_plan
 from grace_ds.profile import RoutingProfile
+from grace_ds.simulate import simulate_trace
 from grace_ds.topology import Topology
 from grace_ds.trace import RoutingTrace
 from tests.conftest import tiny_trace
@@ -64,18 +69,108 @@ def mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
     return bytes(out[:cut] if cut is not None else out)
 
 
+def assert_usable(name: str, loaded, path) -> None:
+    """What a loaded object must be for its consumers: checked here in their terms, not by re-running the
+    loader's own validation, so a loader that lets a broken file through fails the test."""
+    if name == "plan.json":
+        assert isinstance(loaded, PlacementPlan)
+        occupied = loaded.slot_expert >= 0
+        assert loaded.slot_expert.max() < loaded.num_experts and (loaded.slot_weight[occupied] > 0).all()
+        assert (loaded.copies_per_expert() >= 1).all()
+        assert (loaded.slot_is_primary.sum((1, 2)) == loaded.num_experts).all()  # one primary per expert
+        ids = tiny_trace(tokens=16, layers=loaded.num_layers, experts=loaded.num_experts, top_k=loaded.top_k)
+        simulate_trace(loaded, ids)  # the router serves it
+    elif name in ("profile.safetensors", "loads.json"):
+        assert isinstance(loaded, RoutingProfile)
+        load = loaded.expert_load
+        assert load.dim() == 2 and torch.isfinite(load).all() and (load >= 0).all() and (load.sum(1) > 0).all()
+        assert len(loaded.layer_names) == loaded.num_layers and 1 <= loaded.top_k <= loaded.num_experts
+        make_plan("eplb", loaded, Topology.uniform(2, 2), 1)  # a planner takes it
+    elif name == "trace.safetensors":
+        assert isinstance(loaded, RoutingTrace)
+        ids = loaded.topk_ids
+        assert ids.dim() == 3 and ids.shape[0] >= 1 and len(loaded.layer_names) == ids.shape[1]
+        assert 0 <= int(ids.min()) and int(ids.max()) < loaded.num_experts
+    elif name == "ds.json":
+        rest, section = loaded
+        on_disk = json.loads(path.read_text())
+        assert rest == {k: v for k, v in on_disk.items() if k != "grace_moe"}
+        assert (section is None) == (on_disk.get("grace_moe") is None)
+    elif name == "model.safetensors":
+        model, _ = loaded
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+        assert logits.shape == (1, 3, model.config.vocab_size)
+    else:
+        raise AssertionError(f"no usability check for {name}")
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.sampled_from(sorted(LOADERS)), edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)),
                                                              max_size=8),
        cut=st.one_of(st.none(), st.integers(0, 4000)))
-def test_mutated_files_are_refused_cleanly(originals, tmp_path, name, edits, cut):
+def test_mutated_files_are_refused_cleanly_or_load_usable(originals, tmp_path, name, edits, cut):
     path = tmp_path / name
     path.write_bytes(mutate(originals[name], edits, cut))
     try:
-        LOADERS[name](path)
+        loaded = LOADERS[name](path)
     except GraceInputError as error:
         assert (name in str(error) or name == "ds.json" and "grace_moe" in str(error)
                 or name == "model.safetensors" and "cannot load the model" in str(error))
+    else:
+        assert_usable(name, loaded, path)
+
+
+def _edited_json(original: bytes, edit) -> bytes:
+    data = json.loads(original)
+    edit(data)
+    return json.dumps(data).encode()
+
+
+def _edited_tensors(path, name: str, edit) -> None:
+    from grace_ds.files import METADATA_KEY
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    edit(tensors[name])
+    save_file(tensors, str(path), metadata={METADATA_KEY: metadata[METADATA_KEY]})
+
+
+def _promote_a_replica(plan: dict) -> None:
+    """Marks the first replica of the plan primary: its expert then has two primary copies."""
+    for gpu in plan["layers"][0]["gpus"]:
+        if not all(gpu["primary"]):
+            gpu["primary"][gpu["primary"].index(False)] = True
+            return
+    raise AssertionError("the plan has no replica to promote")
+
+
+# Files that still parse but say something impossible: a loader must refuse each (fuzzing may never hit them).
+PARSEABLE_BUT_WRONG = {
+    "plan: expert id past num_experts": ("plan.json", lambda d: d["layers"][0]["gpus"][0]["experts"].__setitem__(0, 8)),
+    "plan: negative copy weight": ("plan.json", lambda d: d["layers"][1]["gpus"][2]["weights"].__setitem__(0, -0.5)),
+    "plan: an expert with two primaries": ("plan.json", lambda d: _promote_a_replica(d)),
+    "loads: a negative count": ("loads.json", lambda d: d["logical_count"][0].__setitem__(1, -4)),
+    "ds: an unknown communication mode": ("ds.json", lambda d: d["grace_moe"].__setitem__("communication", "sideways")),
+    "profile: negative load": ("profile.safetensors", ("expert_load", lambda t: t.__setitem__((0, 0), -1.0))),
+    "profile: sampled expert id past num_experts": (
+        "profile.safetensors", ("sample_topk_ids", lambda t: t.__setitem__((0, 0, 0), 8))),
+    "trace: expert id past num_experts": ("trace.safetensors", ("topk_ids", lambda t: t.__setitem__((3, 1, 0), 8))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARSEABLE_BUT_WRONG))
+def test_parseable_files_with_impossible_contents_are_refused(originals, tmp_path, case):
+    name, edit = PARSEABLE_BUT_WRONG[case]
+    path = tmp_path / name
+    path.write_bytes(originals[name])
+    if name.endswith(".json"):
+        path.write_bytes(_edited_json(originals[name], edit))
+    else:
+        _edited_tensors(path, *edit)
+    with pytest.raises(GraceInputError, match="grace_moe" if name == "ds.json" else name):
+        LOADERS[name](path)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -85,3 +180,51 @@ def test_random_bytes_are_refused_cleanly(tmp_path, name, payload):
     path.write_bytes(payload)
     with pytest.raises(GraceInputError):
         LOADERS[name](path)
+
+
+class _Interrupted(BaseException):
+    """Stands for a kill or Ctrl-C in the middle of a write (not an Exception: cleanup must still run)."""
+
+
+def _interrupt(*args, **kwargs):
+    raise _Interrupted
+
+
+WRITERS = {
+    "plan.json": lambda directory, path: make_plan(
+        "contiguous", RoutingProfile.from_topk_ids(tiny_trace(tokens=40, seed=3), 8), Topology.uniform(2, 2)).save(path),
+    "profile.safetensors": lambda directory, path: RoutingProfile.from_topk_ids(tiny_trace(tokens=40, seed=3), 8).save(path),
+    "trace.safetensors": lambda directory, path: RoutingTrace(tiny_trace(tokens=40, seed=3), 8, ["a", "b"]).save(path),
+}
+
+
+# Where each writer can be cut: its payload's last call before the rename, and the rename itself.
+CUT_POINTS = [(name, where) for name in sorted(WRITERS)
+              for where in ("os.fsync" if name.endswith(".json") else "save_file", "os.replace")]
+
+
+@pytest.mark.parametrize(("name", "where"), CUT_POINTS)
+def test_an_interrupted_write_leaves_the_old_file_whole_and_no_partial_one(tmp_path, monkeypatch, name, where):
+    """Interrupted before the new bytes are all down (fsync, the safetensors writer) or just before they
+    take the old file's place (rename): the path still holds the old file, byte for byte, and nothing
+    half-written lies beside it. A writer that wrote the path in place would leave it changed."""
+    import grace_ds.files
+
+    path = tmp_path / name
+    earlier = f"the file {name} held before this write".encode()  # not written by the writer under test
+    path.write_bytes(earlier)
+    if where == "save_file":
+        def half_then_interrupt(tensors, filename, metadata=None):
+            save_file(tensors, filename, metadata=metadata)
+            with open(filename, "r+b") as handle:  # the bytes so far: a truncated file
+                handle.truncate(len(handle.read()) // 2)
+            raise _Interrupted
+        monkeypatch.setattr(grace_ds.files, "save_file", half_then_interrupt)
+    else:
+        module, function = where.split(".")
+        monkeypatch.setattr(getattr(grace_ds.files, module), function, _interrupt)
+    with pytest.raises(_Interrupted):
+        WRITERS[name](tmp_path, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == earlier
+    assert [p.name for p in tmp_path.iterdir()] == [name]

@@ -1,5 +1,5 @@
-"""The offline pieces of online re-planning: the routing window, the drift signal, the bounded
-incremental planner and the transfer schedule."""
+"""The offline pieces of online re-planning: the routing window, the drift signal on the router's
+physical picks, the bounded incremental planner and the transfer schedule."""
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -11,15 +11,16 @@ from grace_ds.expert_transfer import schedule_transfers
 from grace_ds.planners import make_plan
 from grace_ds.planners.incremental import copies_to_receive, moved_copies, replan_incremental
 from grace_ds.profile import RoutingProfile
-from grace_ds.simulate import simulate_trace, summarize
+from grace_ds.routing import ReplicaRouter
+from grace_ds.routing_stats import RoutingStats
+from grace_ds.simulate import simulate_trace, summarize, token_gpus
 from grace_ds.topology import Topology
 from grace_ds.trace import RoutingTrace
-from grace_ds.window import RoutingWindow
 from tests.conftest import tiny_trace
 
 
 def test_window_forgets_steps_older_than_the_window():
-    window = RoutingWindow(num_layers=1, num_experts=4, top_k=2, window_steps=4, buckets=2, sample_tokens=3)
+    window = RoutingStats(num_layers=1, num_experts=4, top_k=2, window_steps=4, buckets=2, sample_tokens=3)
     old = torch.tensor([[0, 1]] * 5)
     new = torch.tensor([[2, 3]] * 2)
     for ids in (old, old):
@@ -38,17 +39,58 @@ def test_window_forgets_steps_older_than_the_window():
 
 def test_window_refuses_a_window_that_buckets_do_not_divide():
     with pytest.raises(GraceInputError, match="multiple"):
-        RoutingWindow(1, 4, 2, window_steps=6, buckets=4)
+        RoutingStats(1, 4, 2, window_steps=6, buckets=4)
 
 
-def test_drift_is_zero_on_the_planned_traffic_and_grows_when_load_moves():
+def served_gpu_loads(plan, trace: torch.Tensor, policy: str = "tar", sampling: str = "swrr") -> torch.Tensor:
+    """[L, P] pairs each GPU computes when the plan's router serves trace [T, L, k] from every GPU, counted by
+    RoutingStats from the physical picks."""
+    stats = RoutingStats(plan.num_layers, plan.num_experts, plan.top_k, num_gpus=plan.num_gpus,
+                         slots_per_gpu=plan.slots_per_gpu)
+    router, sources = ReplicaRouter(plan, policy, sampling=sampling), token_gpus(trace.shape[0], plan.num_gpus)
+    for layer in range(plan.num_layers):
+        stats.observe(layer, trace[:, layer], router.route(layer, trace[:, layer], sources))
+    return stats.totals(reduce=False)[1]
+
+
+def test_drift_is_small_on_the_planned_traffic_and_grows_when_load_moves():
     trace = tiny_trace(tokens=400, layers=2, experts=8, top_k=2)
     profile = RoutingProfile.from_topk_ids(trace, 8)
     plan = make_plan("grace", profile, Topology.uniform(2, 2), 1)
-    assert drift_signal(measure_drift(plan, profile.expert_load)) == pytest.approx(0.0, abs=1e-6)
-    shifted = profile.expert_load.flip(1)  # the cold experts became the hot ones
+    served = served_gpu_loads(plan, trace)
+    assert served.sum() == trace[:, :, 0].numel() * 2  # every pair counted once, on the GPU it went to
+    assert drift_signal(measure_drift(plan, served)) < 0.05  # the router's rounding, not drift
+    shifted = served_gpu_loads(plan, 7 - trace)  # the cold experts became the hot ones
     drifts = measure_drift(plan, shifted)
     assert drift_signal(drifts) > 0.1 and max(d.load_shift for d in drifts) > 0.05
+
+
+def test_stats_count_the_gpu_of_every_physical_pick():
+    stats = RoutingStats(1, 4, 2, num_gpus=3, slots_per_gpu=2)
+    stats.observe(0, torch.tensor([[0, 1], [2, 3]]), torch.tensor([[0, 5], [1, 2]]))  # GPUs 0, 2, 0, 1
+    assert stats.totals(reduce=False)[1].tolist() == [[2.0, 1.0, 1.0]]
+    stats.forget_gpu_loads()
+    assert stats.totals(reduce=False)[1].sum() == 0 and stats.to_profile(reduce=False).expert_load.sum() == 4
+
+
+def test_stats_without_a_window_keep_everything_and_the_first_samples():
+    stats = RoutingStats(num_layers=1, num_experts=4, top_k=2, sample_tokens=3)
+    for ids in (torch.tensor([[0, 1]] * 2), torch.tensor([[2, 3]] * 5)):
+        stats.observe(0, ids)
+        stats.end_step()
+    profile = stats.to_profile()
+    assert profile.expert_load[0].tolist() == [2, 2, 5, 5] and profile.num_tokens.tolist() == [7]
+    assert profile.sample_topk_ids[:, 0].tolist() == [[0, 1], [0, 1], [2, 3]]
+
+
+def test_peeking_at_random_routing_leaves_the_served_draws_alone():
+    profile = RoutingProfile.from_topk_ids(tiny_trace(tokens=200, layers=1), 8)
+    plan = make_plan("grace", profile, Topology.uniform(2, 2), 2)
+    ids = tiny_trace(tokens=64, layers=1, seed=5)[:, 0]
+    served, watched = (ReplicaRouter(plan, "tar", source_gpus=[1], sampling="random") for _ in range(2))
+    for _ in range(3):
+        expected = served.route(0, ids, 1)
+        assert torch.equal(watched.peek(0, ids, 1), expected) and torch.equal(watched.route(0, ids, 1), expected)
 
 
 @pytest.fixture(scope="module")

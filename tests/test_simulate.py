@@ -50,3 +50,11 @@ def test_simulate_trace_runs_every_layer():
     layers = simulate_trace(plan, torch.tensor([[[0], [0]], [[1], [1]]]))
     # Token 0 on GPU 0 picks expert 0: local in layer a, remote in layer b.
     assert [m.gpu_copies_per_token for m in layers] == [0.0, 1.0]
+
+
+def test_peer_of_is_the_gpu_with_the_same_local_index_wrapped_to_smaller_nodes():
+    topology = Topology((3, 2, 4))  # GPUs 0-2 | 3-4 | 5-8
+    assert [topology.peer_of(4, node) for node in range(3)] == [1, 4, 6]
+    assert [topology.peer_of(2, node) for node in range(3)] == [2, 3, 7]  # local 2 wraps to local 0 on node 1
+    gpus, nodes = torch.arange(9).view(-1, 1), torch.arange(3).view(1, -1)
+    assert topology.peer_of(gpus, nodes).tolist() == [[topology.peer_of(g, n) for n in range(3)] for g in range(9)]

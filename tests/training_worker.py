@@ -406,7 +406,7 @@ def check_hf_training(rank: int, world: int, topology: Topology, out_dir: str, f
     ZeRO 0 and 2, clipping on) against the unmodified model trained on one process on every rank's
     batch with torch's SGD and clip_grad_norm_: gradients of the first step, parameters after 1 and 10."""
     import grace_ds.deepspeed as grace_deepspeed
-    from grace_ds.hooks import RoutingRecorder
+    from grace_ds.routing_stats import RoutingStats
     from grace_ds.models import find_moe_blocks
     from tests.tiny_models import tiny_model
 
@@ -417,8 +417,8 @@ def check_hf_training(rank: int, world: int, topology: Topology, out_dir: str, f
         ids = [torch.randint(3, 128, (2 * world, 12), generator=torch.Generator().manual_seed(50 + s)).to(DEVICE)
                for s in range(steps)]
         blocks = find_moe_blocks(reference)
-        recorder = RoutingRecorder(len(blocks), int(blocks[0][1].experts.gate_up_proj.shape[0]),
-                                   reference.config.num_experts_per_tok).attach_to_routers(blocks)
+        recorder = RoutingStats(len(blocks), int(blocks[0][1].experts.gate_up_proj.shape[0]),
+                                reference.config.num_experts_per_tok).attach_to_routers(blocks)
         with torch.no_grad():
             reference(ids[0])
         recorder.detach()
