@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from grace_ds import faults
 from grace_ds.errors import GraceInputError
-from grace_ds.routing_stats import RoutingStats as RoutingRecorder  # its old name, used below
+from grace_ds.routing_stats import RoutingStats
 from grace_ds.layer import DEFAULT_GATHER_MAX_TOKENS, DEFAULT_HIERARCHICAL_MIN_TOKENS, GraceRuntime
 from grace_ds.models import convert_model, find_moe_blocks
 from grace_ds.models.convert import top_k_of
@@ -244,7 +244,7 @@ def _log_replan(record: dict) -> None:
               f"copies ({record['bytes_moved'] / 2**20:.1f} MiB) in {record['transfer_s']:.2f} s{effect}", flush=True)
 
 
-def attach_recorder(model: torch.nn.Module, runtime: GraceRuntime | None = None) -> RoutingRecorder:
+def attach_recorder(model: torch.nn.Module, runtime: GraceRuntime | None = None) -> RoutingStats:
     """Profiling hooks on a model's MoE layers: transformers sparse MoE blocks (plain or converted to
     GRACE), or deepspeed.moe.layer.MoE layers (GraceMoE layers report through their runtime)."""
     from deepspeed.moe.layer import MoE
@@ -255,7 +255,7 @@ def attach_recorder(model: torch.nn.Module, runtime: GraceRuntime | None = None)
     if blocks:
         num_experts = (runtime.plan.num_experts if runtime is not None
                        else int(blocks[0][1].experts.gate_up_proj.shape[0]))
-        recorder = RoutingRecorder(len(blocks), num_experts, top_k_of(model), model_name=type(model).__name__,
+        recorder = RoutingStats(len(blocks), num_experts, top_k_of(model), model_name=type(model).__name__,
                                    layer_names=[name for name, _ in blocks])
         if runtime is not None:
             runtime.observers.append(recorder.observe)
@@ -266,7 +266,7 @@ def attach_recorder(model: torch.nn.Module, runtime: GraceRuntime | None = None)
     if not layers:
         raise GraceInputError(f"no supported MoE layer in {type(model).__name__} to profile")
     first = layers[0][1]
-    recorder = RoutingRecorder(len(layers), first.num_experts, first.deepspeed_moe.gate.k,
+    recorder = RoutingStats(len(layers), first.num_experts, first.deepspeed_moe.gate.k,
                                model_name=type(model).__name__, layer_names=[name for name, _ in layers])
     native = [m for _, m in layers if not isinstance(m, GraceMoE)]
     if len(native) not in (0, len(layers)):
