@@ -116,6 +116,15 @@ def test_plan_invariants_hold_for_any_profile_and_topology(problem, policy):
     assert torch.allclose(total, profile.expert_load.sum(1)), "predicted loads account for every pair"
 
 
+def test_grace_plans_fewer_experts_than_gpus_on_unequal_nodes():
+    """A node can get no expert to group (3 experts, nodes of 2 and 3 GPUs): found by the property test."""
+    profile = RoutingProfile.from_topk_ids(torch.tensor([[[1]]]), 3)
+    for replica_slots in (0, 1):
+        plan = make_plan("grace", profile, Topology((2, 3)), replica_slots)
+        assert (plan.copies_per_expert() >= 1).all()
+        assert torch.allclose(plan.predicted_gpu_load.sum(1), profile.expert_load.sum(1))
+
+
 def test_grace_plans_the_same_in_forked_workers():
     trace = tiny_trace(tokens=200, layers=3, experts=16, top_k=2)
     profile = RoutingProfile.from_topk_ids(trace, 16)

@@ -101,6 +101,8 @@ def _take_best_step(lab: np.ndarray, move_gain: np.ndarray, swap_gain_fn, w: np.
     afterwards, the step with the largest gain (> min_gain) that keeps every group under its cap.
     Sizes stay within [lo, hi]. Returns False when no step qualifies."""
     n = lab.shape[0]
+    if n == 0 or num_groups == 0:  # e.g. a node given no expert (fewer experts than GPUs): nothing to move
+        return False
     onehot = np.zeros((n, num_groups))
     onehot[np.arange(n), lab] = 1.0
     group_load, sizes = onehot.T @ w, onehot.sum(0)
