@@ -20,12 +20,12 @@ from pydantic import Field, ValidationError, model_validator
 
 from grace_ds import faults
 from grace_ds.errors import GraceInputError
-from grace_ds.routing_stats import RoutingStats
 from grace_ds.layer import DEFAULT_GATHER_MAX_TOKENS, DEFAULT_HIERARCHICAL_MIN_TOKENS, GraceRuntime
 from grace_ds.models import convert_model, find_moe_blocks
 from grace_ds.models.convert import top_k_of
 from grace_ds.plan import PlacementPlan
 from grace_ds.plan_agreement import agree_on_plan, broadcast_plan
+from grace_ds.routing_stats import RoutingStats
 from grace_ds.topology import LinkModel, Topology
 
 SECTION = "grace_moe"
@@ -256,7 +256,7 @@ def attach_recorder(model: torch.nn.Module, runtime: GraceRuntime | None = None)
         num_experts = (runtime.plan.num_experts if runtime is not None
                        else int(blocks[0][1].experts.gate_up_proj.shape[0]))
         recorder = RoutingStats(len(blocks), num_experts, top_k_of(model), model_name=type(model).__name__,
-                                   layer_names=[name for name, _ in blocks])
+                                layer_names=[name for name, _ in blocks])
         if runtime is not None:
             runtime.observers.append(recorder.observe)
         else:
@@ -267,7 +267,7 @@ def attach_recorder(model: torch.nn.Module, runtime: GraceRuntime | None = None)
         raise GraceInputError(f"no supported MoE layer in {type(model).__name__} to profile")
     first = layers[0][1]
     recorder = RoutingStats(len(layers), first.num_experts, first.deepspeed_moe.gate.k,
-                               model_name=type(model).__name__, layer_names=[name for name, _ in layers])
+                            model_name=type(model).__name__, layer_names=[name for name, _ in layers])
     native = [m for _, m in layers if not isinstance(m, GraceMoE)]
     if len(native) not in (0, len(layers)):
         raise GraceInputError("profiling a model that mixes GraceMoE and DeepSpeed MoE layers is not supported")
