@@ -21,7 +21,7 @@ torch.distributed's all_to_all_single (split into same-node and cross-node by th
 max/mean over GPUs. On a CPU the ranks emulate GPUs on shared cores: times compare variants on this machine,
 not GPUs; bytes and loads are what a GPU run would move and compute.
 
-    python scripts/bench_training.py --out docs/bench-training-cpu [--steps 200] [--nodes 2 --gpus-per-node 2]
+    python scripts/bench_training.py --out docs/bench-training-2x2-cpu [--steps 200] [--nodes 2 --gpus-per-node 2]
 Writes OUT/bench_training.json (with the commit, command and machine) and OUT/loss_curves.png.
 """
 from __future__ import annotations
