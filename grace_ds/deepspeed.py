@@ -279,7 +279,7 @@ def attach_recorder(model: torch.nn.Module, runtime: GraceRuntime | None = None)
     for runtime_of_layer in {id(m.deepspeed_moe._runtime): m.deepspeed_moe._runtime for _, m in layers}.values():
         key = id(runtime_of_layer)
         runtime_of_layer.observers.append(
-            lambda plan_layer, ids, key=key: recorder.observe(index_of[(key, plan_layer)], ids))
+            lambda plan_layer, ids, slots, key=key: recorder.observe(index_of[(key, plan_layer)], ids))
     return recorder
 
 

@@ -24,7 +24,8 @@ from grace_ds.plan import PlacementPlan
 from grace_ds.replica_sync import ReplicaSync
 from grace_ds.routing import ReplicaRouter
 
-RoutingObserver = Callable[[int, torch.Tensor], None]  # (plan layer, top_k_index [N, k]) -> None
+# (plan layer, top_k_index [N, k], the slots the router gave them [N, k], None in a graphed call) -> None
+RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor | None], None]
 # Under `auto`, calls whose largest rank holds fewer tokens go flat: near the flat/hierarchical crossover
 # measured on 4x H200 as 2 logical nodes x 2 (356-1218 tokens per GPU, docs/benchmarks.md).
 DEFAULT_HIERARCHICAL_MIN_TOKENS = 512
@@ -205,8 +206,6 @@ class GraceRuntime:
 
     def route_and_compute(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                           top_k_weights: torch.Tensor, compute: ExpertCompute) -> torch.Tensor:
-        for observe in self.observers:
-            observe(layer, top_k_index)
         if self.measure:
             _synchronize(hidden.device)
             start = time.perf_counter()
@@ -225,18 +224,22 @@ class GraceRuntime:
         if (mode == "gather" and graphs is not None and traffic is None and not needs_grad
                 and hasattr(compute, "weighted_sum") and (capturable(compute) or not graphs.capture)):
             bucket = token_bucket(largest, graphs.max_tokens)
+        # Routed once, here (a graphed call routes inside its capture); observers see where the pairs go.
+        slots = None if bucket is not None else self.router.route(layer, top_k_index, self.rank)
+        for observe in self.observers:
+            observe(layer, top_k_index, slots)
         if bucket is not None:
             out = graphs(layer, hidden, top_k_index, top_k_weights, bucket, compute)
         elif mode == "gather":
             topology = self.plan.topology
-            out = gather_and_compute(hidden, self.router.route(layer, top_k_index, self.rank), top_k_weights,
-                                     self.plan.slots_per_gpu, self.rank, topology.num_gpus, largest, compute,
-                                     self.group, traffic, topology.node_of_gpu.tolist(), f" of layer {layer}",
-                                     self.gather_layout, self.node_group)
+            out = gather_and_compute(hidden, slots, top_k_weights, self.plan.slots_per_gpu, self.rank,
+                                     topology.num_gpus, largest, compute, self.group, traffic,
+                                     topology.node_of_gpu.tolist(), f" of layer {layer}", self.gather_layout,
+                                     self.node_group)
         else:
-            out = exchange_and_compute(hidden, self.router.route(layer, top_k_index, self.rank), top_k_weights,
-                                       self.plan.slots_per_gpu, self.plan.topology, self.rank, compute, mode,
-                                       self.group, traffic, f" of layer {layer}", self.node_group)
+            out = exchange_and_compute(hidden, slots, top_k_weights, self.plan.slots_per_gpu, self.plan.topology,
+                                       self.rank, compute, mode, self.group, traffic, f" of layer {layer}",
+                                       self.node_group)
         if self.measure:
             _synchronize(hidden.device)
             self.seconds[layer] += time.perf_counter() - start

@@ -128,11 +128,14 @@ class OnlineReplanner:
         self._rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self._handles: list = []
 
-    def _observe(self, layer: int, top_k_index: torch.Tensor) -> None:
-        """Counts a layer call's picks with the physical slots the served router gives them (peeked: the
-        layer's own routing right after gets the same), so drift measures the loads the GPUs computed."""
+    def _observe(self, layer: int, top_k_index: torch.Tensor, slot_ids: torch.Tensor | None) -> None:
+        """Counts a layer call's picks with the physical slots the served router gave them, so drift
+        measures the loads the GPUs computed. A graphed call routes inside its graph: there the slots are
+        peeked (the same router, its random draws left as they were)."""
         ids = top_k_index.detach().reshape(-1, top_k_index.shape[-1])
-        self.window.observe(layer, ids, self.runtime.router.peek(layer, ids, self.runtime.rank))
+        if slot_ids is None:
+            slot_ids = self.runtime.router.peek(layer, ids, self.runtime.rank)
+        self.window.observe(layer, ids, slot_ids)
 
     def attach(self, model: nn.Module) -> "OnlineReplanner":
         """A forward hook on `model` that ends a step after each of its forwards."""

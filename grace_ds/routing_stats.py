@@ -80,7 +80,7 @@ class RoutingStats:
         self.load[self.bucket, layer] += load.to(self.load.device).double()
         self.coactivation[self.bucket, layer] += coactivation.to(self.load.device).double()
         self.tokens[self.bucket, layer] += ids.shape[0]
-        if slot_ids is not None:
+        if slot_ids is not None and self.gpu_load.shape[-1]:  # a recorder without a plan counts no GPUs
             gpus = (slot_ids.reshape(-1).long() // self.slots_per_gpu).to(self.gpu_load.device)
             self.gpu_load[self.bucket, layer].index_add_(0, gpus, torch.ones_like(gpus, dtype=torch.float64))
         self._keep_sample(layer, ids)

@@ -27,7 +27,6 @@ Writes OUT/bench_training.json (with the commit, command and machine) and OUT/lo
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -41,6 +40,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from grace_ds.dispatch import Traffic
+from grace_ds.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "grace_ds" / "default_model"
@@ -57,11 +59,12 @@ NOISE = 2.0 ** -24
 
 class WireBytes:
     """Counts what this rank hands to torch.distributed's all_to_all_single and all_reduce (DeepSpeed and
-    grace_ds both call them through the module attribute), split by the logical node of the peer."""
+    grace_ds both call them through the module attribute); all_to_all bytes split by the peer's logical
+    node as the runtime's own Traffic counts them."""
 
-    def __init__(self, gpus_per_node: int) -> None:
-        self.gpus_per_node = gpus_per_node
-        self.cross_node = self.same_node = self.all_reduce = 0
+    def __init__(self, node_of_gpu: list[int]) -> None:
+        self.node_of_gpu = node_of_gpu
+        self.exchange, self.all_reduce = Traffic(), 0
         self._originals = (dist.all_to_all_single, dist.all_reduce)
 
     def install(self) -> None:
@@ -82,23 +85,16 @@ class WireBytes:
 
     def _count_all_to_all(self, input: torch.Tensor, splits, group) -> None:
         peers = dist.get_world_size(group)
-        me = dist.get_rank()
         row_bytes = input[0].numel() * input.element_size() if input.dim() > 1 else input.element_size()
-        if splits is not None:
-            rows = splits
-        else:  # even splits: the first dimension in equal parts
-            rows = [(input.shape[0] if input.dim() else input.numel()) // peers] * peers
-        for peer, count in enumerate(rows):
-            target = dist.get_global_rank(group, peer) if group is not None else peer
-            if target == me:
-                continue
-            if target // self.gpus_per_node == me // self.gpus_per_node:
-                self.same_node += count * row_bytes
-            else:
-                self.cross_node += count * row_bytes
+        if splits is None:  # even splits: the first dimension in equal parts
+            splits = [(input.shape[0] if input.dim() else input.numel()) // peers] * peers
+        bytes_to = [0] * dist.get_world_size()
+        for peer, rows in enumerate(splits):
+            bytes_to[dist.get_global_rank(group, peer) if group is not None else peer] += rows * row_bytes
+        self.exchange.add_sent(bytes_to, dist.get_rank(), self.node_of_gpu)
 
     def reset(self) -> None:
-        self.cross_node = self.same_node = self.all_reduce = 0
+        self.exchange, self.all_reduce = Traffic(), 0
 
 
 class GatedExpert(torch.nn.Module):
@@ -275,7 +271,8 @@ def train_variant(variant: str, world: int, plans: dict[str, str], args, device:
             if block.exp_counts is not None and runtime is None:
                 counts += block.exp_counts.detach().double().cpu()
                 largest.append(float(block.exp_counts.max()))
-    moved = torch.tensor([wire.cross_node, wire.same_node, wire.all_reduce], dtype=torch.float64) / args.steps
+    moved = torch.tensor([wire.exchange.cross_node_bytes, wire.exchange.intra_node_bytes, wire.all_reduce],
+                         dtype=torch.float64) / args.steps
     mean_loss = torch.tensor(losses, dtype=torch.float64)
     dist.all_reduce(mean_loss)  # the run's loss is the mean of the ranks' (DeepSpeed averages their gradients)
     result = {"variant": variant, "losses": (mean_loss / world).tolist(),
@@ -312,7 +309,7 @@ def worker(rank: int, world: int, nodes: int, port: int, args, plans: dict[str, 
 
     device, backend = join_logical_node(rank, world, nodes, port, args.device)
     deepspeed.init_distributed(dist_backend=backend)
-    wire = WireBytes(world // nodes)
+    wire = WireBytes(Topology.uniform(nodes, world // nodes).node_of_gpu.tolist())
     wire.install()
     try:
         results = []
@@ -335,7 +332,6 @@ def make_plans(args, nodes: int, per_node: int, folder: Path) -> dict[str, str]:
     from grace_ds.corpus import stdlib_bytes
     from grace_ds.planners import make_plan
     from grace_ds.profiling import profile_model
-    from grace_ds.topology import Topology
 
     profile = profile_model(load_model().eval(), stdlib_bytes("heldout"), args.sequence_length, 8, args.profile_tokens)
     topology = Topology.uniform(nodes, per_node)
