@@ -36,11 +36,11 @@ import bench_model  # noqa: E402
 from bench_layers import (GraceLayer, LayerShape, Stopwatch, autoep_layer, deepspeed_layer, host_tail_ms,  # noqa: E402
                           keep, megatron_layer, pairs_traffic, release, replay_bias, round_robin, slowest_rank,
                           summed, timed)
-from grace_ds.dispatch import Traffic  # noqa: E402
+from grace_ds.exchange.traffic import Traffic  # noqa: E402
 from grace_ds.exchange import CommunicationConfig  # noqa: E402
-from grace_ds.layer import GraceRuntime  # noqa: E402
+from grace_ds.runtime import GraceRuntime  # noqa: E402
 from grace_ds.logical_nodes import free_port, join_logical_node  # noqa: E402
-from grace_ds.node_groups import make_node_group  # noqa: E402
+from grace_ds.exchange.node_groups import make_node_group  # noqa: E402
 from grace_ds.plan import PlacementPlan  # noqa: E402
 from grace_ds.planners import make_plan  # noqa: E402
 from grace_ds.profile import RoutingProfile  # noqa: E402
@@ -217,7 +217,7 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
     in_node_stages = topology.num_nodes > 1 and max(topology.gpus_per_node) > 1
     modes = ["flat", "hierarchical"] if in_node_stages else ["flat"]
     modes += ["gather"] if world > 1 else []  # timed on decode batches only: it gathers every token everywhere
-    # The same exchanges with their in-node stages over a process group of each node (grace_ds.node_groups).
+    # The same exchanges with their in-node stages over a process group of each node (grace_ds.exchange.node_groups).
     modes += [f"{m}{NODE_GROUPS}" for m in ("hierarchical", "gather")] if in_node_stages and not args.no_node_groups else []
     variants = [("deepspeed-native", "deepspeed", None)]
     if HAVE_MEGATRON:
@@ -354,7 +354,7 @@ def time_together(together: list[tuple], args, world: int, device: torch.device)
     replayed = [0] * len(together)  # graph replays in each entry's own forwards (a runtime serves several)
 
     def replays(runtime) -> int:
-        return runtime.gather_graphs.replays if runtime is not None and runtime.gather_graphs else 0
+        return runtime.exchange.graphs.replays if runtime is not None and runtime.exchange.graphs else 0
 
     def run(i: int, iters: int, warmup: int) -> None:
         _, state, layer, runtime, x, busy = together[i]

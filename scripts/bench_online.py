@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from grace_ds.experts import SlotExperts  # noqa: E402
-from grace_ds.layer import GraceRuntime  # noqa: E402
+from grace_ds.runtime import GraceRuntime  # noqa: E402
 from grace_ds.logical_nodes import free_port, join_logical_node  # noqa: E402
 from grace_ds.online import OnlineReplanner, OnlineSettings  # noqa: E402
 from grace_ds.plan_agreement import broadcast_plan  # noqa: E402

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from grace_ds.dispatch import Traffic
+from grace_ds.exchange.traffic import Traffic
 from grace_ds.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def deepspeed_model(variant: str, world: int, plans: dict[str, str], device: tor
     from deepspeed.moe.layer import MoE
 
     from grace_ds.deepspeed_moe import GraceMoE
-    from grace_ds.layer import GraceRuntime
+    from grace_ds.runtime import GraceRuntime
     from grace_ds.plan import PlacementPlan
 
     model = load_model()
@@ -283,7 +283,7 @@ def train_variant(variant: str, world: int, plans: dict[str, str], args, device:
     if runtime is not None:
         pairs[runtime.rank] = sum(t.pairs_computed for t in runtime.traffic) / args.steps
         result["replicas_apart"] = engine.max_replica_difference()
-        result["mode_calls"] = dict(runtime.mode_calls)
+        result["mode_calls"] = dict(runtime.exchange.choice.mode_calls)
     elif blocks:  # DeepSpeed's contiguous experts: rank r computes experts r * E/W ... (r + 1) * E/W - 1
         dist.all_reduce(counts)  # every rank's tokens per expert
         pairs[rank] = float(counts.view(world, -1)[rank].sum()) / args.steps

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from grace_ds.deepspeed import split_config
+from grace_ds.deepspeed_config import split_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import fault_drill  # noqa: E402
