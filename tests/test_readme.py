@@ -18,19 +18,20 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 SNIPPETS = re.findall(r"```python\n(.*?)```", README, re.S)
 DEEPSPEED_SNIPPET = next(s for s in SNIPPETS if "init_inference" in s)
+MODEL = Path("grace_ds/examples/default_model")   # the embedded model, as the snippet names it
 
 
 def _clone_after_main_job(root: Path) -> Path:
     """A directory laid out as the repository is after `bash scripts/main.sh`, as far as the snippet looks:
     its configs, the embedded model, and a profile (the main job's, at a small size)."""
     shutil.copytree(ROOT / "configs", root / "configs")
-    (root / "grace_ds").mkdir()
-    (root / "grace_ds" / "default_model").symlink_to(ROOT / "grace_ds" / "default_model")
+    (root / "grace_ds" / "examples").mkdir(parents=True)
+    (root / MODEL).symlink_to(ROOT / MODEL)
     (root / "outputs").mkdir()
     text = root / "heldout.txt"
-    subprocess.run([sys.executable, "-c", f"from grace_ds.corpus import write_heldout_text; write_heldout_text({str(text)!r})"],
+    subprocess.run([sys.executable, "-c", f"from grace_ds.examples.corpus import write_heldout_text; write_heldout_text({str(text)!r})"],
                    check=True, cwd=ROOT, timeout=HANG_GUARD_S)
-    subprocess.run([sys.executable, "-m", "grace_ds.cli", "profile", "--model", str(ROOT / "grace_ds" / "default_model"),
+    subprocess.run([sys.executable, "-m", "grace_ds.cli", "profile", "--model", str(ROOT / MODEL),
                     "--data", str(text), "--max-tokens", "1024", "--sequence-length", "128",
                     "--out", str(root / "outputs" / "profile.safetensors")], check=True, cwd=ROOT, timeout=HANG_GUARD_S,
                    capture_output=True)
@@ -46,6 +47,7 @@ def _run_snippet(root: Path, env_extra: dict[str, str]) -> subprocess.CompletedP
 
 
 def test_the_deepspeed_snippet_runs_as_written_in_plain_python_after_the_main_job(tmp_path):
+    assert f'from_pretrained("{MODEL}")' in DEEPSPEED_SNIPPET   # the clone below lays out that model only
     root = _clone_after_main_job(tmp_path / "clone")
     done = _run_snippet(root, {})
     assert done.returncode == 0, done.stderr[-3000:]
