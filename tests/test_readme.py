@@ -86,3 +86,24 @@ def test_every_readme_python_snippet_compiles_and_imports_what_exists(index):
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 importlib.import_module(alias.name)
+
+
+def test_the_readme_stays_a_front_door_whose_links_lead_somewhere():
+    # Details belong in docs/; the README keeps what a newcomer needs first.
+    assert len(README.splitlines()) < 250, f"README.md has {len(README.splitlines())} lines; move details to docs/"
+    links = re.findall(r"\]\(([^)\s]+)\)", README)
+    relative = [link.split("#")[0] for link in links if not re.match(r"[a-z]+:", link) and not link.startswith("#")]
+    assert relative, "the README links no docs page"
+    missing = [link for link in relative if not (ROOT / link).exists()]
+    assert not missing, f"README links to files that do not exist: {missing}"
+
+
+def test_the_readme_config_table_names_the_keys_of_its_json_snippet():
+    from grace_ds.deepspeed import GraceMoEConfig
+
+    snippet = json.loads(re.search(r"```json\n(.*?)```", README, re.S).group(1))["grace_moe"]
+    rows = re.findall(r"^\| `([\w.]+)` \|", README, re.M)
+    named = set(snippet) | {f"{key}.{sub}" for key, value in snippet.items() if isinstance(value, dict) for sub in value}
+    assert named <= set(rows), f"the snippet's keys missing from the table: {sorted(named - set(rows))}"
+    top_level = {row for row in rows if "." not in row}
+    assert top_level <= set(GraceMoEConfig.model_fields), sorted(top_level - set(GraceMoEConfig.model_fields))
