@@ -98,12 +98,40 @@ def test_the_readme_stays_a_front_door_whose_links_lead_somewhere():
     assert not missing, f"README links to files that do not exist: {missing}"
 
 
-def test_the_readme_config_table_names_the_keys_of_its_json_snippet():
-    from grace_ds.deepspeed import GraceMoEConfig
+def _table_rows() -> dict[str, str]:
+    """The README's `grace_moe` table: key -> its default column."""
+    return dict(re.findall(r"^\| `([\w.]+)` \| ([^|]+?) \|", README, re.M))
 
-    snippet = json.loads(re.search(r"```json\n(.*?)```", README, re.S).group(1))["grace_moe"]
-    rows = re.findall(r"^\| `([\w.]+)` \|", README, re.M)
-    named = set(snippet) | {f"{key}.{sub}" for key, value in snippet.items() if isinstance(value, dict) for sub in value}
+
+def test_the_readme_json_snippet_is_a_valid_grace_moe_section_and_the_table_names_its_keys():
+    from grace_ds.deepspeed import split_config
+
+    snippet = json.loads(re.search(r"```json\n(.*?)```", README, re.S).group(1))
+    _, section = split_config(snippet)   # refuses what the real config refuses
+    rows = _table_rows()
+    named = set()
+    for key, value in snippet["grace_moe"].items():
+        named |= {f"{key}.{sub}" for sub in value} if isinstance(value, dict) else {key}
     assert named <= set(rows), f"the snippet's keys missing from the table: {sorted(named - set(rows))}"
-    top_level = {row for row in rows if "." not in row}
-    assert top_level <= set(GraceMoEConfig.model_fields), sorted(top_level - set(GraceMoEConfig.model_fields))
+    assert section.communication.model_dump(mode="json") == snippet["grace_moe"]["communication"]
+
+
+def test_the_readme_config_table_has_every_grace_moe_key_with_its_default():
+    from pydantic import BaseModel
+
+    from grace_ds.deepspeed import GraceMoEConfig
+    from grace_ds.exchange import CommunicationConfig
+
+    rows = _table_rows()
+    fields = {**GraceMoEConfig.model_fields,
+              **{f"communication.{name}": field for name, field in CommunicationConfig.model_fields.items()}}
+    assert set(rows) == set(fields), f"table vs config: {sorted(set(rows) ^ set(fields))}"
+    for key, cell in rows.items():
+        default = fields[key].default
+        if default is None or isinstance(default, BaseModel):
+            continue   # no default ("-", "all ranks") or an object (its rows follow)
+        try:
+            shown = json.loads(cell)
+        except ValueError:
+            shown = cell   # a bare word: grace, tar, auto
+        assert shown == getattr(default, "value", default), f"table: {key} defaults to {cell}, the config to {default}"
