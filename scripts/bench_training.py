@@ -45,7 +45,7 @@ from grace_ds.exchange.traffic import Traffic
 from grace_ds.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_DIR = ROOT / "grace_ds" / "default_model"
+MODEL_DIR = ROOT / "grace_ds" / "examples" / "default_model"
 VARIANTS = ("deepspeed-moe", "deepspeed-moe/noise", "grace-contiguous", "grace", "transformers", "transformers/noise",
             "transformers-grace")
 # Which variant each one must train like.
@@ -229,7 +229,7 @@ def engine_for(variant: str, world: int, plans: dict[str, str], args, device: to
 
 def batches(args, world: int, rank: int, device: torch.device):
     """Per step: this rank's [sequences_per_rank, sequence_length] byte ids; every variant gets the same."""
-    from grace_ds.corpus import stdlib_bytes
+    from grace_ds.examples.corpus import stdlib_bytes
 
     data = stdlib_bytes("train")
     generator = torch.Generator().manual_seed(args.seed)
@@ -329,7 +329,7 @@ def worker(rank: int, world: int, nodes: int, port: int, args, plans: dict[str, 
 
 def make_plans(args, nodes: int, per_node: int, folder: Path) -> dict[str, str]:
     """Profile the model's routing on held-out text; the GRACE plan (replicas) and the contiguous one."""
-    from grace_ds.corpus import stdlib_bytes
+    from grace_ds.examples.corpus import stdlib_bytes
     from grace_ds.planners import make_plan
     from grace_ds.profiling import profile_model
 
