@@ -20,7 +20,8 @@ from pydantic import Field, ValidationError, model_validator
 
 from grace_ds import faults
 from grace_ds.errors import GraceInputError
-from grace_ds.layer import DEFAULT_GATHER_MAX_TOKENS, DEFAULT_HIERARCHICAL_MIN_TOKENS, GraceRuntime
+from grace_ds.exchange import CommunicationConfig
+from grace_ds.layer import GraceRuntime
 from grace_ds.models import convert_model, find_moe_blocks
 from grace_ds.models.convert import top_k_of
 from grace_ds.plan import PlacementPlan
@@ -29,6 +30,9 @@ from grace_ds.routing_stats import RoutingStats
 from grace_ds.topology import LinkModel, Topology
 
 SECTION = "grace_moe"
+# Keys of the section that live under `communication` now (refused at the top level, naming the new place).
+MOVED_TO_COMMUNICATION = ("hierarchical_min_tokens", "gather_max_tokens", "cuda_graphs", "hierarchical_gather",
+                          "node_groups")
 MONITOR_SECTIONS = ("wandb", "tensorboard", "csv_monitor", "comet")
 
 
@@ -79,22 +83,10 @@ class GraceMoEConfig(DeepSpeedConfigModel):
     replica_slots: int = Field(1, ge=0)
     router: Literal["tar", "wrr", "static", "modulo"] = "tar"
     router_sampling: Literal["swrr", "random"] = "swrr"
-    communication: Literal["flat", "hierarchical", "gather", "auto"] = "auto"
-    hierarchical_min_tokens: int = Field(DEFAULT_HIERARCHICAL_MIN_TOKENS, ge=0)
-    """With `auto` resolved to hierarchical: MoE calls whose largest rank holds fewer tokens go flat (one
-    tiny all-gather of token counts per forward decides; 0: never). 512 is near the crossover measured on
-    4x H200 as 2 x 2."""
-    gather_max_tokens: int = Field(DEFAULT_GATHER_MAX_TOKENS, ge=0)
-    """With `auto`: MoE calls whose largest rank holds at most this many tokens (decode) take the gather
-    exchange (every token to every GPU, summed outputs back; no host synchronisation; 0: never)."""
-    cuda_graphs: bool = True
-    """On GPUs, bf16 gather calls replay CUDA graphs (one per layer and token bucket, captured on first use)."""
-    hierarchical_gather: bool = True
-    """Across nodes the gather exchange sends a token over the node link once per remote node, then fans it
-    out over NVLink (false: NCCL's ring all-gather and reduce-scatter over all ranks)."""
-    node_groups: bool = False
-    """Exchanges inside a node (hierarchical hop 2, the gather's in-node stages) over a process group of the
-    node's ranks instead of the job's (created at start-up; see grace_ds.node_groups)."""
+    communication: CommunicationConfig = CommunicationConfig()
+    """A mode name ("auto", "flat", "hierarchical", "gather") or an object of grace_ds.exchange.CommunicationConfig's
+    fields: {"mode": "auto", "hierarchical_min_tokens": 512, "gather_max_tokens": 128, "cuda_graphs": true,
+    "hierarchical_gather": true, "node_groups": false}."""
     inter_node_gbps: float = Field(25.0, gt=0)
     profiling: bool = False
     """Record per-layer expert load and co-activation during every forward."""
@@ -107,6 +99,15 @@ class GraceMoEConfig(DeepSpeedConfigModel):
     """A rank that dies or stalls makes the others stop after this many seconds, naming it and the phase."""
     online: OnlineConfig | None = None
     """Re-plan while serving when the routing drifts (moves a bounded number of expert copies)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, values):
+        moved = [key for key in MOVED_TO_COMMUNICATION if isinstance(values, dict) and key in values]
+        if moved:
+            raise ValueError(f"{', '.join(moved)} moved under 'communication' (e.g. \"communication\": "
+                             f"{{\"mode\": \"auto\", \"{moved[0]}\": ...}})")
+        return values
 
     @model_validator(mode="after")
     def _one_source(self) -> "GraceMoEConfig":
@@ -191,9 +192,8 @@ def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | No
     topology = job_topology(LinkModel(inter_node_bandwidth_Gbps=section.inter_node_gbps), group)
     plan = _agreed_plan(section, topology, group)
     device = next(engine.module.parameters()).device
-    runtime = GraceRuntime(plan, _rank(), group, section.router, section.communication, section.router_sampling, device,
-                           section.hierarchical_min_tokens, section.gather_max_tokens, section.cuda_graphs,
-                           section.hierarchical_gather, section.node_groups)
+    runtime = GraceRuntime(plan, rank=_rank(), group=group, router=section.router, router_sampling=section.router_sampling,
+                           communication=section.communication, device=device)
     convert_model(engine.module, runtime)
     engine.grace_runtime, engine.grace_config, engine.grace_group = runtime, section, group
     if section.profiling:
@@ -333,9 +333,10 @@ def _convert_for_training(model: torch.nn.Module, section: GraceMoEConfig) -> Gr
     topology = job_topology(LinkModel(inter_node_bandwidth_Gbps=section.inter_node_gbps), ep_group)
     plan = _agreed_plan(section, topology, faults.fault_group(section.fault_timeout_s))
     device = next(model.parameters()).device
-    runtime = GraceRuntime(plan, None, ep_group, section.router, section.communication, section.router_sampling,
-                           device, section.hierarchical_min_tokens, section.gather_max_tokens, False,
-                           section.hierarchical_gather, section.node_groups)
+    # Training runs eagerly: no CUDA graphs (gather calls under autograd go flat anyway).
+    communication = section.communication.model_copy(update={"cuda_graphs": False})
+    runtime = GraceRuntime(plan, group=ep_group, router=section.router, router_sampling=section.router_sampling,
+                           communication=communication, device=device)
     convert_model(model, runtime, GraceExpertsMoE.convert)
     return runtime
 

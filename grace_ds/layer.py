@@ -20,17 +20,13 @@ from grace_ds.decode_graphs import GatherGraphs, capturable, token_bucket
 from grace_ds.dispatch_gather import NodeLayout, gather_and_compute
 from grace_ds.node_groups import make_node_group
 from grace_ds.errors import GraceInputError
+from grace_ds.exchange.config import DEFAULT_GATHER_MAX_TOKENS, CommunicationConfig
 from grace_ds.plan import PlacementPlan
 from grace_ds.replica_sync import ReplicaSync
 from grace_ds.routing import ReplicaRouter
 
 # (plan layer, top_k_index [N, k], the slots the router gave them [N, k], None in a graphed call) -> None
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor | None], None]
-# Under `auto`, calls whose largest rank holds fewer tokens go flat: near the flat/hierarchical crossover
-# measured on 4x H200 as 2 logical nodes x 2 (356-1218 tokens per GPU, docs/benchmarks.md).
-DEFAULT_HIERARCHICAL_MIN_TOKENS = 512
-# Under `auto`, calls whose largest rank holds at most this many tokens take the gather exchange (decode).
-DEFAULT_GATHER_MAX_TOKENS = 128
 # With `gather` chosen outright every call takes it: its CUDA graphs then cover calls up to this many
 # tokens per rank (decode-512 on 2 GPUs is 256 a rank), larger ones run eagerly.
 GATHER_GRAPH_MAX_TOKENS = 512
@@ -84,10 +80,14 @@ class GraceRuntime:
     rank: this process's GPU in the plan (None: its rank in `group`, or in the job modulo the plan's GPUs,
     i.e. within its expert-parallel group when the job is expert x data parallel)."""
 
-    def __init__(self, plan: PlacementPlan, rank: int | None = None, group=None, router_policy: str = "tar",
-                 comm_mode: str = "auto", router_sampling: str = "swrr", device: torch.device | str = "cpu",
-                 hierarchical_min_tokens: int = 0, gather_max_tokens: int = 0, cuda_graphs: bool = True,
-                 hierarchical_gather: bool = True, node_groups: bool = False) -> None:
+    def __init__(self, plan: PlacementPlan, *, rank: int | None = None, group=None, router: str = "tar",
+                 router_sampling: str = "swrr", communication: CommunicationConfig | str = "auto",
+                 device: torch.device | str = "cpu") -> None:
+        comm = CommunicationConfig.of(communication)
+        comm_mode, hierarchical_min_tokens, gather_max_tokens = comm.mode.value, comm.hierarchical_min_tokens, comm.gather_max_tokens
+        cuda_graphs, hierarchical_gather, node_groups = comm.cuda_graphs, comm.hierarchical_gather, comm.node_groups
+        router_policy = router
+        self.communication = comm
         rank = _expert_parallel_rank(plan, rank, group)
         self.plan, self.rank, self.group = plan, rank, group
         self.comm_mode = choose_mode(comm_mode, plan.topology, plan.options.get("modeled_layer_time_us"))

@@ -37,6 +37,7 @@ from bench_layers import (GraceLayer, LayerShape, Stopwatch, autoep_layer, deeps
                           keep, megatron_layer, pairs_traffic, release, replay_bias, round_robin, slowest_rank,
                           summed, timed)
 from grace_ds.dispatch import Traffic  # noqa: E402
+from grace_ds.exchange import CommunicationConfig  # noqa: E402
 from grace_ds.layer import GraceRuntime  # noqa: E402
 from grace_ds.logical_nodes import free_port, join_logical_node  # noqa: E402
 from grace_ds.node_groups import make_node_group  # noqa: E402
@@ -414,8 +415,8 @@ def make_layer(case: dict, shape: LayerShape, kind: str, mode: str | None, topol
     if kind == "autoep":
         return autoep_layer(shape, topology.num_gpus, device, dtype, busy).eval(), None
     # gather-ring: the gather exchange over NCCL's ring all-gather / reduce-scatter instead of by node
-    runtime = GraceRuntime(PlacementPlan.load(case["plans"][kind]), rank, None, "tar", base_mode(mode),
-                           device=device, hierarchical_gather=mode != "gather-ring", node_groups=mode.endswith(NODE_GROUPS))
+    runtime = GraceRuntime(PlacementPlan.load(case["plans"][kind]), rank=rank,
+                           communication=CommunicationConfig.from_label(mode), device=device)
     return GraceLayer(shape, runtime, device, dtype, busy).to(device).eval(), runtime
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bench_layers import keep, release, replay_bias, round_robin, slowest_rank, timed
-from grace_ds.layer import DEFAULT_GATHER_MAX_TOKENS, DEFAULT_HIERARCHICAL_MIN_TOKENS, GraceRuntime
+from grace_ds.layer import GraceRuntime
 from grace_ds.models import convert_model, find_moe_blocks
 from grace_ds.plan import PlacementPlan
 
@@ -67,9 +67,7 @@ def run_model(plans: dict[str, str], replay: torch.Tensor, args, rank: int, worl
     for policy, path in plans.items():
         for mode in args.e2e_modes:
             model = olmoe_model(device, dtype, args.tiny)
-            runtime = GraceRuntime(PlacementPlan.load(path), rank, None, "tar", mode, device=device,
-                                   hierarchical_min_tokens=DEFAULT_HIERARCHICAL_MIN_TOKENS,
-                                   gather_max_tokens=DEFAULT_GATHER_MAX_TOKENS)
+            runtime = GraceRuntime(PlacementPlan.load(path), rank=rank, communication=mode, device=device)
             convert_model(model, runtime)
             holder: dict = {}
             replay_routers(model, holder)

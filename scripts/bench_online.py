@@ -76,7 +76,7 @@ def serve(policy: str, rank: int, world: int, topology: Topology, stream: torch.
         profile = RoutingProfile.from_topk_ids(first, num_experts)
         plan = make_plan("eplb" if policy == "eplb-periodic" else "grace", profile, topology, 1)
     plan = broadcast_plan(plan, "initial plan", group)
-    runtime = GraceRuntime(plan, rank, group, "tar", args.mode, device=device)
+    runtime = GraceRuntime(plan, rank=rank, group=group, communication=args.mode, device=device)
     for layer, (gate_up, down) in enumerate(weights):
         runtime.slot_modules[layer] = SlotExperts.from_fused(gate_up, down, runtime.local_slots(layer), F.silu)
     replanner = None

@@ -153,7 +153,7 @@ def deepspeed_model(variant: str, world: int, plans: dict[str, str], device: tor
     runtime = None
     if variant.startswith("grace"):
         policy, mode = ("contiguous", "flat") if variant == "grace-contiguous" else ("grace", "hierarchical")
-        runtime = GraceRuntime(PlacementPlan.load(plans[policy]), comm_mode=mode, device=device)
+        runtime = GraceRuntime(PlacementPlan.load(plans[policy]), communication=mode, device=device)
         runtime.measure = True  # pairs computed per layer, for the load report
     rank = dist.get_rank()
     for index, layer in enumerate(model.model.layers):

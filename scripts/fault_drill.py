@@ -42,7 +42,7 @@ def _setup(rank: int):
     plan = make_plan("contiguous", RoutingProfile.from_topk_ids(ids, EXPERTS), Topology.uniform(NODES, WORLD // NODES))
     # Flat: dispatch (own rows computed meanwhile), the arrived rows' experts, combine: a fault in the
     # arrived rows' experts lands in the combine.
-    runtime = GraceRuntime(plan, rank, None, "tar", "flat")
+    runtime = GraceRuntime(plan, rank=rank, communication="flat")
     recorder = RoutingStats(1, EXPERTS, TOP_K)
     recorder.observe(0, ids[:16, 0])
     mine = ids[rank * 16:(rank + 1) * 16, 0]

@@ -18,6 +18,7 @@ import grace_ds.experts as grace_experts  # noqa: E402
 from grace_ds.decode_graphs import GatherGraphs  # noqa: E402
 from grace_ds.routing_stats import RoutingStats  # noqa: E402
 from grace_ds.logical_nodes import join_logical_node  # noqa: E402
+from grace_ds.exchange import CommunicationConfig  # noqa: E402
 from grace_ds.layer import GraceExperts, GraceRuntime  # noqa: E402
 from grace_ds.models import convert_model, find_moe_blocks  # noqa: E402
 from grace_ds.planners import make_plan  # noqa: E402
@@ -121,9 +122,7 @@ def exchange_modes(topology: Topology) -> list[str]:
 def make_runtime(plan, rank: int, router: str, mode: str) -> GraceRuntime:
     """mode: a communication mode, gather-ring (the gather exchange over NCCL's ring collectives), or
     <mode>-node-groups (its exchanges inside a node over the node's own process group)."""
-    node_groups = mode.endswith("-node-groups")
-    return GraceRuntime(plan, rank, None, router, mode.removesuffix("-node-groups").removesuffix("-ring"), device=DEVICE,
-                        hierarchical_gather=mode != "gather-ring", node_groups=node_groups)
+    return GraceRuntime(plan, rank=rank, router=router, communication=CommunicationConfig.from_label(mode), device=DEVICE)
 
 
 class ExpertMLP(torch.nn.Module):
@@ -197,7 +196,7 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
         make_plan("grace", recorder.to_profile(reduce=False), topology, 1).save(plan_path)
     dist.barrier()
     config = {"dtype": torch.float32, "replace_with_kernel_inject": False,
-              "grace_moe": {"plan": str(plan_path), "profiling": True, "node_groups": True}}
+              "grace_moe": {"plan": str(plan_path), "profiling": True, "communication": {"node_groups": True}}}
     engine = grace_deepspeed.init_inference(copy.deepcopy(reference), config)
     mine = slice(rank * SEQUENCES_PER_RANK, (rank + 1) * SEQUENCES_PER_RANK)
     with torch.no_grad():
@@ -292,7 +291,7 @@ def check_checkpoint(rank: int, world: int, topology: Topology, out_dir: str) ->
     x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(rank)).to(DEVICE)
     outputs = []
     for seed in (0, 1):  # the second model starts from other weights, then loads the first one's checkpoint
-        model = TinyGraceNet(GraceRuntime(plan, rank, None, "tar", "auto", device=DEVICE), seed=seed).to(DEVICE)
+        model = TinyGraceNet(GraceRuntime(plan, rank=rank, communication="auto", device=DEVICE), seed=seed).to(DEVICE)
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                           config=config)
         if seed == 1:

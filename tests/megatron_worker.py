@@ -49,8 +49,8 @@ def checkpoint_round_trip(saved_layer, spec, config, profile, topology, rank, x,
         directory.mkdir()
     dist.barrier()
     dist_checkpointing.save(saved_layer.sharded_state_dict("mlp."), str(directory))
-    runtime = GraceRuntime(make_plan("contiguous", profile, topology, replica_slots=1), rank, None, "tar", "flat",
-                           device=DEVICE)
+    runtime = GraceRuntime(make_plan("contiguous", profile, topology, replica_slots=1), rank=rank,
+                           communication="flat", device=DEVICE)
     torch.manual_seed(999)
     fresh = grace_layer_spec(spec, runtime).submodules.mlp(config, layer_number=1).to(DEVICE).eval()
     dist_checkpointing.load(fresh.sharded_state_dict("mlp."), str(directory))  # fills the slots in place
@@ -79,7 +79,7 @@ def online_switches(layer, reference, runtime: GraceRuntime, rank: int) -> dict:
 
 def grace_layer(spec, config, plan, rank: int, mode: str, reference, fc1: torch.Tensor, fc2: torch.Tensor):
     """(runtime, GRACE layer) serving `plan` with the reference's router and every logical expert's weights."""
-    runtime = GraceRuntime(plan, rank, None, "tar", mode, device=DEVICE)
+    runtime = GraceRuntime(plan, rank=rank, communication=mode, device=DEVICE)
     layer = grace_layer_spec(spec, runtime).submodules.mlp(config, layer_number=1).to(DEVICE)
     layer.router.load_state_dict(reference.router.state_dict())
     layer.load_logical_experts(fc1, fc2)

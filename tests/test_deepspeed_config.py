@@ -5,6 +5,7 @@ import pytest
 
 from grace_ds.deepspeed import split_config
 from grace_ds.errors import GraceInputError
+from grace_ds.exchange import CommunicationConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -25,7 +26,9 @@ def test_no_section_is_plain_deepspeed():
     ({"replica_slots": -1}, "replica_slots"),
     ({"unknown_key": 1}, "unknown_key"),
     ({"communication": "ring"}, "communication"),
-    ({"gather_max_tokens": -1}, "gather_max_tokens"),
+    ({"communication": {"mode": "gather", "gather_max_tokens": -1}}, "gather_max_tokens"),
+    ({"communication": {"mode": "flat", "gather": 1}}, "gather"),
+    ({"gather_max_tokens": 64}, "gather_max_tokens moved under 'communication'"),
     ("yes", "must be an object"),
 ])
 def test_bad_sections_give_one_clear_error(section, message):
@@ -34,10 +37,26 @@ def test_bad_sections_give_one_clear_error(section, message):
 
 
 def test_exchange_settings_reach_the_section():
-    _, section = split_config({"grace_moe": {"communication": "gather", "gather_max_tokens": 64, "cuda_graphs": False,
-                                             "hierarchical_gather": False}})
-    assert (section.communication, section.gather_max_tokens, section.cuda_graphs) == ("gather", 64, False)
-    assert section.hierarchical_gather is False
+    _, section = split_config({"grace_moe": {"communication": {"mode": "gather", "gather_max_tokens": 64,
+                                                               "cuda_graphs": False, "hierarchical_gather": False}}})
+    comm = section.communication
+    assert (comm.mode.value, comm.gather_max_tokens, comm.cuda_graphs, comm.hierarchical_gather) == ("gather", 64, False, False)
+    assert comm.hierarchical_min_tokens == 512 and comm.node_groups is False
+    _, shorthand = split_config({"grace_moe": {"communication": "hierarchical"}})
+    assert shorthand.communication == CommunicationConfig(mode="hierarchical")
+
+
+@pytest.mark.parametrize("label", ["flat", "hierarchical", "gather", "auto", "gather-ring", "hierarchical-node-groups",
+                                   "gather-ring-node-groups"])
+def test_variant_labels_round_trip(label):
+    assert CommunicationConfig.from_label(label).label == label
+
+
+def test_variant_label_errors_name_the_label():
+    with pytest.raises(ValueError, match="flat-ring"):
+        CommunicationConfig.from_label("flat-ring")
+    with pytest.raises(ValueError):
+        CommunicationConfig.from_label("ring")
 
 
 def test_unreadable_json_names_the_file(tmp_path):

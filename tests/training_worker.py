@@ -113,7 +113,7 @@ def build_pair(k: int, plan, aux: float, mode: str, ep_size: int, seed: int = 3,
                         top2_2nd_expert_sampling=False, **gate), aux).to(DEVICE)
     ep_rank = dist.get_rank() % ep_size
     per_rank = EXPERTS // ep_size
-    runtime = GraceRuntime(plan, None, None, "tar", mode, device=DEVICE)
+    runtime = GraceRuntime(plan, communication=mode, device=DEVICE)
     grace = Net(GraceMoE(HIDDEN, ExpertMLP(), EXPERTS, runtime, 0, k=k, ep_size=ep_size, **gate), aux).to(DEVICE)
     if set_groups:
         reference.moe.set_deepspeed_parallelism()
@@ -267,7 +267,7 @@ def check_expert_data_parallel(rank: int, world: int, out_dir: str) -> dict:
     expected, expected_norms = expected_run["parameters"], expected_run["norms"]
     run = train(grace, True, 1, steps, rank)
     try:
-        GraceRuntime(plan, rank, None, "tar", "flat", device=DEVICE)
+        GraceRuntime(plan, rank=rank, communication="flat", device=DEVICE)
         refused = ""
     except GraceInputError as error:
         refused = str(error)
@@ -331,8 +331,8 @@ def check_arguments(rank: int, world: int, topology: Topology) -> dict:
         results[name] = {"loss": max_difference(*outs), "gradients": max(max_difference(a, b) for a, b in zip(*grads)),
                          "dropped_routes": int((routes < 0).sum())}
     refused = {}
-    runtime = GraceRuntime(make_plan("grace", routing_profile(gate_weight, every_batch(world), 2), topology, 1), None,
-                           None, "tar", "flat", device=DEVICE)
+    runtime = GraceRuntime(make_plan("grace", routing_profile(gate_weight, every_batch(world), 2), topology, 1),
+                           communication="flat", device=DEVICE)
     for argument in ({"use_tutel": True}, {"enable_expert_tensor_parallelism": True}, {"ep_size": 2},
                      {"noisy_gate_policy": "Loud"}):
         try:
