@@ -1,6 +1,5 @@
 """grace_ds.cost: the traffic matrices and times by hand, and the bytes the runtime measures on 4 gloo ranks
 (2 logical nodes x 2) equal to the bytes the model gives for the same routing, flat and hierarchical."""
-import inspect
 import json
 
 import pytest
@@ -125,9 +124,7 @@ REPLICA_SLOTS, TOKENS, HIDDEN, TOP_K, EXPERTS = 1, [9, 4, 0, 13], 12, 3, 8
 def _runtime(plan, rank: int, mode: str):
     from grace_ds.layer import GraceRuntime
 
-    if "communication" in inspect.signature(GraceRuntime).parameters:
-        return GraceRuntime(plan, rank=rank, group=None, communication=mode, device="cpu")
-    return GraceRuntime(plan, rank=rank, group=None, comm_mode=mode, device="cpu")  # before the keyword-only one
+    return GraceRuntime(plan, rank=rank, group=None, communication=mode, device="cpu")
 
 
 def _measuring_worker(rank: int, world: int, port: int, out_dir: str) -> None:
