@@ -151,12 +151,25 @@ def exchange_hops(mode: str, dest_gpu: torch.Tensor, token_gpu: torch.Tensor, to
     raise ValueError(f"exchange_hops: mode must be flat or hierarchical, got {mode!r}")
 
 
+def bytes_per_pair(with_weights: bool) -> int:
+    """Bytes a pair adds to a hop: its record, and under autograd its float weight beside it."""
+    return PAIR_RECORD_BYTES + (PAIR_WEIGHT_BYTES if with_weights else 0)
+
+
+def link_bytes(rows_sent: int | torch.Tensor, rows_received: int | torch.Tensor, pairs_sent: int | torch.Tensor,
+               row_bytes: float, pair_bytes: float = PAIR_RECORD_BYTES) -> int | float | torch.Tensor:
+    """Bytes a GPU sends a peer in one hop, dispatch and combine: its rows out, the results back for the
+    rows the peer sent it, a record per pair. Ints, or tensors that broadcast (the runtime's Traffic
+    counts a hop's split sizes with this)."""
+    return (rows_sent + rows_received) * row_bytes + pairs_sent * pair_bytes
+
+
 def bytes_per_link(hops: Sequence[HopTraffic], row_bytes: float, pair_bytes: float = PAIR_RECORD_BYTES) -> torch.Tensor:
-    """[P, P] bytes GPU src sends GPU dst over the hops, dispatch and combine: its rows out, the results
-    back for the rows dst sent it, and a record per pair (pair_bytes 0: hidden-state bytes alone)."""
+    """[P, P] bytes GPU src sends GPU dst over the hops (link_bytes of each; pair_bytes 0: hidden-state
+    bytes alone)."""
     total = torch.zeros_like(hops[0].rows_per_link)
     for hop in hops:
-        total += (hop.rows_per_link + hop.rows_per_link.T) * row_bytes + hop.pairs_per_link * pair_bytes
+        total += link_bytes(hop.rows_per_link, hop.rows_per_link.T, hop.pairs_per_link, row_bytes, pair_bytes)
     return total
 
 

@@ -52,6 +52,7 @@ def test_bytes_per_link_counts_rows_out_results_back_and_records():
     assert sent[0, 2] == 100 + 2 * cost.PAIR_RECORD_BYTES and sent[2, 0] == 100
     assert sent[0, 3] == 100 + cost.PAIR_RECORD_BYTES and sent[3, 0] == 100
     assert float(cost.bytes_per_link([hop], row_bytes=100, pair_bytes=0).sum()) == 4 * 100
+    assert cost.link_bytes(1, 0, 2, 100) == sent[0, 2] and cost.bytes_per_pair(True) == cost.PAIR_RECORD_BYTES + 4
     intra, cross = cost.node_split_per_gpu(sent, Topology.uniform(2, 2))
     assert intra.tolist() == [0, 0, 0, 0] and cross.tolist() == [200 + 3 * cost.PAIR_RECORD_BYTES, 0, 100, 100]
 
@@ -193,8 +194,8 @@ def test_measured_bytes_equal_modeled_bytes(measured, case):
     slots_per_gpu, row_bytes = reports[0]["slots_per_gpu"], measured[0]["row_bytes"]
     dest = torch.cat([torch.tensor(r["slots"], dtype=torch.long).view(-1, TOP_K) for r in reports]) // slots_per_gpu
     token_gpu = torch.repeat_interleave(torch.arange(4), torch.tensor(TOKENS))
-    pair_bytes = cost.PAIR_RECORD_BYTES + (cost.PAIR_WEIGHT_BYTES if case.endswith("training") else 0)
-    modeled = cost.bytes_per_link(cost.exchange_hops(case.split()[0], dest, token_gpu, topology), row_bytes, pair_bytes)
+    modeled = cost.bytes_per_link(cost.exchange_hops(case.split()[0], dest, token_gpu, topology), row_bytes,
+                                  cost.bytes_per_pair(with_weights=case.endswith("training")))
     intra, cross = cost.node_split_per_gpu(modeled, topology)
     assert [[r["intra"], r["cross"]] for r in reports] == [[int(i), int(c)] for i, c in zip(intra, cross)]
     assert float(cross.sum()) > 0 and float(intra.sum()) > 0  # both kinds of link carried something
