@@ -2,7 +2,7 @@
 
 Paper settings (`node_grouping="spectral"`, `gpu_grouping="spectral"`, r from the knee of S(r) vs U(r),
 one replication round) are all available; by default the planner scores a few candidate settings per
-layer on the profile's sampled token routings with the simulator's cost model and keeps the fastest.
+layer on the profile's sampled token routings with grace_ds.cost's model and keeps the fastest.
 """
 from __future__ import annotations
 
