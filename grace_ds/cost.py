@@ -206,6 +206,30 @@ def capacity_rows_per_link(num_experts: int, capacity: int, num_gpus: int) -> to
     return rows.fill_diagonal_(0.0)
 
 
+def gather_rows_per_link(topology: Topology, padded_tokens: int, by_node: bool) -> torch.Tensor:
+    """[P, P] rows of the gather exchange, every GPU's tokens padded to `padded_tokens`. Ring (by_node
+    False): logically a GPU's rows to every other GPU (NCCL relays them). By node: its rows to its peer on
+    every other node (Topology.peer_of), then its node's rows (one block per node) to each node-mate."""
+    num_gpus, node = topology.num_gpus, topology.node_of_gpu
+    if not by_node:
+        return torch.full((num_gpus, num_gpus), float(padded_tokens), dtype=torch.float64).fill_diagonal_(0.0)
+    gpus = torch.arange(num_gpus)
+    peers = topology.peer_of(gpus.view(-1, 1), torch.arange(topology.num_nodes).view(1, -1))  # [P, N]
+    rows = torch.zeros(num_gpus, num_gpus, dtype=torch.float64)
+    rows[gpus.view(-1, 1), peers] = float(padded_tokens)
+    same_node = node.view(-1, 1) == node.view(1, -1)
+    rows[same_node] = float(topology.num_nodes * padded_tokens)
+    return rows.fill_diagonal_(0.0)
+
+
+def gather_bytes_per_link(topology: Topology, padded_tokens: int, top_k: int, row_bytes: float,
+                          by_node: bool) -> torch.Tensor:
+    """[P, P] bytes of the gather exchange: each row out packed with its k slots and weights, and its
+    hidden-size partial output back."""
+    per_row = row_bytes + GATHER_SLOT_BYTES * top_k + row_bytes
+    return gather_rows_per_link(topology, padded_tokens, by_node) * per_row
+
+
 def pairs_per_gpu(dest_gpu: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """[P] float64: (token, expert) pairs each GPU computes."""
     return torch.bincount(dest_gpu.reshape(-1), minlength=num_gpus).double()

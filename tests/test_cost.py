@@ -110,6 +110,16 @@ def test_host_overlap_floor_and_baseline():
     assert cost.baseline_layer_us(2000.0, 4, 500, 1, links, False, 0.0, 0.0) == compute
 
 
+def test_gather_rows_go_to_peers_then_node_mates():
+    topology = Topology.uniform(2, 2)
+    by_node = cost.gather_rows_per_link(topology, 3, by_node=True)
+    # GPU 0: 3 rows to its peer GPU 2, both nodes' 3 rows to its node-mate GPU 1, nothing to GPU 3.
+    assert by_node[0].tolist() == [0, 6, 3, 0] and by_node.diagonal().sum() == 0
+    ring = cost.gather_rows_per_link(topology, 3, by_node=False)
+    assert ring.sum() == 3 * 4 * 3
+    assert cost.gather_bytes_per_link(topology, 3, 2, 10, True)[0, 2] == 3 * (10 + 8 * 2 + 10)
+
+
 def test_baseline_traffic_matrices():
     rows = cost.pair_rows_per_link(torch.tensor([[1, 1], [0, 2]]), torch.tensor([0, 0]), 3)
     assert entries(rows) == {(0, 1): 2, (0, 2): 1}  # a row per pair, repeats too
@@ -122,10 +132,20 @@ def test_baseline_traffic_matrices():
 REPLICA_SLOTS, TOKENS, HIDDEN, TOP_K, EXPERTS = 1, [9, 4, 0, 13], 12, 3, 8
 
 
-def _runtime(plan, rank: int, mode: str):
+# Exchange labels (grace_ds.exchange.CommunicationConfig.from_label) measured; training: flat and hierarchical.
+LABELS = ("flat", "hierarchical", "hierarchical-node-groups", "gather", "gather-ring")
+CASES = [f"{label} inference" for label in LABELS] + ["flat training", "hierarchical training"]
+
+
+def _runtime(plan, rank: int, label: str):
+    from grace_ds.exchange import CommunicationConfig
     from grace_ds.layer import GraceRuntime
 
-    return GraceRuntime(plan, rank=rank, group=None, communication=mode, device="cpu")
+    return GraceRuntime(plan, rank=rank, group=None, communication=CommunicationConfig.from_label(label), device="cpu")
+
+
+def _scale_by_slot(rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    return rows * (slot + 1).unsqueeze(-1)
 
 
 def _measuring_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -152,22 +172,22 @@ def _measuring_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         top_k = torch.multinomial(skew.expand(TOKENS[rank], EXPERTS), TOP_K) if TOKENS[rank] else hot[:0]
         hidden = torch.randn(TOKENS[rank], HIDDEN)
         report = {}
-        for mode in ("flat", "hierarchical"):
-            for trains in (False, True):
-                plan = plans[trains]
-                runtime = _runtime(plan, rank, mode)
-                seen = []
-                runtime.observers.append(lambda layer, ids, slots: seen.append(slots.tolist()))
-                runtime.measure = True
-                weights = torch.rand(TOKENS[rank], TOP_K, requires_grad=trains)
-                with torch.set_grad_enabled(trains):
-                    out = runtime.route_and_compute(0, hidden, top_k, weights, lambda rows, slot: rows * (slot + 1).unsqueeze(-1))
-                if trains:
-                    out.sum().backward()  # every rank joins the backward exchange
-                traffic = runtime.traffic[0]
-                report[f"{mode} {'training' if trains else 'inference'}"] = {
-                    "slots": seen[0], "intra": traffic.intra_node_bytes, "cross": traffic.cross_node_bytes,
-                    "slots_per_gpu": plan.slots_per_gpu}
+        for case in CASES:
+            label, trains = case.split()[0], case.endswith("training")
+            plan = plans[trains]
+            runtime = _runtime(plan, rank, label)
+            seen = []
+            runtime.observers.append(lambda layer, ids, slots: seen.append(slots.tolist()))
+            runtime.measure = True
+            weights = torch.rand(TOKENS[rank], TOP_K, requires_grad=trains)
+            with torch.set_grad_enabled(trains):
+                out = runtime.route_and_compute(0, hidden, top_k, weights, _scale_by_slot)
+            if trains:
+                out.sum().backward()  # every rank joins the backward exchange
+            traffic = runtime.traffic[0]
+            report[case] = {
+                "slots": seen[0], "intra": traffic.intra_node_bytes, "cross": traffic.cross_node_bytes,
+                "slots_per_gpu": plan.slots_per_gpu}
         Path(out_dir, f"{rank}.json").write_text(json.dumps({"report": report, "row_bytes": HIDDEN * hidden.element_size()}))
         dist.barrier()
     finally:
@@ -185,17 +205,23 @@ def measured(tmp_path_factory) -> list[dict]:
     return [json.loads((out / f"{rank}.json").read_text()) for rank in range(4)]
 
 
-@pytest.mark.parametrize("case", ["flat inference", "hierarchical inference", "flat training", "hierarchical training"])
+@pytest.mark.parametrize("case", CASES)
 def test_measured_bytes_equal_modeled_bytes(measured, case):
     """Each rank's intra- and cross-node bytes as GraceRuntime's Traffic counted them on a real exchange
-    equal cost.bytes_per_link of the slots its router picked (training: a float weight beside each record)."""
+    equal cost.bytes_per_link of the slots its router picked (training: a float weight beside each record;
+    node groups: hop 2 over each node's group; gather: cost.gather_bytes_per_link, padded to the largest
+    rank's tokens)."""
     topology = Topology.uniform(2, 2)
     reports = [m["report"][case] for m in measured]
     slots_per_gpu, row_bytes = reports[0]["slots_per_gpu"], measured[0]["row_bytes"]
     dest = torch.cat([torch.tensor(r["slots"], dtype=torch.long).view(-1, TOP_K) for r in reports]) // slots_per_gpu
     token_gpu = torch.repeat_interleave(torch.arange(4), torch.tensor(TOKENS))
-    modeled = cost.bytes_per_link(cost.exchange_hops(case.split()[0], dest, token_gpu, topology), row_bytes,
-                                  cost.bytes_per_pair(with_weights=case.endswith("training")))
+    label = case.split()[0]
+    if label.startswith("gather"):
+        modeled = cost.gather_bytes_per_link(topology, max(TOKENS), TOP_K, row_bytes, by_node=label == "gather")
+    else:
+        hops = cost.exchange_hops(label.removesuffix("-node-groups"), dest, token_gpu, topology)
+        modeled = cost.bytes_per_link(hops, row_bytes, cost.bytes_per_pair(with_weights=case.endswith("training")))
     intra, cross = cost.node_split_per_gpu(modeled, topology)
     assert [[r["intra"], r["cross"]] for r in reports] == [[int(i), int(c)] for i, c in zip(intra, cross)]
     assert float(cross.sum()) > 0 and float(intra.sum()) > 0  # both kinds of link carried something
