@@ -195,7 +195,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 EXAMPLES = {
     "profile-trace": "grace-ds profile-trace ../shared/data/routing/mixtral_arxiv.safetensors --tokens :8192 "
                      "--out profile.safetensors",
-    "profile": "grace-ds profile --model grace_ds/default_model --data outputs/heldout.txt --max-tokens 65536 "
+    "profile": "grace-ds profile --model grace_ds/examples/default_model --data outputs/heldout.txt --max-tokens 65536 "
                "--sequence-length 128 --out profile.safetensors",
     "profile-load": "grace-ds profile-load ../shared/data/expert_load/deepseek_v3/decode_in1000out1000.json "
                     "--top-k 8 --out profile.safetensors",

@@ -19,7 +19,8 @@ from torch.func import functional_call
 
 from grace_ds.errors import GraceInputError
 from grace_ds.experts import EmptySlot, PerSlotExperts
-from grace_ds.layer import GraceRuntime
+from grace_ds.exchange.expert_compute import pairwise_weighted_sum
+from grace_ds.runtime import GraceRuntime
 
 
 def _mark_expert_parameters(module: nn.Module, ep_size: int) -> None:
@@ -56,6 +57,12 @@ class ModuleSlots:
     def refill(self, *unused) -> None:
         raise GraceInputError("GraceMoE layers keep one module per expert: online re-planning moves fused "
                               "experts only (transformers models converted by grace_ds, the megatron-core layer)")
+
+    capturable = False  # a Python loop over modules
+
+    def weighted_sum(self, rows: torch.Tensor, pair_row: torch.Tensor, pair_slot: torch.Tensor,
+                     pair_weight: torch.Tensor, pairs_by_row: bool = False) -> torch.Tensor:
+        return pairwise_weighted_sum(self, rows, pair_row, pair_slot, pair_weight)
 
     def __call__(self, rows: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """A loop over this rank's slots: DeepSpeed experts are arbitrary modules."""

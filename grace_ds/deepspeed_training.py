@@ -18,7 +18,7 @@ import types
 import torch
 import torch.distributed as dist
 
-from grace_ds.layer import GraceRuntime
+from grace_ds.runtime import GraceRuntime
 
 
 def runtimes_of(model: torch.nn.Module) -> list[GraceRuntime]:

@@ -275,6 +275,9 @@ class BoundSlotExperts:
                      pair_weight: torch.Tensor, pairs_by_row: bool = False) -> torch.Tensor:
         return self.experts.weighted_sum(rows, pair_row, pair_slot, pair_weight, pairs_by_row, self.params)
 
+    def slot_tensors(self) -> list[torch.Tensor]:
+        return list(self.params)
+
 
 def _min_pairs_from_env(default: int) -> int:
     text = os.environ.get("GRACE_SPARSE_SUM_MIN_PAIRS", str(default))

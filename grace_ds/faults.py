@@ -48,7 +48,7 @@ def fault_group(timeout_s: float = DEFAULT_TIMEOUT_S, ranks: list[int] | None = 
     group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s * COLLECTIVE_SHARE),
                            use_local_synchronization=members_only)
     # Counted on every rank that calls, members or not: generations agree as long as members_only groups
-    # come one per rank at the same point (grace_ds.node_groups: each rank's own node).
+    # come one per rank at the same point (grace_ds.exchange.node_groups: each rank's own node).
     generation = next(_created)
     if group is not dist.GroupMember.NON_GROUP_MEMBER:
         _GROUPS[group] = (float(timeout_s), generation)

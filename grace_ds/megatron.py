@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from grace_ds.experts import SlotExperts
-from grace_ds.layer import GraceRuntime
+from grace_ds.runtime import GraceRuntime
 
 
 def top_k_from_routing(probs: torch.Tensor, routing_map: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from torch import nn
 from grace_ds.drift import drift_signal, measure_drift
 from grace_ds.errors import GraceInputError
 from grace_ds.expert_transfer import DEFAULT_CHUNK_BYTES, ExpertTransfer, schedule_transfers
-from grace_ds.layer import GraceRuntime
+from grace_ds.runtime import GraceRuntime
 from grace_ds.plan import PlacementPlan
 from grace_ds.plan_agreement import broadcast_plan
 from grace_ds.planners import make_plan
@@ -134,7 +134,7 @@ class OnlineReplanner:
         peeked (the same router, its random draws left as they were)."""
         ids = top_k_index.detach().reshape(-1, top_k_index.shape[-1])
         if slot_ids is None:
-            slot_ids = self.runtime.router.peek(layer, ids, self.runtime.rank)
+            slot_ids = self.runtime.served.router.peek(layer, ids, self.runtime.rank)
         self.window.observe(layer, ids, slot_ids)
 
     def attach(self, model: nn.Module) -> "OnlineReplanner":

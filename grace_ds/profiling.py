@@ -46,7 +46,7 @@ def profile_model(model: torch.nn.Module, token_ids: torch.Tensor, sequence_leng
     """`sample_tokens`: how many tokens' top-k sets the profile keeps (every token's: a routing trace)."""
     from tqdm import tqdm
 
-    from grace_ds.deepspeed import attach_recorder
+    from grace_ds.deepspeed_monitoring import attach_recorder
 
     if max_tokens is not None:
         token_ids = token_ids[:max_tokens]

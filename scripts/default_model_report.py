@@ -23,11 +23,11 @@ def top_pair_share(coactivation: torch.Tensor, fraction: float = 0.05) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32768)
-    parser.add_argument("--model", default=str(ROOT / "grace_ds" / "default_model"))
+    parser.add_argument("--model", default=str(ROOT / "grace_ds" / "examples" / "default_model"))
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from grace_ds.corpus import stdlib_bytes
+    from grace_ds.examples.corpus import stdlib_bytes
     from grace_ds.profile import RoutingProfile
     from grace_ds.profiling import load_model, profile_model
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU test machine, in one call: install the carried wheels (.whl, see README), then run the
+# On the GPU test machine, in one call: install the carried wheels (.whl, see docs/gpu-runs.md), then run the
 # exactness tests over NCCL, one GPU a rank, logical nodes told apart by NCCL_HOSTID, and the
 # deepspeed-launcher run with emulated nodes (arguments: test files to run instead of all of them). Writes
 # the pytest log under $OUT when set.

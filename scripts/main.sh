@@ -10,7 +10,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup_env.sh"
 source "$ROOT/scripts/env.sh"
 cd "$ROOT"
-MODEL="$ROOT/grace_ds/default_model" DATA="" NODES=2 GPUS=2
+MODEL="$ROOT/grace_ds/examples/default_model" DATA="" NODES=2 GPUS=2
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) MODEL="$2"; shift 2 ;;
@@ -42,7 +42,7 @@ stage() {
 }
 if [ -z "$DATA" ]; then
   DATA="$OUT/heldout.txt"
-  python -c "from grace_ds.corpus import write_heldout_text; write_heldout_text('$DATA')"
+  python -c "from grace_ds.examples.corpus import write_heldout_text; write_heldout_text('$DATA')"
 fi
 echo "main job: $(basename "$MODEL") on $(basename "$DATA"), $NODES nodes x $GPUS GPUs emulated; logs in outputs/"
 stage "profile" "$OUT/profile.log" grace-ds profile --model "$MODEL" --data "$DATA" --max-tokens 65536 \
@@ -72,7 +72,7 @@ serve() {  # serve LABEL: every rank's output into the stage's log; rank 0 write
 stage "serve native" "$OUT/serve_native.log" serve native
 stage "serve GRACE" "$OUT/serve_grace.log" serve grace
 began=$SECONDS
-python -m grace_ds.report --native "$OUT/native.json" --grace "$OUT/grace.json" --profile "$OUT/profile.safetensors" \
+python -m grace_ds.examples.report --native "$OUT/native.json" --grace "$OUT/grace.json" --profile "$OUT/profile.safetensors" \
   --plan "$OUT/plan_grace.json" --ds-config configs/ds_demo.json --out "$OUT" 2> "$OUT/report.log" \
   || { cat "$OUT/report.log" >&2; exit 1; }
 printf '%-14s%s\n' "report" "$((SECONDS - began)) s (table above; plots and report.md in outputs/)"

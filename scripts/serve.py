@@ -122,7 +122,7 @@ def write_report(args, runtime, line, prefill_seconds, decode_seconds, mine, tex
     prefill_tokens = mine.numel() * world
     report = {
         "label": args.label, "policy": runtime.plan.policy, "comm": runtime.modes_used(),
-        "topology": runtime.plan.topology.describe(), "router": runtime.router.policy, "device": device.type,
+        "topology": runtime.plan.topology.describe(), "router": runtime.served.router.policy, "device": device.type,
         "prefill_tokens": prefill_tokens, "prefill_tokens_per_s": prefill_tokens / float(every[:, 0].max()),
         "decode_tokens_per_s": (args.new_tokens * mine.shape[0] * world / float(every[:, 1].max())
                                 if args.new_tokens else None),

@@ -1,7 +1,7 @@
 """Train the embedded default model: an OLMoE-architecture MoE (64 experts, top-8, byte vocabulary) on
 the Python standard library's sources, with DeepSpeed and the grace_moe profiling hooks on.
 
-Writes the checkpoint (safetensors + config) to grace_ds/default_model/, and the loss curve, held-out
+Writes the checkpoint (safetensors + config) to grace_ds/examples/default_model/, and the loss curve, held-out
 perplexity and a routing report to docs/default-model.* . Usage:
     python scripts/train_tiny_moe.py [--steps 1500] [--config configs/ds_train_tiny.json]
 Runs on CPU (gloo, one rank) or a GPU, under the deepspeed launcher or plain python.
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--sequence-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--config", default=str(ROOT / "configs" / "ds_train_tiny.json"))
-    parser.add_argument("--out", default=str(ROOT / "grace_ds" / "default_model"))
+    parser.add_argument("--out", default=str(ROOT / "grace_ds" / "examples" / "default_model"))
     parser.add_argument("--docs", default=str(ROOT / "docs"))
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
@@ -60,7 +60,7 @@ def main() -> None:
     from transformers import OlmoeForCausalLM
 
     import grace_ds.deepspeed as grace_deepspeed
-    from grace_ds.corpus import stdlib_bytes
+    from grace_ds.examples.corpus import stdlib_bytes
 
     if "RANK" not in os.environ:  # plain `python`: one rank, no launcher
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",

@@ -15,11 +15,12 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grace_ds.experts as grace_experts  # noqa: E402
-from grace_ds.decode_graphs import GatherGraphs  # noqa: E402
+from grace_ds.exchange.graphed_gather import GraphedGather  # noqa: E402
 from grace_ds.routing_stats import RoutingStats  # noqa: E402
 from grace_ds.logical_nodes import join_logical_node  # noqa: E402
 from grace_ds.exchange import CommunicationConfig  # noqa: E402
-from grace_ds.layer import GraceExperts, GraceRuntime  # noqa: E402
+from grace_ds.models.grace_experts import GraceExperts  # noqa: E402
+from grace_ds.runtime import GraceRuntime  # noqa: E402
 from grace_ds.models import convert_model, find_moe_blocks  # noqa: E402
 from grace_ds.planners import make_plan  # noqa: E402
 from grace_ds.topology import Topology  # noqa: E402
@@ -59,8 +60,8 @@ def check_family(family: str, rank: int, world: int, topology: Topology, policie
                     out = model(ids[mine]).logits
                 split_sizes[mode] = len(exchanges) / len(blocks)
                 results[f"{policy}/{router}/{mode}"] = relative_error(out, ref_logits[mine])
-                if runtime.node_group is not None:
-                    node_groups[mode] = dist.get_process_group_ranks(runtime.node_group.group)
+                if runtime.exchange.node_group is not None:
+                    node_groups[mode] = dist.get_process_group_ranks(runtime.exchange.node_group.group)
     # Memory: only this rank's slots are held, no full fused expert tensor survives.
     held = sum(p.numel() for m in model.modules() if isinstance(m, GraceExperts) for p in m.parameters())
     per_expert = blocks[0][1].experts.gate_up_proj[0].numel() + blocks[0][1].experts.down_proj[0].numel()
@@ -206,24 +207,29 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
     # rank) go hierarchical, short ones (8) flat, uneven ones (rank 0 full, the others 4) follow the largest
     # rank; the shortest (4 a rank, and 2 on rank 0 with 4 elsewhere: padded) take the gather exchange.
     runtime = engine.grace_runtime
-    runtime.hierarchical_min_tokens = 20 if runtime.comm_mode == "hierarchical" else 0
-    runtime.gather_max_tokens = 4 if world > 1 else 0
-    if runtime.gather_graphs is None:  # CPU: the graphs' padded body, run eagerly (on CUDA: captured, replayed)
-        runtime.gather_graphs = GatherGraphs(runtime, False, 8)
+    exchange = runtime.exchange
+    exchange.choice.hierarchical_min_tokens = 20 if runtime.comm_mode == "hierarchical" else 0
+    exchange.choice.gather_max_tokens = 4 if world > 1 else 0
+
+    def graphs(capture: bool) -> GraphedGather:
+        return GraphedGather(runtime.served, exchange.exchanges["gather"], capture, 8)
+
+    if exchange.graphs is None:  # CPU: the graphs' padded body, run eagerly (on CUDA: captured, replayed)
+        exchange.graphs = graphs(False)
     by_size = []
     for length in ([SEQUENCE_LENGTH] * world, [4] * world, [SEQUENCE_LENGTH] + [2] * (world - 1), [2] * world,
                    [1] + [2] * (world - 1)):
-        before = dict(runtime.mode_calls)
+        before = dict(exchange.choice.mode_calls)
         with torch.no_grad():
             got = engine(ids[mine, :length[rank]]).logits
             want = reference(ids[:, :length[rank]]).logits[mine]
         by_size.append({"error": relative_error(got, want),
-                        "modes": {m: runtime.mode_calls[m] - before[m] for m in before}})
+                        "modes": {m: exchange.choice.mode_calls[m] - before[m] for m in before}})
     graph_check = None
     if DEVICE.type == "cuda" and world > 1:
         # bf16 on the GPU: gather calls replay CUDA graphs, whose outputs equal the eager gather path's.
         engine.module.to(torch.bfloat16)
-        runtime.gather_graphs = None
+        exchange.graphs = None
         # Graph capture keeps the gather way back; eager takes it too, however low the sparse threshold is set.
         lowered, grace_experts.SPARSE_SUM_MIN_PAIRS = grace_experts.SPARSE_SUM_MIN_PAIRS, 2**62
         try:
@@ -231,12 +237,12 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
                 eager = engine(ids[mine, :2]).logits.float()
         finally:
             grace_experts.SPARSE_SUM_MIN_PAIRS = lowered
-        runtime.gather_graphs = GatherGraphs(runtime, True, 8)
+        exchange.graphs = graphs(True)
         with torch.no_grad():
             replayed = [engine(ids[mine, :2]).logits.float() for _ in range(2)]
-        graph_check = {"replays": runtime.gather_graphs.replays,
+        graph_check = {"replays": exchange.graphs.replays,
                        "error": max(relative_error(r, eager) for r in replayed)}
-        runtime.gather_graphs = GatherGraphs(runtime, False, 8)  # for the counts reported below
+        exchange.graphs = graphs(False)  # for the counts reported below
     # Planned at start-up from a profile: the first rank plans, every rank serves its plan.
     startup = Path(out_dir, "startup_profile.safetensors")
     if rank == 0:
@@ -257,9 +263,9 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
     except GraceInputError as error:
         refused = str(error)
     return {"error": relative_error(out, ref_logits[mine]), "error_planned_at_startup": from_profile,
-            "by_size": by_size, "base_mode": runtime.comm_mode, "padded_gather_calls": runtime.gather_graphs.calls,
+            "by_size": by_size, "base_mode": runtime.comm_mode, "padded_gather_calls": exchange.graphs.calls,
             "graph_check": graph_check,
-            "node_group": runtime.node_group and dist.get_process_group_ranks(runtime.node_group.group),
+            "node_group": exchange.node_group and dist.get_process_group_ranks(exchange.node_group.group),
             "topology": list(engine.grace_runtime.plan.topology.gpus_per_node),
             "profile": str(profile_path), "refused": refused}
 
@@ -302,7 +308,7 @@ def check_checkpoint(rank: int, world: int, topology: Topology, out_dir: str) ->
             outputs.append(engine(x))
         if seed == 0:
             engine.save_checkpoint(str(Path(out_dir, "ckpt")), tag="t")
-            from grace_ds.deepspeed import attach_recorder
+            from grace_ds.deepspeed_monitoring import attach_recorder
 
             recorder = attach_recorder(model)  # GraceMoE layers report through their runtime
             with torch.no_grad():

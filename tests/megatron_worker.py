@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 from grace_ds.routing_stats import RoutingStats  # noqa: E402
 from grace_ds.logical_nodes import join_logical_node  # noqa: E402
-from grace_ds.layer import GraceRuntime  # noqa: E402
+from grace_ds.runtime import GraceRuntime  # noqa: E402
 from grace_ds.megatron import grace_layer_spec, top_k_from_routing  # noqa: E402
 from grace_ds.planners import make_plan  # noqa: E402
 from grace_ds.profile import RoutingProfile  # noqa: E402

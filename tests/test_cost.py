@@ -58,7 +58,7 @@ def test_bytes_per_link_counts_rows_out_results_back_and_records():
 
 
 def test_split_by_node_is_what_the_runtime_counter_does():
-    from grace_ds.dispatch import Traffic
+    from grace_ds.exchange.traffic import Traffic
 
     node_of_gpu = [0, 0, 1, 1, 1]
     generator = torch.Generator().manual_seed(3)
@@ -70,8 +70,8 @@ def test_split_by_node_is_what_the_runtime_counter_does():
 
 
 def test_the_model_agrees_with_the_dispatch_tests_count_from_the_routing():
-    """tests/test_dispatch.py counts a routing's bytes by hand, set by set; the matrices give the same."""
-    from tests.test_dispatch import expected_traffic
+    """tests/test_exchange.py counts a routing's bytes by hand, set by set; the matrices give the same."""
+    from tests.test_exchange import expected_traffic
 
     topology, slots_per_gpu, row_bytes = Topology.uniform(2, 2), 3, 24
     generator = torch.Generator().manual_seed(0)
@@ -139,7 +139,7 @@ CASES = [f"{label} inference" for label in LABELS] + ["flat training", "hierarch
 
 def _runtime(plan, rank: int, label: str):
     from grace_ds.exchange import CommunicationConfig
-    from grace_ds.layer import GraceRuntime
+    from grace_ds.runtime import GraceRuntime
 
     return GraceRuntime(plan, rank=rank, group=None, communication=CommunicationConfig.from_label(label), device="cpu")
 

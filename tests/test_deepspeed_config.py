@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from grace_ds.deepspeed import split_config
+from grace_ds.deepspeed_config import split_config
 from grace_ds.errors import GraceInputError
 from grace_ds.exchange import CommunicationConfig
 
@@ -75,7 +75,7 @@ def test_unreadable_json_names_the_file(tmp_path):
 def test_online_section_is_validated_and_replans_are_logged_to_wandb(tmp_path, monkeypatch, capsys):
     import wandb
 
-    from grace_ds.deepspeed import _log_replan
+    from grace_ds.deepspeed_monitoring import log_replan
 
     _, section = split_config({"grace_moe": {"plan": "p.json", "online": {"window_steps": 8, "max_moves_per_step": 3,
                                                                           "policy": "eplb-periodic"}}})
@@ -91,7 +91,7 @@ def test_online_section_is_validated_and_replans_are_logged_to_wandb(tmp_path, m
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     run = wandb.init(project="t", dir=str(tmp_path))
     try:
-        _log_replan({"step": 16, "drift": 0.2, "moves": 3, "bytes_moved": 3 << 20, "transfer_s": 0.5,
+        log_replan({"step": 16, "drift": 0.2, "moves": 3, "bytes_moved": 3 << 20, "transfer_s": 0.5,
                      "modeled_time_before_us": 100.0, "modeled_time_after_us": 90.0, "replanned": True})
         assert run.summary["grace_moe/online/moves"] == 3 and run.summary["grace_moe/online/drift"] == 0.2
     finally:

@@ -3,7 +3,7 @@ phase; every other rank must stop within the fault timeout with an error naming 
 import pytest
 
 from grace_ds.bench import fault_drill
-from grace_ds.deepspeed import split_config
+from grace_ds.deepspeed_config import split_config
 
 TIMEOUT_S = 3.0
 # A survivor stops about TIMEOUT_S after entering the phase (docs/reliability.md), later on a loaded host

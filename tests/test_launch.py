@@ -50,8 +50,8 @@ def test_two_emulated_nodes_under_the_deepspeed_launcher(tmp_path, monkeypatch):
     assert report["generated_text_equal"] and report["prefill_tokens"] == 2 * per_node * 2 * 32
     assert len(report["pairs_per_gpu_per_layer"]) == 2 and sum(map(sum, report["pairs_per_gpu_per_layer"])) > 0
     # The main job's report renders from such reports: table rows, three plots, an offline W&B run.
+    from grace_ds.examples.report import log_wandb, plots, table
     from grace_ds.plan import PlacementPlan
-    from grace_ds.report import log_wandb, plots, table
 
     rows = table(report, report)
     assert any(name.startswith("cross-node bytes") for name, *_ in rows)

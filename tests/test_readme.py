@@ -18,19 +18,20 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 SNIPPETS = re.findall(r"```python\n(.*?)```", README, re.S)
 DEEPSPEED_SNIPPET = next(s for s in SNIPPETS if "init_inference" in s)
+MODEL = Path("grace_ds/examples/default_model")   # the embedded model, as the snippet names it
 
 
 def _clone_after_main_job(root: Path) -> Path:
     """A directory laid out as the repository is after `bash scripts/main.sh`, as far as the snippet looks:
     its configs, the embedded model, and a profile (the main job's, at a small size)."""
     shutil.copytree(ROOT / "configs", root / "configs")
-    (root / "grace_ds").mkdir()
-    (root / "grace_ds" / "default_model").symlink_to(ROOT / "grace_ds" / "default_model")
+    (root / "grace_ds" / "examples").mkdir(parents=True)
+    (root / MODEL).symlink_to(ROOT / MODEL)
     (root / "outputs").mkdir()
     text = root / "heldout.txt"
-    subprocess.run([sys.executable, "-c", f"from grace_ds.corpus import write_heldout_text; write_heldout_text({str(text)!r})"],
+    subprocess.run([sys.executable, "-c", f"from grace_ds.examples.corpus import write_heldout_text; write_heldout_text({str(text)!r})"],
                    check=True, cwd=ROOT, timeout=HANG_GUARD_S)
-    subprocess.run([sys.executable, "-m", "grace_ds.cli", "profile", "--model", str(ROOT / "grace_ds" / "default_model"),
+    subprocess.run([sys.executable, "-m", "grace_ds.cli", "profile", "--model", str(ROOT / MODEL),
                     "--data", str(text), "--max-tokens", "1024", "--sequence-length", "128",
                     "--out", str(root / "outputs" / "profile.safetensors")], check=True, cwd=ROOT, timeout=HANG_GUARD_S,
                    capture_output=True)
@@ -46,6 +47,7 @@ def _run_snippet(root: Path, env_extra: dict[str, str]) -> subprocess.CompletedP
 
 
 def test_the_deepspeed_snippet_runs_as_written_in_plain_python_after_the_main_job(tmp_path):
+    assert f'from_pretrained("{MODEL}")' in DEEPSPEED_SNIPPET   # the clone below lays out that model only
     root = _clone_after_main_job(tmp_path / "clone")
     done = _run_snippet(root, {})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -84,3 +86,52 @@ def test_every_readme_python_snippet_compiles_and_imports_what_exists(index):
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 importlib.import_module(alias.name)
+
+
+def test_the_readme_stays_a_front_door_whose_links_lead_somewhere():
+    # Details belong in docs/; the README keeps what a newcomer needs first.
+    assert len(README.splitlines()) < 250, f"README.md has {len(README.splitlines())} lines; move details to docs/"
+    links = re.findall(r"\]\(([^)\s]+)\)", README)
+    relative = [link.split("#")[0] for link in links if not re.match(r"[a-z]+:", link) and not link.startswith("#")]
+    assert relative, "the README links no docs page"
+    missing = [link for link in relative if not (ROOT / link).exists()]
+    assert not missing, f"README links to files that do not exist: {missing}"
+
+
+def _table_rows() -> dict[str, str]:
+    """The README's `grace_moe` table: key -> its default column."""
+    return dict(re.findall(r"^\| `([\w.]+)` \| ([^|]+?) \|", README, re.M))
+
+
+def test_the_readme_json_snippet_is_a_valid_grace_moe_section_and_the_table_names_its_keys():
+    from grace_ds.deepspeed import split_config
+
+    snippet = json.loads(re.search(r"```json\n(.*?)```", README, re.S).group(1))
+    _, section = split_config(snippet)   # refuses what the real config refuses
+    rows = _table_rows()
+    named = set()
+    for key, value in snippet["grace_moe"].items():
+        named |= {f"{key}.{sub}" for sub in value} if isinstance(value, dict) else {key}
+    assert named <= set(rows), f"the snippet's keys missing from the table: {sorted(named - set(rows))}"
+    assert section.communication.model_dump(mode="json") == snippet["grace_moe"]["communication"]
+
+
+def test_the_readme_config_table_has_every_grace_moe_key_with_its_default():
+    from pydantic import BaseModel
+
+    from grace_ds.deepspeed import GraceMoEConfig
+    from grace_ds.exchange import CommunicationConfig
+
+    rows = _table_rows()
+    fields = {**GraceMoEConfig.model_fields,
+              **{f"communication.{name}": field for name, field in CommunicationConfig.model_fields.items()}}
+    assert set(rows) == set(fields), f"table vs config: {sorted(set(rows) ^ set(fields))}"
+    for key, cell in rows.items():
+        default = fields[key].default
+        if default is None or isinstance(default, BaseModel):
+            continue   # no default ("-", "all ranks") or an object (its rows follow)
+        try:
+            shown = json.loads(cell)
+        except ValueError:
+            shown = cell   # a bare word: grace, tar, auto
+        assert shown == getattr(default, "value", default), f"table: {key} defaults to {cell}, the config to {default}"

@@ -1,4 +1,4 @@
-"""The main job's report (grace_ds/report.py): an aligned table that says which rows CPU emulation can
+"""The main job's report (grace_ds/examples/report.py): an aligned table that says which rows CPU emulation can
 speak for, and a co-activation plot with every layer, a colour bar and expert ids."""
 import re
 
@@ -7,9 +7,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from grace_ds.examples.report import BENCHMARKS_PAGE, GPUS_ONLY, coactivation_figure, header, table, text_table, timing_note  # noqa: E402
 from grace_ds.planners import make_plan  # noqa: E402
 from grace_ds.profile import RoutingProfile  # noqa: E402
-from grace_ds.report import BENCHMARKS_PAGE, GPUS_ONLY, coactivation_figure, header, table, text_table, timing_note  # noqa: E402
 from grace_ds.topology import Topology  # noqa: E402
 from tests.conftest import tiny_trace  # noqa: E402
 

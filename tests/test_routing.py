@@ -72,11 +72,11 @@ def test_ordinal_within_group():
 
 
 def test_auto_mode_follows_the_modeled_times():
-    from grace_ds.dispatch import choose_mode
+    from grace_ds.exchange.choice import resolve_mode
 
     two_by_two = Topology.uniform(2, 2)
-    assert choose_mode("auto", two_by_two, {"flat": 5.0, "hierarchical": 9.0}) == "flat"
-    assert choose_mode("auto", two_by_two, {"flat": 9.0, "hierarchical": 5.0}) == "hierarchical"
-    assert choose_mode("auto", two_by_two) == "hierarchical"
-    assert choose_mode("auto", Topology.uniform(2, 1)) == "flat"
-    assert choose_mode("flat", two_by_two, {"flat": 9.0, "hierarchical": 5.0}) == "flat"
+    assert resolve_mode("auto", two_by_two, {"flat": 5.0, "hierarchical": 9.0}) == "flat"
+    assert resolve_mode("auto", two_by_two, {"flat": 9.0, "hierarchical": 5.0}) == "hierarchical"
+    assert resolve_mode("auto", two_by_two) == "hierarchical"
+    assert resolve_mode("auto", Topology.uniform(2, 1)) == "flat"
+    assert resolve_mode("flat", two_by_two, {"flat": 9.0, "hierarchical": 5.0}) == "flat"

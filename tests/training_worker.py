@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grace_ds.layer import GraceRuntime  # noqa: E402
+from grace_ds.runtime import GraceRuntime  # noqa: E402
 from grace_ds.logical_nodes import join_logical_node  # noqa: E402
 from grace_ds.plan import PlacementPlan  # noqa: E402
 from grace_ds.planners import make_plan  # noqa: E402

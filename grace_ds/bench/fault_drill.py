@@ -30,7 +30,7 @@ HIDDEN, EXPERTS, TOP_K = 8, 8, 2
 
 def _setup(rank: int):
     from grace_ds.routing_stats import RoutingStats
-    from grace_ds.layer import GraceRuntime
+    from grace_ds.runtime import GraceRuntime
     from grace_ds.planners import make_plan
     from grace_ds.profile import RoutingProfile
     from grace_ds.topology import Topology
@@ -50,7 +50,7 @@ def _setup(rank: int):
 def _act(phase: str, fault: str | None, rank: int, plan, runtime, recorder, ids, group, hold_s: float) -> None:
     """Run `phase` on this rank; the faulty rank stalls (sleeps hold_s) or dies where the others
     enter the phase (combine: inside its expert computation, after the dispatch)."""
-    from grace_ds.deepspeed import agree_on_plan
+    from grace_ds.plan_agreement import agree_on_plan
 
     def fail() -> None:
         if fault == "die":

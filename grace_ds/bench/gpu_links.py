@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from grace_ds.bench.layers import Stopwatch, slowest_rank
-from grace_ds.node_groups import make_node_group
+from grace_ds.exchange.node_groups import make_node_group
 from grace_ds.topology import Topology
 
 

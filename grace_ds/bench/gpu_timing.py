@@ -20,11 +20,11 @@ from grace_ds.bench.layers import (GraceLayer, LayerShape, Stopwatch, autoep_lay
                                    keep, megatron_layer, release, replay_bias, round_robin, slowest_rank, summed,
                                    timed)
 from grace_ds.bench.provenance import ROOT
-from grace_ds.dispatch import Traffic
 from grace_ds.exchange import CommunicationConfig
-from grace_ds.layer import GraceRuntime
+from grace_ds.exchange.traffic import Traffic
 from grace_ds.logical_nodes import join_logical_node
 from grace_ds.plan import PlacementPlan
+from grace_ds.runtime import GraceRuntime
 from grace_ds.topology import Topology
 
 
@@ -37,7 +37,7 @@ def run_case(case: dict, args, topology: Topology, rank: int, device: torch.devi
     in_node_stages = topology.num_nodes > 1 and max(topology.gpus_per_node) > 1
     modes = ["flat", "hierarchical"] if in_node_stages else ["flat"]
     modes += ["gather"] if world > 1 else []  # timed on decode batches only: it gathers every token everywhere
-    # The same exchanges with their in-node stages over a process group of each node (grace_ds.node_groups).
+    # The same exchanges with their in-node stages over a process group of each node (grace_ds.exchange.node_groups).
     modes += [f"{m}{NODE_GROUPS}" for m in ("hierarchical", "gather")] if in_node_stages and not args.no_node_groups else []
     variants = [("deepspeed-native", "deepspeed", None)]
     if HAVE_MEGATRON:
@@ -143,7 +143,7 @@ def time_together(together: list[tuple], args, world: int, device: torch.device)
     replayed = [0] * len(together)  # graph replays in each entry's own forwards (a runtime serves several)
 
     def replays(runtime) -> int:
-        return runtime.gather_graphs.replays if runtime is not None and runtime.gather_graphs else 0
+        return runtime.exchange.graphs.replays if runtime is not None and runtime.exchange.graphs else 0
 
     def run(i: int, iters: int, warmup: int) -> None:
         _, state, layer, runtime, x, busy = together[i]

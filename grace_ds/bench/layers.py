@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grace_ds.experts import SlotExperts
-from grace_ds.layer import GraceRuntime
+from grace_ds.runtime import GraceRuntime
 
 REPLAY_BIAS = 30.0  # logits gap that makes the recorded experts the top-k whatever the random gate says
 

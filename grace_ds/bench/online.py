@@ -31,12 +31,12 @@ from grace_ds.bench.online_common import (POLICY_KINDS, add_replanning_options, 
                                           online_settings)
 from grace_ds.bench.provenance import ROOT, run_record
 from grace_ds.experts import SlotExperts
-from grace_ds.layer import GraceRuntime
 from grace_ds.logical_nodes import free_port, join_logical_node
 from grace_ds.online import OnlineReplanner
 from grace_ds.plan_agreement import broadcast_plan
 from grace_ds.planners import make_plan
 from grace_ds.profile import RoutingProfile
+from grace_ds.runtime import GraceRuntime
 from grace_ds.topology import Topology
 from grace_ds.trace import RoutingTrace
 

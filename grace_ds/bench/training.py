@@ -46,7 +46,7 @@ from grace_ds.topology import Topology
 
 def batches(args, world: int, rank: int, device: torch.device):
     """Per step: this rank's [sequences_per_rank, sequence_length] byte ids; every variant gets the same."""
-    from grace_ds.corpus import stdlib_bytes
+    from grace_ds.examples.corpus import stdlib_bytes
 
     data = stdlib_bytes("train")
     generator = torch.Generator().manual_seed(args.seed)
@@ -100,7 +100,7 @@ def train_variant(variant: str, world: int, plans: dict[str, str], args, device:
     if runtime is not None:
         pairs[runtime.rank] = sum(t.pairs_computed for t in runtime.traffic) / args.steps
         result["replicas_apart"] = engine.max_replica_difference()
-        result["mode_calls"] = dict(runtime.mode_calls)
+        result["mode_calls"] = dict(runtime.exchange.choice.mode_calls)
     elif blocks:  # DeepSpeed's contiguous experts: rank r computes experts r * E/W ... (r + 1) * E/W - 1
         dist.all_reduce(counts)  # every rank's tokens per expert
         pairs[rank] = float(counts.view(world, -1)[rank].sum()) / args.steps
@@ -146,7 +146,7 @@ def worker(rank: int, world: int, nodes: int, port: int, args, plans: dict[str, 
 
 def make_plans(args, nodes: int, per_node: int, folder: Path) -> dict[str, str]:
     """Profile the model's routing on held-out text; the GRACE plan (replicas) and the contiguous one."""
-    from grace_ds.corpus import stdlib_bytes
+    from grace_ds.examples.corpus import stdlib_bytes
     from grace_ds.planners import make_plan
     from grace_ds.profiling import profile_model
 

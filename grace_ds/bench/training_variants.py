@@ -6,9 +6,9 @@ import torch
 import torch.distributed as dist
 
 from grace_ds.bench.provenance import ROOT
-from grace_ds.dispatch import Traffic
+from grace_ds.exchange.traffic import Traffic
 
-MODEL_DIR = ROOT / "grace_ds" / "default_model"
+MODEL_DIR = ROOT / "grace_ds" / "examples" / "default_model"
 VARIANTS = ("deepspeed-moe", "deepspeed-moe/noise", "grace-contiguous", "grace", "transformers", "transformers/noise",
             "transformers-grace")
 # Which variant each one must train like.
@@ -106,8 +106,8 @@ def deepspeed_model(variant: str, world: int, plans: dict[str, str], device: tor
     from deepspeed.moe.layer import MoE
 
     from grace_ds.deepspeed_moe import GraceMoE
-    from grace_ds.layer import GraceRuntime
     from grace_ds.plan import PlacementPlan
+    from grace_ds.runtime import GraceRuntime
 
     model = load_model()
     config = model.config

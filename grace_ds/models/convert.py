@@ -14,7 +14,8 @@ from torch import nn
 
 from grace_ds.errors import GraceInputError
 from grace_ds.experts import SlotExperts
-from grace_ds.layer import GraceExperts, GraceRuntime
+from grace_ds.models.grace_experts import GraceExperts
+from grace_ds.runtime import GraceRuntime
 
 # Block class name -> model family, for the families tested here.
 SUPPORTED_BLOCKS = {

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from grace_ds.decode_graphs import token_bucket
-from grace_ds.dispatch_gather import _pack, _unpack
+from grace_ds.exchange.gather import _pack, _unpack
+from grace_ds.exchange.graphed_gather import token_bucket
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -27,7 +27,7 @@ def test_token_buckets_are_powers_of_two_up_to_the_limit():
 
 
 def test_gather_chosen_outright_graphs_larger_calls_than_auto_sends_it():
-    from grace_ds.layer import gather_graph_tokens
+    from grace_ds.exchange.choice import gather_graph_tokens
 
     assert gather_graph_tokens("auto", 0) == gather_graph_tokens("hierarchical", 64) == 128
     assert gather_graph_tokens("auto", 256) == 256
@@ -50,6 +50,11 @@ class _ScaleBySlot:
 class _ScaleBySlotPairs(_ScaleBySlot):
     """The same experts with `weighted_sum`, as SlotExperts: every gathered pair, slot -1 skipped."""
 
+    capturable = False
+
+    def slot_tensors(self) -> list[torch.Tensor]:
+        return []
+
     def weighted_sum(self, rows: torch.Tensor, pair_row: torch.Tensor, pair_slot: torch.Tensor,
                      pair_weight: torch.Tensor, pairs_by_row: bool = False) -> torch.Tensor:
         assert not pairs_by_row or bool((pair_row[1:] >= pair_row[:-1]).all())
@@ -63,9 +68,11 @@ def _gather_worker(rank: int, world: int, nodes: int, port: int, out_dir: str) -
 
     import torch.distributed as dist
 
-    from grace_ds.dispatch import Traffic
-    from grace_ds.dispatch_gather import NodeLayout, gather_and_compute
+    from grace_ds.exchange.expert_compute import as_expert_compute
+    from grace_ds.exchange.gather import GatherExchange, NodeLayout
+    from grace_ds.exchange.traffic import Traffic
     from grace_ds.logical_nodes import join_logical_node
+    from grace_ds.topology import Topology
 
     join_logical_node(rank, world, nodes, port)
     try:
@@ -81,9 +88,10 @@ def _gather_worker(rank: int, world: int, nodes: int, port: int, out_dir: str) -
         for hierarchical in (True, False):
             for experts in (_ScaleBySlot, _ScaleBySlotPairs):
                 traffic = Traffic()
-                got = gather_and_compute(hidden, slots, weights, slots_per_gpu, rank, world, max(counts),
-                                         experts(rank, slots_per_gpu), None, traffic, node_of_gpu, "",
-                                         NodeLayout.of(rank, node_of_gpu) if hierarchical else None)
+                exchange = GatherExchange(Topology.uniform(nodes, per_node), rank, slots_per_gpu, None,
+                                          NodeLayout.of(rank, node_of_gpu) if hierarchical else None)
+                got = exchange.for_call(max(counts))(hidden, slots, weights, as_expert_compute(experts(rank, slots_per_gpu)),
+                                                     "", traffic)
                 report[f"{hierarchical} {experts.__name__}"] = {
                     "error": float((got - expected).abs().max()) if got.numel() else 0.0,
                     "shape": list(got.shape), "cross": traffic.cross_node_bytes,

@@ -25,7 +25,10 @@ import torch
 import torch.distributed as dist
 
 from grace_ds.faults import guarded
-from grace_ds.node_groups import NodeGroup
+from grace_ds.exchange.base import Exchange
+from grace_ds.exchange.expert_compute import ExpertCompute
+from grace_ds.exchange.node_groups import NodeGroup
+from grace_ds.exchange.traffic import Traffic
 from grace_ds.topology import Topology
 
 # Newer torch names them *_single; 2.11 (the GPU machine's) only has the older names.
@@ -142,52 +145,77 @@ def _sum_by_node(partial: torch.Tensor, layout: NodeLayout, world: int, group, w
     return mine.to(partial.dtype)
 
 
-def gather_and_compute(hidden: torch.Tensor, slot_ids: torch.Tensor, topk_weights: torch.Tensor, slots_per_gpu: int,
-                       rank: int, world: int, padded_tokens: int, compute, group=None, traffic=None,
-                       node_of_gpu: list[int] | None = None, where: str = "", layout: NodeLayout | None = None,
-                       node_group: NodeGroup | None = None) -> torch.Tensor:
-    """hidden [N, H] this rank's tokens; slot_ids [N, k] physical slots from the replica router; topk_weights
-    [N, k]; padded_tokens >= every rank's N. Returns sum_k weight * expert(hidden) per token, [N, H].
-    Expert modules with `weighted_sum` (SlotExperts) get every gathered pair, slot -1 where another rank
-    computes it (no host synchronisation); a plain `compute(rows, slot)` gets only this rank's pairs.
-    layout (NodeLayout.of this rank): across nodes then inside them, the in-node stages over `node_group`
-    when given; None: one all-gather and one reduce-scatter over all ranks."""
-    if torch.is_grad_enabled() and hidden.requires_grad:
-        raise RuntimeError("the gather exchange is for inference; run under torch.no_grad() or use flat/hierarchical")
-    num_tokens, top_k = slot_ids.shape
-    if padded_tokens < num_tokens:
-        raise ValueError(f"padded_tokens {padded_tokens} < this rank's {num_tokens} tokens")
-    node_of_gpu = node_of_gpu or [0] * world
-    packed = _pack(hidden, slot_ids, topk_weights, padded_tokens)
-    if layout is not None:
-        gathered = _gather_by_node(packed, layout, world, group, where, node_group)
-    else:
-        gathered = packed.new_empty((world * padded_tokens, packed.shape[1]))
-        guarded(f"dispatch{where} (gather)", group, _all_gather_rows, gathered, packed, group=group)
-    rows, slots, weights = _unpack(gathered, hidden.dtype, hidden.shape[1], top_k)
-    flat_slot = slots.reshape(-1).long()
-    mine = (flat_slot >= 0) & (flat_slot // slots_per_gpu == rank)
-    local_slot = torch.where(mine, flat_slot % slots_per_gpu, -1)
-    pair_row = torch.arange(rows.shape[0], device=rows.device).repeat_interleave(top_k)
-    fused = getattr(compute, "weighted_sum", None)
-    if fused is not None:  # skips slot -1 on the device: no host synchronisation
-        partial = fused(rows, pair_row, local_slot, weights.reshape(-1), pairs_by_row=True)
-    else:  # arbitrary expert modules: compute this rank's pairs alone (finding them waits for the device)
-        pick = mine.nonzero().flatten()
-        expert_out = compute(rows[pair_row[pick]], local_slot[pick])
-        partial = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
-        partial = partial.index_add(0, pair_row[pick], expert_out.float() * weights.reshape(-1)[pick].unsqueeze(-1))
-        partial = partial.to(hidden.dtype)
-    if layout is not None:
-        out = _sum_by_node(partial, layout, world, group, where, node_group)
-    else:
-        out = partial.new_empty((padded_tokens, partial.shape[1]))
-        guarded(f"combine{where} (reduce-scatter)", group, _reduce_scatter_rows, out, partial, group=group)
-    if traffic is not None:
-        traffic.add_sent(_bytes_to(layout, world, padded_tokens, packed.shape[1], partial.shape[1] * partial.element_size()),
-                         rank, node_of_gpu)
-        traffic.pairs_computed += int(mine.sum())
-    return out[:num_tokens]
+@dataclass
+class _Sent:
+    num_tokens: int
+    padded_tokens: int
+    packed: torch.Tensor  # [P, B] this rank's packed rows
+    rows: torch.Tensor  # [world * P, H] every rank's rows
+    pair_row: torch.Tensor  # [world * P * k]
+    local_slot: torch.Tensor  # [world * P * k] slot here, -1 where another rank computes the pair
+    weights: torch.Tensor  # [world * P * k]
+    mine: torch.Tensor  # [world * P * k] bool: computed here
+    where: str
+    partial_bytes: int = 0
+
+
+class GatherExchange(Exchange):
+    """Inference only. padded_tokens (set per call, `for_call`) >= every rank's token count. `layout`
+    (NodeLayout.of this rank): across nodes then inside them, the in-node stages over `node_group` when
+    given; None: one all-gather and one reduce-scatter over all ranks."""
+
+    name = "gather"
+
+    def __init__(self, topology: Topology, rank: int, slots_per_gpu: int, group=None, layout: NodeLayout | None = None,
+                 node_group: NodeGroup | None = None) -> None:
+        self.topology, self.rank, self.slots_per_gpu, self.group = topology, rank, slots_per_gpu, group
+        self.layout, self.node_group = layout, node_group
+        self.padded_tokens = 0
+
+    def for_call(self, padded_tokens: int) -> "GatherExchange":
+        """This exchange with every rank's rows padded to `padded_tokens` (the largest rank's count)."""
+        self.padded_tokens = padded_tokens
+        return self
+
+    def dispatch(self, hidden: torch.Tensor, slot_ids: torch.Tensor, weights: torch.Tensor, where: str) -> _Sent:
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            raise RuntimeError("the gather exchange is for inference; run under torch.no_grad() or use flat/hierarchical")
+        num_tokens, top_k = slot_ids.shape
+        padded, world = self.padded_tokens, self.topology.num_gpus
+        if padded < num_tokens:
+            raise ValueError(f"padded_tokens {padded} < this rank's {num_tokens} tokens")
+        packed = _pack(hidden, slot_ids, weights, padded)
+        if self.layout is not None:
+            gathered = _gather_by_node(packed, self.layout, world, self.group, where, self.node_group)
+        else:
+            gathered = packed.new_empty((world * padded, packed.shape[1]))
+            guarded(f"dispatch{where} (gather)", self.group, _all_gather_rows, gathered, packed, group=self.group)
+        rows, slots, pair_weights = _unpack(gathered, hidden.dtype, hidden.shape[1], top_k)
+        flat_slot = slots.reshape(-1).long()
+        mine = (flat_slot >= 0) & (flat_slot // self.slots_per_gpu == self.rank)
+        return _Sent(num_tokens, padded, packed, rows,
+                     torch.arange(rows.shape[0], device=rows.device).repeat_interleave(top_k),
+                     torch.where(mine, flat_slot % self.slots_per_gpu, -1), pair_weights.reshape(-1), mine, where)
+
+    def compute(self, sent: _Sent, experts: ExpertCompute) -> torch.Tensor:
+        """Every gathered pair, slot -1 where another rank computes it (SlotExperts skips those on the
+        device: no host synchronisation)."""
+        return experts.weighted_sum(sent.rows, sent.pair_row, sent.local_slot, sent.weights, pairs_by_row=True)
+
+    def combine(self, sent: _Sent, own: torch.Tensor | None, arrived: torch.Tensor) -> torch.Tensor:
+        where = sent.where
+        sent.partial_bytes = arrived.shape[1] * arrived.element_size()
+        if self.layout is not None:
+            out = _sum_by_node(arrived, self.layout, self.topology.num_gpus, self.group, where, self.node_group)
+        else:
+            out = arrived.new_empty((sent.padded_tokens, arrived.shape[1]))
+            guarded(f"combine{where} (reduce-scatter)", self.group, _reduce_scatter_rows, out, arrived, group=self.group)
+        return out[:sent.num_tokens]
+
+    def count(self, sent: _Sent, traffic: Traffic) -> None:
+        traffic.add_sent(_bytes_to(self.layout, self.topology.num_gpus, sent.padded_tokens, sent.packed.shape[1],
+                                   sent.partial_bytes), self.rank, self.topology.node_of_gpu.tolist())
+        traffic.pairs_computed += int(sent.mine.sum())
 
 
 def _bytes_to(layout: NodeLayout | None, world: int, padded_tokens: int, packed_bytes: int, partial_bytes: int) -> list[int]:

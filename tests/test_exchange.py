@@ -44,11 +44,14 @@ def _idle_rank_worker(rank: int, world: int, nodes: int, port: int, out_dir: str
     import torch
     import torch.distributed as dist
 
-    from grace_ds.dispatch import Traffic, exchange_and_compute
+    from grace_ds.exchange.expert_compute import as_expert_compute
+    from grace_ds.exchange.flat import FlatExchange
+    from grace_ds.exchange.hierarchical import HierarchicalExchange
+    from grace_ds.exchange.node_groups import make_node_group
+    from grace_ds.exchange.traffic import Traffic
     from grace_ds.logical_nodes import join_logical_node
-    from grace_ds.node_groups import make_node_group
     from grace_ds.topology import Topology
-    from tests.test_dispatch_gather import _ScaleBySlot, _ScaleBySlotPairs
+    from tests.test_exchange_gather import _ScaleBySlot, _ScaleBySlotPairs
 
     join_logical_node(rank, world, nodes, port)
     try:
@@ -67,8 +70,9 @@ def _idle_rank_worker(rank: int, world: int, nodes: int, port: int, out_dir: str
         for mode, group in (("flat", None), ("hierarchical", None), ("hierarchical", node_group)):
             for experts in (_ScaleBySlot, _ScaleBySlotPairs):
                 counted = Traffic()
-                got = exchange_and_compute(hidden, slots, weights, slots_per_gpu, topology, rank,
-                                           experts(rank, slots_per_gpu), mode, node_group=group, traffic=counted)
+                exchange = (FlatExchange(topology, rank, slots_per_gpu) if mode == "flat"
+                            else HierarchicalExchange(topology, rank, slots_per_gpu, None, group))
+                got = exchange(hidden, slots, weights, as_expert_compute(experts(rank, slots_per_gpu)), "", counted)
                 name = f"{mode}{' node group' if group else ''} {experts.__name__}"
                 report[name] = [list(got.shape), float((got - expected).abs().max()) if got.numel() else 0.0]
                 traffic[name] = [mode, counted.intra_node_bytes, counted.cross_node_bytes]
@@ -102,7 +106,7 @@ def test_a_rank_without_tokens_or_without_peers_still_exchanges(uneven_exchange)
 
 
 def test_traffic_counts_what_the_hops_of_the_exchange_sent(uneven_exchange):
-    """The bytes a real exchange counted (Hop.send's splits through Traffic) equal those worked out from the
+    """The bytes a real exchange counted (Hop.start's splits through Traffic) equal those worked out from the
     routing alone, per rank, same-node and cross-node apart, in every mode and with node groups."""
     from grace_ds.topology import Topology
 

@@ -3,7 +3,7 @@
 Prints a table, writes PNG plots (co-activation with the GRACE groups, per-GPU load before and after
 replication, traffic per layer) and logs every figure and plot to Weights & Biases (offline unless
 WANDB_MODE / WANDB_API_KEY say otherwise; a `wandb` section of the DeepSpeed JSON is honoured).
-Usage: python -m grace_ds.report --native N.json --grace G.json --profile P --plan PLAN [--ds-config C]
+Usage: python -m grace_ds.examples.report --native N.json --grace G.json --profile P --plan PLAN [--ds-config C]
 """
 from __future__ import annotations
 

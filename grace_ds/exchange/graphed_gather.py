@@ -15,19 +15,15 @@ Without capture (CPU) the same padded body runs eagerly, which is what the CPU t
 from __future__ import annotations
 
 import warnings
-import weakref
 from dataclasses import dataclass
 
 import torch
 
-from grace_ds.dispatch_gather import gather_and_compute
+from grace_ds.exchange.expert_compute import ExpertCompute
+from grace_ds.exchange.gather import GatherExchange
+from grace_ds.served_plan import ServedPlan
 
 SMALLEST_BUCKET = 8
-
-
-def capturable(compute) -> bool:
-    """Whether `compute` (a module, or a bound method of one) can run inside a CUDA graph."""
-    return bool(getattr(getattr(compute, "__self__", compute), "capturable", False))
 
 
 def token_bucket(largest: int, limit: int) -> int | None:
@@ -47,20 +43,19 @@ class _Entry:
     top_k_index: torch.Tensor  # [B, k]
     top_k_weights: torch.Tensor  # [B, k] float32
     num_real: torch.Tensor  # [] this call's real tokens, on the device
-    compute: object  # held, so that its id (in the key) cannot be reused by another module
+    experts: ExpertCompute  # held, so that its id (in the key) cannot be reused by another module
     out: torch.Tensor | None = None  # [B, H]
     graph: "torch.cuda.CUDAGraph | None" = None
 
 
-class GatherGraphs:
-    """Per (layer, bucket): static buffers and, when `capture`, a CUDA graph of the whole gather call."""
+class GraphedGather:
+    """Per (layer, bucket): static buffers and, when `capture`, a CUDA graph of the whole gather call:
+    route (served.router) -> gather exchange -> experts -> combine."""
 
     WARMUP_CALLS = 2  # eager runs on a side stream before capture (lazy initialisations happen there)
 
-    def __init__(self, runtime, capture: bool, max_tokens: int) -> None:
-        # A weak reference: the runtime holds this object, and a cycle would keep captured graphs (and the
-        # communicators they use) alive until a garbage collection.
-        self._runtime = weakref.ref(runtime)
+    def __init__(self, served: ServedPlan, gather: GatherExchange, capture: bool, max_tokens: int) -> None:
+        self.served, self.gather = served, gather
         self.capture, self.max_tokens = capture, max_tokens
         self._entries: dict[tuple, _Entry] = {}
         self._pool = None
@@ -70,15 +65,19 @@ class GatherGraphs:
     def clear(self) -> None:
         self._entries.clear()
 
+    def bucket(self, largest: int, experts: ExpertCompute) -> int | None:
+        """The bucket a call whose largest rank holds `largest` tokens replays (None: run it eagerly)."""
+        if self.capture and not experts.capturable:
+            return None
+        return token_bucket(largest, self.max_tokens)
+
     def __call__(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                 bucket: int, compute) -> torch.Tensor:
+                 bucket: int, experts: ExpertCompute) -> torch.Tensor:
         """Same result as the eager gather call for this rank's tokens [N, H]; bucket >= every rank's N."""
-        owner = getattr(compute, "__self__", compute)  # a bound method is a new object at every access
-        key = (layer, bucket, hidden.shape[1], hidden.dtype, top_k_index.shape[1], id(owner),
-               getattr(compute, "__func__", None))
+        key = (layer, bucket, hidden.shape[1], hidden.dtype, top_k_index.shape[1], id(experts))
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._entries[key] = self._build(layer, hidden, top_k_index, bucket, compute)
+            entry = self._entries[key] = self._build(layer, hidden, top_k_index, bucket, experts)
         num_tokens = hidden.shape[0]
         entry.hidden[:num_tokens].copy_(hidden)
         entry.top_k_index[:num_tokens].copy_(top_k_index)
@@ -89,42 +88,38 @@ class GatherGraphs:
             entry.graph.replay()
             self.replays += 1
         else:
-            entry.out = self._body(layer, entry, compute)
+            entry.out = self._body(layer, entry)
         return entry.out[:num_tokens].clone()
 
-    def _body(self, layer: int, entry: _Entry, compute) -> torch.Tensor:
-        runtime = self._runtime()
+    def _body(self, layer: int, entry: _Entry) -> torch.Tensor:
         bucket = entry.hidden.shape[0]
-        slots = runtime.router.route(layer, entry.top_k_index, runtime.rank)
+        slots = self.served.router.route(layer, entry.top_k_index, self.served.rank)
         real = torch.arange(bucket, device=slots.device) < entry.num_real
         slots = torch.where(real.unsqueeze(-1), slots, -1)
-        topology = runtime.plan.topology
-        return gather_and_compute(entry.hidden, slots, entry.top_k_weights, runtime.plan.slots_per_gpu, runtime.rank,
-                                  topology.num_gpus, bucket, compute, runtime.group, None,
-                                  topology.node_of_gpu.tolist(), f" of layer {layer}", runtime.gather_layout,
-                                  runtime.node_group)
+        return self.gather.for_call(bucket)(entry.hidden, slots, entry.top_k_weights, entry.experts, f" of layer {layer}")
 
-    def _build(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, bucket: int, compute) -> _Entry:
+    def _build(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor, bucket: int,
+               experts: ExpertCompute) -> _Entry:
         device = hidden.device
         entry = _Entry(hidden.new_zeros((bucket, hidden.shape[1])),
                        torch.zeros((bucket, top_k_index.shape[1]), dtype=top_k_index.dtype, device=device),
                        torch.zeros((bucket, top_k_index.shape[1]), dtype=torch.float32, device=device),
-                       torch.zeros((), dtype=torch.long, device=device), getattr(compute, "__self__", compute))
+                       torch.zeros((), dtype=torch.long, device=device), experts)
         if not self.capture:
             return entry
-        self._runtime().router.tables(layer)  # built outside the capture
+        self.served.router.tables(layer)  # built outside the capture
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(self.WARMUP_CALLS):
-                self._body(layer, entry, compute)
+                self._body(layer, entry)
         torch.cuda.current_stream(device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool):
-                entry.out = self._body(layer, entry, compute)
+                entry.out = self._body(layer, entry)
             entry.graph = graph
         except RuntimeError as error:  # this rank serves the call eagerly: same collectives, same order
             warnings.warn(f"GRACE: no CUDA graph for layer {layer} (bucket {bucket} tokens), eager instead: {error}")
