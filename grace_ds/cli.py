@@ -111,7 +111,8 @@ def cmd_plan(args) -> None:
 
 def cmd_simulate(args) -> None:
     from grace_ds.plan import PlacementPlan
-    from grace_ds.simulate import COST_MODEL_EXPLANATION, CostSettings, simulate_loads, simulate_trace, summarize
+    from grace_ds.cost import COST_MODEL_EXPLANATION, CostSettings
+    from grace_ds.simulate import simulate_loads, simulate_trace, summarize
 
     if args.explain:
         print(COST_MODEL_EXPLANATION)

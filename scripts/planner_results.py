@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from grace_ds.bench.provenance import run_record
 from grace_ds.evaluation import evaluate_policies, format_table
 from grace_ds.files import atomic_write_text
 from grace_ds.planners import make_plan
@@ -72,6 +73,7 @@ def main() -> None:
               f"`planner-results.json`. Modeled times are the simulator's cost model (`grace-ds simulate --explain`), "
               f"hidden 2048, ffn 1024, bf16, 25 Gbit/s between nodes, per layer for the replayed tokens in one batch.\n")
     atomic_write_text(args.out / "planner-results.md", header + "\n" + "\n".join(sections))
+    raw["run"] = run_record("cpu")  # commit, command and hardware beside the rows
     atomic_write_text(args.out / "planner-results.json", json.dumps(raw, indent=1) + "\n")
     print(f"wrote {args.out / 'planner-results.md'}")
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from grace_ds.bench import gpu_cases, gpu_model
+from grace_ds.bench import layers as bench_layers
 from grace_ds.planners import make_plan
 from grace_ds.simulate import simulate_trace
 from grace_ds.profile import RoutingProfile
@@ -15,8 +17,6 @@ from grace_ds.topology import LinkModel, Topology
 from tests.conftest import HANG_GUARD_S, tiny_trace
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import bench_layers  # noqa: E402
 
 
 def rendered_page(tmp_path: Path, report: Path, *options: str) -> str:
@@ -72,6 +72,8 @@ def test_bench_gpu_runs_every_variant_on_cpu(shared_data, tmp_path):
                     "--nodes", "2", "--shapes", "olmoe", "--iters", "2", "--warmup", "1",
                     "--traces", str(shared_data / "routing"), "--out", str(out)], check=True, cwd=ROOT, timeout=HANG_GUARD_S)
     report = json.loads((out / "bench_gpu.json").read_text())
+    assert report["setting"]["commit"] and report["setting"]["command"].startswith("bench_gpu.py --device cpu")
+    assert report["setting"]["device"] == "cpu" and report["setting"]["cpus"] > 0
     results = report["results"]
     variants = {r["variant"] for r in results}
     assert variants == {"deepspeed-native", "megatron-alltoall", "deepspeed-autoep"} | {f"grace-layer/{p}/{m}" for p in
@@ -219,13 +221,11 @@ def test_bench_gpu_at_two_by_two_times_node_group_exchanges_and_the_auto_model(s
         assert grouped["modeled_ms"] > 0
     fixed = report["fixed_costs"]["olmoe/olmoe_arxiv/L1"]
     assert {"hop_node_groups_overhead_us", "gather_node_groups_overhead_us", "hierarchical_node_groups_host_tail_us"} <= set(fixed)
-    import bench_gpu
-
-    grouped_links = bench_gpu.calibrated_links({**links, **fixed}, node_groups=True)
+    grouped_links = gpu_model.calibrated_links({**links, **fixed}, node_groups=True)
     assert grouped_links.fanout_bandwidth_GBps == links["intra_node_group_GBps"]
     assert grouped_links.hop_overhead_us == fixed["hop_node_groups_overhead_us"]
     assert grouped_links.gather_overhead_us == fixed["gather_node_groups_overhead_us"]
-    assert bench_gpu.calibrated_links({**links, **fixed}).fanout_bandwidth_GBps == 0.0
+    assert gpu_model.calibrated_links({**links, **fixed}).fanout_bandwidth_GBps == 0.0
     modes = {(r["policy"], r["mode"]) for r in report["model"]}
     assert {("grace", "flat"), ("grace", "hierarchical"), ("grace", "auto")} <= modes
     assert all(r["median_ms"] > 0 for r in report["model"])
@@ -297,10 +297,8 @@ def test_expert_compute_benchmark_times_fused_per_row_and_gemm_alike(shared_data
 
 
 def test_fixed_cost_batch_gives_every_expert_a_pair():
-    import bench_gpu
-
-    for shape in bench_gpu.SHAPES.values():
-        ids = bench_gpu.fixed_cost_ids(shape)
+    for shape in gpu_cases.SHAPES.values():
+        ids = gpu_cases.fixed_cost_ids(shape)
         assert ids.shape == (-(-shape.num_experts // shape.top_k), shape.top_k)
         assert set(ids.flatten().tolist()) == set(range(shape.num_experts))
         assert all(len(set(row)) == shape.top_k for row in ids.tolist())

@@ -17,6 +17,7 @@ def test_bench_online_runs_every_policy_on_cpu(shared_data, tmp_path):
                     "--traces", str(shared_data / "routing"), "--out", str(tmp_path)], check=True, cwd=ROOT,
                    timeout=HANG_GUARD_S)
     report = json.loads((tmp_path / "bench-online-2x2.json").read_text())
+    assert report["run"]["commit"] and report["run"]["command"].startswith("bench_online.py") and report["run"]["cpus"]
     policies = report["policies"]
     assert set(policies) == {"grace-offline", "grace-online", "eplb-periodic"}
     for name, result in policies.items():

@@ -1,14 +1,9 @@
 """Distributed faults (scripts/fault_drill.py): 4 gloo ranks as 2 nodes x 2; rank 2 stalls or dies at each
 phase; every other rank must stop within the fault timeout with an error naming rank 2 and the phase."""
-import sys
-from pathlib import Path
-
 import pytest
 
+from grace_ds.bench import fault_drill
 from grace_ds.deepspeed_config import split_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import fault_drill  # noqa: E402
 
 TIMEOUT_S = 3.0
 # A survivor stops about TIMEOUT_S after entering the phase (docs/reliability.md), later on a loaded host

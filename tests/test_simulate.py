@@ -1,7 +1,8 @@
 import torch
 
 from grace_ds.plan import PlacementPlan
-from grace_ds.simulate import CostSettings, layer_traffic, simulate_trace
+from grace_ds.cost import CostSettings
+from grace_ds.simulate import layer_traffic, simulate_trace
 from grace_ds.topology import LinkModel, Topology
 
 

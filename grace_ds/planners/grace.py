@@ -2,7 +2,7 @@
 
 Paper settings (`node_grouping="spectral"`, `gpu_grouping="spectral"`, r from the knee of S(r) vs U(r),
 one replication round) are all available; by default the planner scores a few candidate settings per
-layer on the profile's sampled token routings with the simulator's cost model and keeps the fastest.
+layer on the profile's sampled token routings with grace_ds.cost's model and keeps the fastest.
 """
 from __future__ import annotations
 
@@ -122,8 +122,9 @@ def score_layer(lists: list[list[int]], primary: list[list[bool]], load: torch.T
     modeled layer time of `mode`, or hierarchical plus flat ("both") where a job may run either, or GPU
     copies per token ("copies"). `sampling="random"` routes by seeded draws (the same in expectation, no
     schedules to build: for many quick scores)."""
+    from grace_ds.cost import CostSettings, flat_hops, layer_times_us, pairs_per_gpu
     from grace_ds.routing import ReplicaRouter
-    from grace_ds.simulate import CostSettings, layer_traffic, token_gpus
+    from grace_ds.simulate import token_gpus
 
     weights, predicted = predict_loads(load, lists, topology)
     slot_expert, slot_primary, slot_weight = layer_slot_tensors(lists, primary, weights, capacity)
@@ -131,11 +132,14 @@ def score_layer(lists: list[list[int]], primary: list[list[bool]], load: torch.T
                          num_experts, top_k, "grace-candidate", ["candidate"])
     sources = token_gpus(sample.shape[0], topology.num_gpus)
     slots = ReplicaRouter(plan, "tar", sampling=sampling).route(0, sample, sources)
-    metrics = layer_traffic(slots // capacity, sources, topology, CostSettings())
-    cost = {"flat": metrics["modeled_layer_time_us_flat"], "hierarchical": metrics["modeled_layer_time_us"],
-            "copies": metrics["gpu_copies_per_token"]}
-    total = cost["flat"] + cost["hierarchical"] if mode == "both" else cost[mode]
-    return total, metrics["max_over_mean_gpu_load"]
+    dest_gpu = slots // capacity
+    pairs = pairs_per_gpu(dest_gpu, topology.num_gpus)
+    balance = float(pairs.max() / pairs.mean())
+    flat = flat_hops(dest_gpu, sources, topology.num_gpus)
+    if mode == "copies":  # GPU copies per token: rows the flat exchange sends
+        return float(flat[0].rows_per_link.sum()) / sample.shape[0], balance
+    times = layer_times_us(dest_gpu, sources, topology, CostSettings(), flat=flat)
+    return (times["flat"] + times["hierarchical"] if mode == "both" else times[mode]), balance
 
 
 PROBE_LAYERS = 4  # layers tuned over every candidate setting before the others narrow the choice

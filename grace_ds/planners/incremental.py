@@ -5,7 +5,7 @@ A move rewrites one slot of one GPU (its new expert's weights must travel there)
 layer, around the GPU with the highest predicted load: a copy of one of its three hottest experts into
 a free slot elsewhere, or in place of the least useful replica of another GPU (1 copy moved); or its
 hot primary swapped with a cold primary of a light GPU (2 copies moved). Each candidate is scored like
-the GRACE tuner scores plans: the simulator's modeled time on the profile's sampled routings (without
+the GRACE tuner scores plans: grace_ds.cost's modeled time on the profile's sampled routings (without
 samples: the heaviest predicted GPU load). Copy weights and predicted loads of every layer are then
 refreshed for the new profile, which moves no weights. Slots keep their positions, so the moves are
 exactly the slots whose expert differs between the old plan and the new one.

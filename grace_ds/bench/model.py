@@ -10,10 +10,10 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from bench_layers import keep, release, replay_bias, round_robin, slowest_rank, timed
-from grace_ds.runtime import GraceRuntime
+from grace_ds.bench.layers import keep, release, replay_bias, round_robin, slowest_rank, timed
 from grace_ds.models import convert_model, find_moe_blocks
 from grace_ds.plan import PlacementPlan
+from grace_ds.runtime import GraceRuntime
 
 LAYERS = 2
 PREFILLS = {"prefill-256x128": (256, 128), "prefill-512x64": (512, 64)}

@@ -377,17 +377,3 @@ def autoep_layer(shape: LayerShape, ep_size: int, device: torch.device, dtype: t
     moe.experts.register_forward_pre_hook(lambda module, args: setattr(layer, "_busy", busy.start()))
     moe.experts.register_forward_hook(lambda module, args, out: busy.stop(layer._busy))
     return layer
-
-
-def pairs_traffic(topk_ids: torch.Tensor, num_experts: int, topology, rank: int, row_bytes: int,
-                  ) -> tuple[list[float], torch.Tensor]:
-    """A dispatcher that sends one copy per (token, expert) pair (megatron's alltoall) with experts in
-    contiguous blocks: ([cross-node, intra-node] bytes this rank sends, dispatch and combine), pairs
-    per GPU [P] of this rank's tokens."""
-    world = topology.num_gpus
-    gpu = topk_ids.long().flatten() * world // num_experts
-    per_gpu = torch.bincount(gpu, minlength=world).cpu()
-    node = topology.node_of_gpu
-    cross = float(per_gpu[node != node[rank]].sum()) * 2 * row_bytes
-    intra = float(per_gpu[(node == node[rank]) & (torch.arange(world) != rank)].sum()) * 2 * row_bytes
-    return [cross, intra], per_gpu.double()
