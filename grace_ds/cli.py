@@ -27,7 +27,7 @@ def _topology(args):
 
 
 def cmd_profile_trace(args) -> None:
-    from grace_ds.profile import RoutingProfile
+    from grace_ds.routing_profile import RoutingProfile
     from grace_ds.trace import RoutingTrace, parse_token_range
 
     trace = RoutingTrace.load(args.trace).tokens(parse_token_range(args.tokens))
@@ -47,7 +47,7 @@ def cmd_profile(args) -> None:
     profile = profile_model(model, ids, args.sequence_length, args.batch_size, args.max_tokens,
                             sample_tokens=ids.numel() if args.trace_out else None)
     if args.trace_out:
-        from grace_ds.profile import DEFAULT_SAMPLE_TOKENS
+        from grace_ds.routing_profile import DEFAULT_SAMPLE_TOKENS
         from grace_ds.trace import RoutingTrace
 
         trace = RoutingTrace(profile.sample_topk_ids, profile.num_experts, profile.layer_names, profile.model_name)
@@ -60,7 +60,7 @@ def cmd_profile(args) -> None:
 
 
 def cmd_profile_load(args) -> None:
-    from grace_ds.profile import RoutingProfile
+    from grace_ds.routing_profile import RoutingProfile
 
     profile = RoutingProfile.from_logical_counts(args.loads, args.top_k)
     profile.save(args.out)
@@ -69,7 +69,7 @@ def cmd_profile_load(args) -> None:
 
 def cmd_plan(args) -> None:
     from grace_ds.planners import GraceSettings, make_plan
-    from grace_ds.profile import RoutingProfile
+    from grace_ds.routing_profile import RoutingProfile
 
     import torch
 
@@ -130,7 +130,7 @@ def cmd_simulate(args) -> None:
             raise GraceInputError(f"{args.plan}: plan is for {plan.topology.describe()}, asked for {asked.describe()} "
                                   f"(plan again with --nodes {asked.num_nodes} --gpus-per-node {asked.gpus_per_node[0]})")
     if args.loads is not None:
-        from grace_ds.profile import RoutingProfile
+        from grace_ds.routing_profile import RoutingProfile
 
         profile = RoutingProfile.from_logical_counts(args.loads, plan.top_k)
         plan.check_matches(profile.num_experts, profile.num_layers, None, None, str(args.plan))

@@ -96,25 +96,24 @@ def _per_link(src: torch.Tensor, dst: torch.Tensor, num_gpus: int, counted: torc
                           minlength=num_gpus * num_gpus).view(num_gpus, num_gpus)
 
 
-def _distinct_per_link(src: torch.Tensor, dst: torch.Tensor, token: torch.Tensor, num_gpus: int,
+def _distinct_per_link(src: torch.Tensor, dst: torch.Tensor, num_gpus: int,
                        counted: torch.Tensor | None = None) -> torch.Tensor:
-    """[P, P]: distinct tokens per (src, dst) among the `counted` entries (a row travels once per GPU)."""
+    """[P, P]: distinct tokens per (src, dst) among the `counted` entries of src, dst [T, k] (row t: token
+    t's pairs; a row travels once per GPU). A [T, P * P] flag per token and link, summed: cheaper than
+    sorting T * k keys at the GPU counts served (measured: 0.14 vs 0.51 ms at 1024 x 8 on 4 GPUs, even at 16)."""
     links = num_gpus * num_gpus
     keep = src != dst if counted is None else counted & (src != dst)
-    key = torch.where(keep, (token * num_gpus + src) * num_gpus + dst, -1).reshape(-1)
-    key = torch.sort(key).values
-    first = torch.ones_like(key, dtype=torch.bool)
-    first[1:] = key[1:] != key[:-1]
-    first &= key >= 0
-    return torch.bincount(key.clamp(min=0) % links, weights=first.double(), minlength=links).view(num_gpus, num_gpus)
+    link = torch.where(keep, src * num_gpus + dst, links).reshape(src.shape[0], -1)  # spare column: not counted
+    flags = torch.zeros(src.shape[0], links + 1, dtype=torch.bool)
+    flags.scatter_(1, link, True)
+    return flags[:, :links].sum(0, dtype=torch.float64).view(num_gpus, num_gpus)
 
 
 def flat_hops(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, num_gpus: int) -> list[HopTraffic]:
     """The flat exchange of dest_gpu [T, k] from token_gpu [T]: one hop, a row once per GPU it goes to."""
     dest = dest_gpu.long()
     src = token_gpu.long().view(-1, 1).expand_as(dest)
-    token = torch.arange(dest.shape[0]).view(-1, 1).expand_as(dest)
-    return [HopTraffic(_distinct_per_link(src, dest, token, num_gpus), _per_link(src, dest, num_gpus))]
+    return [HopTraffic(_distinct_per_link(src, dest, num_gpus), _per_link(src, dest, num_gpus))]
 
 
 def next_gpu(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Topology) -> torch.Tensor:
@@ -134,11 +133,10 @@ def hierarchical_hops(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology:
         return flat_hops(dest_gpu, token_gpu, topology.num_gpus)
     num_gpus, dest = topology.num_gpus, dest_gpu.long()
     src = token_gpu.long().view(-1, 1).expand_as(dest)
-    token = torch.arange(dest.shape[0]).view(-1, 1).expand_as(dest)
     hop1 = next_gpu(dest, token_gpu, topology)
     onward = hop1 != dest
-    return [HopTraffic(_distinct_per_link(src, hop1, token, num_gpus), _per_link(src, hop1, num_gpus)),
-            HopTraffic(_distinct_per_link(hop1, dest, token, num_gpus, onward),
+    return [HopTraffic(_distinct_per_link(src, hop1, num_gpus), _per_link(src, hop1, num_gpus)),
+            HopTraffic(_distinct_per_link(hop1, dest, num_gpus, onward),
                        _per_link(hop1, dest, num_gpus, onward))]
 
 

@@ -39,7 +39,7 @@ def load_or_make_plan(section: GraceMoEConfig, topology: Topology) -> PlacementP
         plan = PlacementPlan.load(section.plan)
     elif section.profile is not None:
         from grace_ds.planners import make_plan
-        from grace_ds.profile import RoutingProfile
+        from grace_ds.routing_profile import RoutingProfile
 
         from grace_ds.simulate import MODE_SAMPLE_TOKENS, modeled_times_by_mode
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from grace_ds.planners import POLICIES, make_plan
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.simulate import simulate_trace, summarize
 from grace_ds.topology import Topology
 from grace_ds.trace import RoutingTrace

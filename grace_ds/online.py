@@ -31,7 +31,7 @@ from grace_ds.plan_agreement import broadcast_plan
 from grace_ds.planners import make_plan
 from grace_ds.planners.assemble import base_slots
 from grace_ds.planners.incremental import IncrementalResult, Move, align_plan, moved_copies, replan_incremental
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.routing_stats import RoutingStats
 
 

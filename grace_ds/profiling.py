@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from grace_ds.errors import GraceInputError
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):

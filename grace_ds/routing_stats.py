@@ -20,7 +20,7 @@ from torch import nn
 
 from grace_ds import faults
 from grace_ds.errors import GraceInputError
-from grace_ds.profile import DEFAULT_SAMPLE_TOKENS, RoutingProfile
+from grace_ds.routing_profile import DEFAULT_SAMPLE_TOKENS, RoutingProfile
 
 
 def routing_counts(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 from grace_ds.cost import (CostSettings, bytes_per_link, flat_hops, hierarchical_hops, layer_times_us,
                            node_split_per_gpu, pairs_per_gpu)
 from grace_ds.plan import PlacementPlan
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.routing import LayerCopies, ReplicaRouter, expected_copy_loads
 from grace_ds.topology import Topology
 

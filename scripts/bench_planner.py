@@ -14,7 +14,7 @@ import time
 import torch
 
 from grace_ds.planners import POLICIES, make_plan
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.topology import Topology
 
 

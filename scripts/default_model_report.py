@@ -28,7 +28,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from grace_ds.examples.corpus import stdlib_bytes
-    from grace_ds.profile import RoutingProfile
+    from grace_ds.routing_profile import RoutingProfile
     from grace_ds.profiling import load_model, profile_model
 
     model, _ = load_model(args.model)

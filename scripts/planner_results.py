@@ -19,7 +19,7 @@ from grace_ds.bench.provenance import run_record
 from grace_ds.evaluation import evaluate_policies, format_table
 from grace_ds.files import atomic_write_text
 from grace_ds.planners import make_plan
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.simulate import simulate_loads
 from grace_ds.topology import Topology
 

@@ -6,25 +6,23 @@ import contextlib
 import copy
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import grace_ds.experts as grace_experts  # noqa: E402
-from grace_ds.exchange.graphed_gather import GraphedGather  # noqa: E402
-from grace_ds.routing_stats import RoutingStats  # noqa: E402
-from grace_ds.logical_nodes import join_logical_node  # noqa: E402
-from grace_ds.exchange import CommunicationConfig  # noqa: E402
-from grace_ds.models.grace_experts import GraceExperts  # noqa: E402
-from grace_ds.runtime import GraceRuntime  # noqa: E402
-from grace_ds.models import convert_model, find_moe_blocks  # noqa: E402
-from grace_ds.planners import make_plan  # noqa: E402
-from grace_ds.topology import Topology  # noqa: E402
-from tests.tiny_models import tiny_model  # noqa: E402
+from grace_ds.exchange import CommunicationConfig
+from grace_ds.exchange.graphed_gather import GraphedGather
+from grace_ds.logical_nodes import join_logical_node
+from grace_ds.models import convert_model, find_moe_blocks
+from grace_ds.models.grace_experts import GraceExperts
+from grace_ds.planners import make_plan
+from grace_ds.routing_stats import RoutingStats
+from grace_ds.runtime import GraceRuntime
+from grace_ds.topology import Topology
+import grace_ds.experts as grace_experts
+from tests.tiny_models import tiny_model
 
 SEQUENCES_PER_RANK, SEQUENCE_LENGTH = 2, 12
 # GRACE_TEST_DEVICE=cuda runs the same checks over NCCL, one GPU a rank (scripts/gpu_exactness.sh).
@@ -144,7 +142,7 @@ def check_deepspeed(rank: int, world: int, topology: Topology, policies, ks) -> 
     from deepspeed.moe.layer import MoE
 
     from grace_ds.deepspeed_moe import GraceMoE
-    from grace_ds.profile import RoutingProfile
+    from grace_ds.routing_profile import RoutingProfile
 
     hidden, inner, num_experts = 16, 24, 8
     torch.manual_seed(3)
@@ -288,7 +286,7 @@ def check_checkpoint(rank: int, world: int, topology: Topology, out_dir: str) ->
     """A DeepSpeed engine with GraceMoE saves and loads; loading restores identical outputs."""
     import deepspeed
 
-    from grace_ds.profile import RoutingProfile
+    from grace_ds.routing_profile import RoutingProfile
 
     torch.manual_seed(5)
     profile = RoutingProfile.from_topk_ids(torch.stack([torch.randperm(8)[:2] for _ in range(200)]).view(200, 1, 2), 8)
@@ -325,7 +323,7 @@ def check_training_profile(rank: int, world: int, topology: Topology, out_dir: s
     from deepspeed.moe.layer import MoE
 
     import grace_ds.deepspeed as grace_deepspeed
-    from grace_ds.profile import RoutingProfile
+    from grace_ds.routing_profile import RoutingProfile
 
     class Net(torch.nn.Module):
         def __init__(self) -> None:

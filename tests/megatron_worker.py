@@ -7,23 +7,19 @@ entries (which logical expert, which copy) for the parent to check."""
 import contextlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from grace_ds.routing_stats import RoutingStats  # noqa: E402
-from grace_ds.logical_nodes import join_logical_node  # noqa: E402
-from grace_ds.runtime import GraceRuntime  # noqa: E402
-from grace_ds.megatron import grace_layer_spec, top_k_from_routing  # noqa: E402
-from grace_ds.planners import make_plan  # noqa: E402
-from grace_ds.profile import RoutingProfile  # noqa: E402
-from grace_ds.topology import Topology  # noqa: E402
-from patches import megatron_core_cpu  # noqa: E402
+from grace_ds.logical_nodes import join_logical_node
+from grace_ds.megatron import grace_layer_spec, top_k_from_routing
+from grace_ds.planners import make_plan
+from grace_ds.routing_profile import RoutingProfile
+from grace_ds.routing_stats import RoutingStats
+from grace_ds.runtime import GraceRuntime
+from grace_ds.topology import Topology
+from patches import megatron_core_cpu
 
 HIDDEN, INNER, EXPERTS, TOP_K, SEQ, BATCH = 16, 24, 8, 2, 6, 2
 # GRACE_TEST_DEVICE=cuda runs the same checks over NCCL, one GPU a rank (scripts/gpu_exactness.sh).

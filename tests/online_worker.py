@@ -5,20 +5,18 @@ import copy
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grace_ds.routing_stats import RoutingStats  # noqa: E402
-from grace_ds.logical_nodes import join_logical_node  # noqa: E402
-from grace_ds.models import find_moe_blocks  # noqa: E402
-from grace_ds.planners import make_plan  # noqa: E402
-from grace_ds.topology import Topology  # noqa: E402
-from tests.tiny_models import tiny_model  # noqa: E402
+from grace_ds.logical_nodes import join_logical_node
+from grace_ds.models import find_moe_blocks
+from grace_ds.planners import make_plan
+from grace_ds.routing_stats import RoutingStats
+from grace_ds.topology import Topology
+from tests.tiny_models import tiny_model
 
 DEVICE = torch.device(os.environ.get("GRACE_TEST_DEVICE", "cpu"))
 SEQUENCES_PER_RANK, SEQUENCE_LENGTH, STEPS, DRIFT_AT = 2, 12, 14, 4

@@ -12,7 +12,7 @@ from grace_ds.bench import gpu_cases, gpu_model
 from grace_ds.bench import layers as bench_layers
 from grace_ds.planners import make_plan
 from grace_ds.simulate import simulate_trace
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.topology import LinkModel, Topology
 from tests.conftest import HANG_GUARD_S, tiny_trace
 

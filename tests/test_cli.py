@@ -77,7 +77,7 @@ def test_profile_refuses_bytes_for_a_small_vocabulary_without_tokenizer(tmp_path
 def test_profile_counts_every_token(tmp_path):
     import json as jsonlib
 
-    from grace_ds.profile import RoutingProfile
+    from grace_ds.routing_profile import RoutingProfile
     from tests.tiny_models import tiny_model
 
     model = tiny_model("mixtral")

@@ -155,7 +155,7 @@ def _measuring_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     from grace_ds.logical_nodes import join_logical_node
     from grace_ds.planners import make_plan
-    from grace_ds.profile import RoutingProfile
+    from grace_ds.routing_profile import RoutingProfile
 
     join_logical_node(rank, world, 2, port)
     try:

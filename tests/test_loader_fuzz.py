@@ -15,7 +15,7 @@ from grace_ds.deepspeed_config import split_config
 from grace_ds.errors import GraceInputError
 from grace_ds.plan import PlacementPlan
 from grace_ds.planners import make_plan
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.simulate import simulate_trace
 from grace_ds.topology import Topology
 from grace_ds.trace import RoutingTrace

@@ -10,7 +10,7 @@ from grace_ds.errors import GraceInputError
 from grace_ds.expert_transfer import schedule_transfers
 from grace_ds.planners import make_plan
 from grace_ds.planners.incremental import copies_to_receive, moved_copies, replan_incremental
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.routing import ReplicaRouter
 from grace_ds.routing_stats import RoutingStats
 from grace_ds.simulate import simulate_trace, summarize, token_gpus

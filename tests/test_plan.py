@@ -6,7 +6,7 @@ import torch
 from grace_ds.errors import GraceInputError
 from grace_ds.plan import PlacementPlan
 from grace_ds.planners import make_plan
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.topology import Topology
 from tests.conftest import tiny_trace
 

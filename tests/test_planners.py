@@ -8,7 +8,7 @@ from grace_ds.planners import POLICIES, make_plan
 from grace_ds.planners.assemble import slot_capacity
 from grace_ds.planners.eplb import balanced_packing, replicate_experts
 from grace_ds.planners.grouping import repair_sizes
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.topology import Topology
 from tests.conftest import tiny_trace
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from grace_ds.errors import GraceInputError
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from tests.conftest import tiny_trace
 
 

@@ -135,3 +135,20 @@ def test_the_readme_config_table_has_every_grace_moe_key_with_its_default():
         except ValueError:
             shown = cell   # a bare word: grace, tar, auto
         assert shown == getattr(default, "value", default), f"table: {key} defaults to {cell}, the config to {default}"
+
+
+def test_the_module_pages_name_every_module_and_only_files_that_exist():
+    """README's path of a token and docs/architecture.md's table follow the tree: every path they name
+    exists, and every module of grace_ds/ (outside bench/ and examples/, named as folders) has a row."""
+    architecture = (ROOT / "docs" / "architecture.md").read_text()
+    section = README[README.index("## Architecture"):]
+    section = section[:section.index("\n## ", 1)]
+    named = set(re.findall(r"grace_ds/[\w/]+(?:\.py|/)", section + architecture))
+    assert named, "no grace_ds paths found"
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"named but not in the tree: {missing}"
+    rows = set(re.findall(r"^\| `(grace_ds/[\w/]+(?:\.py|/))`", architecture, re.M))
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "grace_ds").rglob("*.py")
+               if p.name != "__init__.py" and p.parts[len(ROOT.parts) + 1] not in ("bench", "examples", "planners")}
+    unlisted = sorted(modules - rows)
+    assert not unlisted, f"modules without a row in docs/architecture.md: {unlisted}"

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from grace_ds.examples.report import BENCHMARKS_PAGE, GPUS_ONLY, coactivation_figure, header, table, text_table, timing_note  # noqa: E402
 from grace_ds.planners import make_plan  # noqa: E402
-from grace_ds.profile import RoutingProfile  # noqa: E402
+from grace_ds.routing_profile import RoutingProfile  # noqa: E402
 from grace_ds.topology import Topology  # noqa: E402
 from tests.conftest import tiny_trace  # noqa: E402
 

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from grace_ds.cost import CostSettings
 from grace_ds.planners import POLICIES, make_plan
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.routing import ROUTER_POLICIES, ReplicaRouter
 from grace_ds.simulate import layer_traffic, simulate_trace, token_gpus
 from grace_ds.topology import Topology

@@ -3,7 +3,7 @@ import pytest
 
 from grace_ds.evaluation import evaluate_policies
 from grace_ds.planners import make_plan
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.simulate import simulate_loads
 from grace_ds.topology import Topology
 

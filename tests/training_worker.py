@@ -7,20 +7,18 @@ optimizer steps with gradient clipping on, and checks that the copies of a repli
 import copy
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grace_ds.runtime import GraceRuntime  # noqa: E402
-from grace_ds.logical_nodes import join_logical_node  # noqa: E402
-from grace_ds.plan import PlacementPlan  # noqa: E402
-from grace_ds.planners import make_plan  # noqa: E402
-from grace_ds.profile import RoutingProfile  # noqa: E402
-from grace_ds.topology import Topology  # noqa: E402
+from grace_ds.logical_nodes import join_logical_node
+from grace_ds.plan import PlacementPlan
+from grace_ds.planners import make_plan
+from grace_ds.routing_profile import RoutingProfile
+from grace_ds.runtime import GraceRuntime
+from grace_ds.topology import Topology
 
 HIDDEN, INNER, EXPERTS = 16, 24, 8
 DEVICE = torch.device(os.environ.get("GRACE_TEST_DEVICE", "cpu"))

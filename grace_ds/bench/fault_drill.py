@@ -32,7 +32,7 @@ def _setup(rank: int):
     from grace_ds.routing_stats import RoutingStats
     from grace_ds.runtime import GraceRuntime
     from grace_ds.planners import make_plan
-    from grace_ds.profile import RoutingProfile
+    from grace_ds.routing_profile import RoutingProfile
     from grace_ds.topology import Topology
 
     gen = torch.Generator().manual_seed(0)

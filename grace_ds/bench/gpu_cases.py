@@ -12,7 +12,7 @@ from grace_ds.bench.layers import LayerShape
 from grace_ds.exchange import CommunicationConfig
 from grace_ds.exchange.config import NODE_GROUPS_SUFFIX
 from grace_ds.planners import make_plan
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.topology import Topology
 from grace_ds.trace import RoutingTrace
 

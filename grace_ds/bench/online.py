@@ -35,7 +35,7 @@ from grace_ds.logical_nodes import free_port, join_logical_node
 from grace_ds.online import OnlineReplanner
 from grace_ds.plan_agreement import broadcast_plan
 from grace_ds.planners import make_plan
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.runtime import GraceRuntime
 from grace_ds.topology import Topology
 from grace_ds.trace import RoutingTrace

@@ -31,7 +31,7 @@ from grace_ds.cost import CostSettings
 from grace_ds.online import decide_replan
 from grace_ds.planners import make_plan
 from grace_ds.planners.incremental import copies_to_receive
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.routing import ReplicaRouter
 from grace_ds.routing_stats import RoutingStats
 from grace_ds.simulate import simulate_trace, summarize, token_gpus

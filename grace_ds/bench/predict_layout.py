@@ -22,7 +22,7 @@ from grace_ds.bench.gpu_cases import BATCHES, HIERARCHICAL_SPLIT_SIZES, POLICIES
 from grace_ds.bench.gpu_model import calibrated_links
 from grace_ds.bench.provenance import ROOT, run_record
 from grace_ds.planners import make_plan
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.cost import CostSettings
 from grace_ds.simulate import simulate_trace
 from grace_ds.topology import Topology

@@ -61,7 +61,7 @@ def fuzz_loaders(n: int, work: Path) -> list[tuple[str, Counter]]:
 def cli_cases(work: Path) -> list[tuple[str, int, bool, bool]]:
     import torch
 
-    from grace_ds.profile import RoutingProfile
+    from grace_ds.routing_profile import RoutingProfile
     from tests.conftest import tiny_trace
 
     RoutingProfile.from_topk_ids(tiny_trace(tokens=40), 8).save(work / "ok.safetensors")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from grace_ds.plan import PlacementPlan
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 
 
 # Which rows a CPU emulation can speak for: bytes, balance and exactness follow from the plan and the

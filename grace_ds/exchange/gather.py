@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from grace_ds.faults import guarded
+from grace_ds import cost
 from grace_ds.exchange.base import Exchange
 from grace_ds.exchange.expert_compute import ExpertCompute
 from grace_ds.exchange.node_groups import NodeGroup
@@ -149,7 +150,6 @@ def _sum_by_node(partial: torch.Tensor, layout: NodeLayout, world: int, group, w
 class _Sent:
     num_tokens: int
     padded_tokens: int
-    packed: torch.Tensor  # [P, B] this rank's packed rows
     rows: torch.Tensor  # [world * P, H] every rank's rows
     pair_row: torch.Tensor  # [world * P * k]
     local_slot: torch.Tensor  # [world * P * k] slot here, -1 where another rank computes the pair
@@ -193,7 +193,7 @@ class GatherExchange(Exchange):
         rows, slots, pair_weights = _unpack(gathered, hidden.dtype, hidden.shape[1], top_k)
         flat_slot = slots.reshape(-1).long()
         mine = (flat_slot >= 0) & (flat_slot // self.slots_per_gpu == self.rank)
-        return _Sent(num_tokens, padded, packed, rows,
+        return _Sent(num_tokens, padded, rows,
                      torch.arange(rows.shape[0], device=rows.device).repeat_interleave(top_k),
                      torch.where(mine, flat_slot % self.slots_per_gpu, -1), pair_weights.reshape(-1), mine, where)
 
@@ -213,20 +213,8 @@ class GatherExchange(Exchange):
         return out[:sent.num_tokens]
 
     def count(self, sent: _Sent, traffic: Traffic) -> None:
-        traffic.add_sent(_bytes_to(self.layout, self.topology.num_gpus, sent.padded_tokens, sent.packed.shape[1],
-                                   sent.partial_bytes), self.rank, self.topology.node_of_gpu.tolist())
+        top_k = sent.pair_row.shape[0] // max(sent.rows.shape[0], 1)
+        bytes_to = cost.gather_bytes_per_link(self.topology, sent.padded_tokens, top_k, sent.partial_bytes,
+                                              self.layout is not None)[self.rank]
+        traffic.add_sent([int(b) for b in bytes_to.tolist()], self.rank, self.topology.node_of_gpu.tolist())
         traffic.pairs_computed += int(sent.mine.sum())
-
-
-def _bytes_to(layout: NodeLayout | None, world: int, padded_tokens: int, packed_bytes: int, partial_bytes: int) -> list[int]:
-    """Bytes this rank sends each rank: rows out and partial outputs back. Ring: logically its own rows to
-    everyone (NCCL relays them). Hierarchical: its rows and a partial per peer; its node's column to each mate."""
-    per_row = packed_bytes + partial_bytes
-    if layout is None:
-        return [padded_tokens * per_row] * world
-    sent = [0] * world
-    for peer in layout.peers:
-        sent[peer] = padded_tokens * per_row
-    for mate in layout.mates:
-        sent[mate] = layout.nodes * padded_tokens * per_row
-    return sent

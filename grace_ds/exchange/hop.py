@@ -17,11 +17,9 @@ import torch.distributed as dist
 
 from grace_ds.faults import guarded
 
-# Pair record columns (int32: half the bytes of int64 on every hop): row index within the sender's chunk
-# for this rank, final GPU, local slot, routing weight (float32 bits).
+# Pair record columns (int32: half the bytes of int64 on every hop; grace_ds.cost.PAIR_RECORD_BYTES): row
+# index within the sender's chunk for this rank, final GPU, local slot, routing weight (float32 bits).
 ROW, TARGET, SLOT, WEIGHT = range(4)
-RECORD_BYTES = 4 * torch.int32.itemsize
-WEIGHT_BYTES = torch.float32.itemsize  # a pair's differentiable weight, sent beside its record in training
 
 
 class _AllToAllRows(torch.autograd.Function):

@@ -7,7 +7,7 @@ from grace_ds.planners.affinity import plan_uniform_affinity
 from grace_ds.planners.contiguous import plan_contiguous
 from grace_ds.planners.eplb import plan_eplb
 from grace_ds.planners.grace import GraceSettings, plan_grace
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.topology import Topology
 
 POLICIES = ("grace", "contiguous", "eplb", "eplb-hierarchical", "uniform-affinity")

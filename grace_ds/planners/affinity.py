@@ -5,7 +5,7 @@ from __future__ import annotations
 from grace_ds.plan import PlacementPlan
 from grace_ds.planners.assemble import assemble_plan, base_slots
 from grace_ds.planners.hierarchy import group_hierarchically
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.topology import Topology
 
 

@@ -9,7 +9,7 @@ import torch
 
 from grace_ds.errors import GraceInputError
 from grace_ds.plan import PlacementPlan
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.routing import LayerCopies, expected_copy_loads
 from grace_ds.topology import Topology
 

@@ -5,7 +5,7 @@ import torch
 
 from grace_ds.plan import PlacementPlan
 from grace_ds.planners.assemble import assemble_plan, slot_capacity
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.topology import Topology
 
 

@@ -20,7 +20,7 @@ from grace_ds.planners.assemble import assemble_plan, layer_slot_tensors, predic
 from grace_ds.planners.hierarchy import GROUPING_MODES, group_hierarchically
 from grace_ds.planners.grouping import in_group_affinity_share
 from grace_ds.planners.replication import RECEIVER_CHOICES, replicate_greedy, replicate_hot_experts
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.topology import Topology
 
 REPLICATION_MODES = ("greedy", "paper")
@@ -32,6 +32,8 @@ DEFAULT_R = 0.15  # the paper's validated value, used when no knee shows
 class GraceSettings:
     node_grouping: str = "balanced"
     gpu_grouping: str = "balanced"
+    # The paper's r: how far a GPU group's size may stray from experts / GPUs (d = max(1, round(E * r)));
+    # None: at the knee of size deviation S(r) vs intra-group affinity U(r).
     r: float | None = None
     load_slack: float = 0.05
     replication: str = "greedy"  # "paper": heaviest group's hot prefix per round; "greedy": best single copies

@@ -22,7 +22,7 @@ from grace_ds.errors import GraceInputError
 from grace_ds.plan import PlacementPlan
 from grace_ds.planners.assemble import GpuExperts, GpuPrimary, base_slots, layer_slot_tensors, predict_loads
 from grace_ds.planners.grace import SCORE_MODES, score_layer
-from grace_ds.profile import RoutingProfile
+from grace_ds.routing_profile import RoutingProfile
 
 HOT_EXPERTS = 3  # hottest experts of the heaviest GPU tried per move
 RECEIVERS = 8  # lightest GPUs tried as receivers
