@@ -21,7 +21,7 @@ belongs to one slot's copy) and `bind(tensors)` (the same computation reading ot
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from grace_ds.faults import guarded
 from grace_ds.plan import PlacementPlan
 
 
+@runtime_checkable
 class SlotHolder(Protocol):
     def slot_tensors(self) -> list[torch.Tensor]: ...
 

@@ -22,6 +22,7 @@ from grace_ds.exchange.choice import ChosenExchange
 from grace_ds.exchange.expert_compute import as_expert_compute, trains
 from grace_ds.exchange.traffic import Traffic
 from grace_ds.plan import PlacementPlan
+from grace_ds.replica_sync import SlotHolder
 from grace_ds.served_plan import ServedPlan
 
 # (plan layer, top_k_index [N, k], the slots the router gave them [N, k], None in a graphed call) -> None
@@ -147,7 +148,7 @@ class GraceRuntime:
                                                   or trains(experts))
         replicas = self.served.replicas
         if needs_grad and replicas.replicated(layer):
-            if not hasattr(experts, "bind"):
+            if not isinstance(experts, SlotHolder):
                 raise GraceInputError(f"layer {layer} trains replicated experts through {type(experts).__name__}, "
                                       f"which cannot tie their copies (SlotExperts or GraceMoE slots can)")
             hidden, experts = replicas.tie(layer, hidden, experts, self.group)

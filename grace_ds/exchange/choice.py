@@ -22,6 +22,8 @@ from grace_ds.exchange.traffic import Traffic
 from grace_ds.served_plan import ServedPlan
 from grace_ds.topology import Topology
 
+# The exchange names as strings (mode_calls' keys, reports), from the one declaration.
+FLAT, HIERARCHICAL, GATHER = CommMode.FLAT.value, CommMode.HIERARCHICAL.value, CommMode.GATHER.value
 # With `gather` chosen outright every call takes it: its CUDA graphs then cover calls up to this many
 # tokens per rank (decode-512 on 2 GPUs is 256 a rank), larger ones run eagerly.
 GATHER_GRAPH_MAX_TOKENS = 512
@@ -36,15 +38,15 @@ def resolve_mode(mode: CommMode | str, topology: Topology, modeled_us: dict[str,
     mode = CommMode(mode).value
     if mode != CommMode.AUTO.value:
         return mode
-    if modeled_us and {"flat", "hierarchical"} <= set(modeled_us):
-        return min(("flat", "hierarchical"), key=lambda m: modeled_us[m])
-    return "hierarchical" if topology.num_nodes > 1 and max(topology.gpus_per_node) > 1 else "flat"
+    if modeled_us and {FLAT, HIERARCHICAL} <= set(modeled_us):
+        return min((FLAT, HIERARCHICAL), key=lambda m: modeled_us[m])
+    return HIERARCHICAL if topology.num_nodes > 1 and max(topology.gpus_per_node) > 1 else FLAT
 
 
 def gather_graph_tokens(comm_mode: str, gather_max_tokens: int) -> int:
     """Tokens per rank up to which gather calls replay CUDA graphs: what `auto` sends to gather, or with
     `gather` chosen outright (every call) GATHER_GRAPH_MAX_TOKENS."""
-    return max(gather_max_tokens, DEFAULT_GATHER_MAX_TOKENS, GATHER_GRAPH_MAX_TOKENS if comm_mode == "gather" else 0)
+    return max(gather_max_tokens, DEFAULT_GATHER_MAX_TOKENS, GATHER_GRAPH_MAX_TOKENS if comm_mode == GATHER else 0)
 
 
 @dataclass
@@ -66,7 +68,7 @@ class ModeChoice:
         self.hierarchical_min_tokens = config.hierarchical_min_tokens if auto else 0
         self.gather_max_tokens = config.gather_max_tokens if auto and topology.num_gpus > 1 else 0
         self.rank, self.group = rank, group
-        self.mode_calls = {"flat": 0, "hierarchical": 0, "gather": 0}
+        self.mode_calls = {FLAT: 0, HIERARCHICAL: 0, GATHER: 0}
         self._counts: list[int] | None = None  # every rank's tokens in this forward's calls
         self._counts_layer = -1
 
@@ -95,15 +97,15 @@ class ModeChoice:
 
     def _choose(self, num_tokens: int, device: torch.device, layer: int, needs_grad: bool) -> CallChoice:
         use_gather = self.gather_max_tokens > 0 and not needs_grad
-        use_flat = self.mode == "hierarchical" and self.hierarchical_min_tokens > 0
-        if self.mode == "gather":  # inference only: no backward, so calls under autograd go flat
-            return CallChoice("flat", 0) if needs_grad else CallChoice("gather", max(self.token_counts(num_tokens, device, layer)))
+        use_flat = self.mode == HIERARCHICAL and self.hierarchical_min_tokens > 0
+        if self.mode == GATHER:  # inference only: no backward, so calls under autograd go flat
+            return CallChoice(FLAT, 0) if needs_grad else CallChoice(GATHER, max(self.token_counts(num_tokens, device, layer)))
         if not (use_gather or use_flat):
             return CallChoice(self.mode, 0)
         largest = max(self.token_counts(num_tokens, device, layer))
         if use_gather and largest <= self.gather_max_tokens:
-            return CallChoice("gather", largest)
-        return CallChoice("flat" if use_flat and largest < self.hierarchical_min_tokens else self.mode, largest)
+            return CallChoice(GATHER, largest)
+        return CallChoice(FLAT if use_flat and largest < self.hierarchical_min_tokens else self.mode, largest)
 
     def modes_used(self) -> str:
         """The exchange this runtime ran: one mode's name, or how many calls went each way under `auto`."""
@@ -134,13 +136,13 @@ class ChosenExchange:
                   if config.hierarchical_gather and len(sizes) > 1 and len(set(sizes)) == 1 else None)
         flat = FlatExchange(topology, rank, plan.slots_per_gpu, group)
         self.exchanges: dict[str, Exchange] = {
-            "flat": flat,
+            FLAT: flat,
             # one node: a second hop would only repeat the first
-            "hierarchical": (HierarchicalExchange(topology, rank, plan.slots_per_gpu, group, self.node_group)
+            HIERARCHICAL: (HierarchicalExchange(topology, rank, plan.slots_per_gpu, group, self.node_group)
                              if topology.num_nodes > 1 else flat),
-            "gather": GatherExchange(topology, rank, plan.slots_per_gpu, group, layout, self.node_group)}
+            GATHER: GatherExchange(topology, rank, plan.slots_per_gpu, group, layout, self.node_group)}
         # Gather calls on a GPU replay CUDA graphs (decode is launch-bound); None: always eager.
-        self.graphs = (GraphedGather(served, self.exchanges["gather"], True,
+        self.graphs = (GraphedGather(served, self.exchanges[GATHER], True,
                                      gather_graph_tokens(self.choice.mode, self.choice.gather_max_tokens))
                        if config.cuda_graphs and torch.device(device).type == "cuda" else None)
 
@@ -150,7 +152,7 @@ class ChosenExchange:
         graph; measured ones (byte counts) and calls under autograd run eagerly."""
         call = self.choice.for_call(num_tokens, device, layer, needs_grad)
         bucket = None
-        if call.mode == "gather" and self.graphs is not None and not measuring and not needs_grad:
+        if call.mode == GATHER and self.graphs is not None and not measuring and not needs_grad:
             bucket = self.graphs.bucket(call.largest, experts)
         return call, bucket
 
@@ -160,7 +162,7 @@ class ChosenExchange:
         if bucket is not None:
             return self.graphs(layer, hidden, top_k_index, top_k_weights, bucket, experts)
         exchange = self.exchanges[call.mode]
-        if call.mode == "gather":
+        if call.mode == GATHER:
             exchange = exchange.for_call(call.largest)
         return exchange(hidden, slots, top_k_weights, experts, f" of layer {layer}", traffic)
 

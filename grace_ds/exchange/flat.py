@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from grace_ds.exchange.base import Exchange
+from grace_ds.exchange.config import CommMode
 from grace_ds.exchange.expert_compute import ExpertCompute, compute_pairs
 from grace_ds.exchange.hop import Hop
 from grace_ds.exchange.traffic import Traffic
@@ -39,7 +40,7 @@ class _Sent:
 
 
 class FlatExchange(Exchange):
-    name = "flat"
+    name = CommMode.FLAT.value
 
     def __init__(self, topology: Topology, rank: int, slots_per_gpu: int, group=None) -> None:
         self.topology, self.rank, self.slots_per_gpu, self.group = topology, rank, slots_per_gpu, group

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from grace_ds.faults import guarded
 from grace_ds import cost
 from grace_ds.exchange.base import Exchange
+from grace_ds.exchange.config import CommMode
 from grace_ds.exchange.expert_compute import ExpertCompute
 from grace_ds.exchange.node_groups import NodeGroup
 from grace_ds.exchange.traffic import Traffic
@@ -164,7 +165,7 @@ class GatherExchange(Exchange):
     (NodeLayout.of this rank): across nodes then inside them, the in-node stages over `node_group` when
     given; None: one all-gather and one reduce-scatter over all ranks."""
 
-    name = "gather"
+    name = CommMode.GATHER.value
 
     def __init__(self, topology: Topology, rank: int, slots_per_gpu: int, group=None, layout: NodeLayout | None = None,
                  node_group: NodeGroup | None = None) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from grace_ds.exchange.base import Exchange
+from grace_ds.exchange.config import CommMode
 from grace_ds.exchange.expert_compute import ExpertCompute, compute_pairs
 from grace_ds.exchange.flat import PairsOfRows
 from grace_ds.exchange.hop import ROW, SLOT, TARGET, Hop, KnownCounts
@@ -48,7 +49,7 @@ class _Sent:
 
 
 class HierarchicalExchange(Exchange):
-    name = "hierarchical"
+    name = CommMode.HIERARCHICAL.value
 
     def __init__(self, topology: Topology, rank: int, slots_per_gpu: int, group=None,
                  node_group: NodeGroup | None = None) -> None:
