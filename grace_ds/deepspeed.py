@@ -55,10 +55,6 @@ def load_or_make_plan(section: GraceMoEConfig, topology: Topology) -> PlacementP
     return plan
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | None = None, **kwargs: Any):
     """deepspeed.init_inference with GRACE-MoE. Returns the InferenceEngine; its module's MoE blocks
     hold this rank's expert slots. Each rank serves its own tokens (data-parallel attention)."""
@@ -78,7 +74,7 @@ def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | No
     topology = job_topology(LinkModel(inter_node_bandwidth_Gbps=section.inter_node_gbps), group)
     plan = _agreed_plan(section, topology, group)
     device = next(engine.module.parameters()).device
-    runtime = GraceRuntime(plan, rank=_rank(), group=group, router=section.router, router_sampling=section.router_sampling,
+    runtime = GraceRuntime(plan, rank=faults.job_rank(), group=group, router=section.router, router_sampling=section.router_sampling,
                            communication=section.communication, device=device)
     convert_model(engine.module, runtime)
     engine.grace_runtime, engine.grace_config, engine.grace_group = runtime, section, group
@@ -108,9 +104,7 @@ def start_online_replanning(model: torch.nn.Module, runtime: GraceRuntime, secti
     if dist.is_available() and dist.is_initialized():
         transfer_group = faults.fault_group(section.fault_timeout_s)
         # NCCL wants every rank in a group's first call; later point-to-point batches may involve a few.
-        device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(transfer_group) == "nccl"
-                  else torch.device("cpu"))
-        faults.all_reduce(torch.zeros(1, device=device), "online re-planning (set-up)", transfer_group)
+        faults.all_reduce(torch.zeros(1, device=faults.collective_device(transfer_group)), "online re-planning (set-up)", transfer_group)
     return OnlineReplanner(runtime, section.online.settings(), group, transfer_group, log_replan).attach(model)
 
 
@@ -176,7 +170,7 @@ def _agreed_plan(section: GraceMoEConfig, topology: Topology, group) -> Placemen
     """The plan every rank serves: loaded and checked alike everywhere, or made on the first rank and
     broadcast (threaded BLAS may break the planner's ties apart on other ranks)."""
     if section.plan is None and dist.is_available() and dist.is_initialized():
-        plan = load_or_make_plan(section, topology) if _rank() == 0 else None
+        plan = load_or_make_plan(section, topology) if faults.job_rank() == 0 else None
         return broadcast_plan(plan, f"plan loading (planned at start-up from {section.profile})", group)
     plan = load_or_make_plan(section, topology)
     agree_on_plan(plan, str(section.plan or section.profile), group)

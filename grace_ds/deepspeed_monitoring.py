@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from grace_ds import faults
 from grace_ds.errors import GraceInputError
 from grace_ds.models import find_moe_blocks
 from grace_ds.models.convert import top_k_of
@@ -15,12 +15,8 @@ from grace_ds.routing_stats import RoutingStats
 from grace_ds.runtime import GraceRuntime
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def log_replan(record: dict) -> None:
-    if _rank() != 0:
+    if faults.job_rank() != 0:
         return
     try:
         import wandb
@@ -83,6 +79,6 @@ def save_profile(engine, path: str | os.PathLike | None = None) -> Path:
     if target is None:
         raise GraceInputError("no path for the profile: pass one or set grace_moe.profile_out")
     profile = recorder.to_profile(getattr(engine, "grace_group", None))
-    if _rank() == 0:
+    if faults.job_rank() == 0:
         profile.save(target)
     return Path(target)

@@ -124,6 +124,18 @@ def roll_call(phase: str, group, cause: BaseException) -> GraceDistributedError:
                                  f"stopped on a fault (their messages name it). Cause here: {reason}")
 
 
+def job_rank() -> int:
+    """This process's rank in the job (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def collective_device(group=None) -> torch.device:
+    """Where `group`'s collectives take their tensors: NCCL only device tensors, gloo only host ones."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce(tensor: torch.Tensor, phase: str, group=None) -> None:
     guarded(phase, group, dist.all_reduce, tensor, group=group)
 

@@ -18,8 +18,7 @@ def agree_on_plan(plan: PlacementPlan, source: str, group=None) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     digest = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).digest()[:8]
-    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
-              else torch.device("cpu"))
+    device = faults.collective_device(group)
     mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64, device=device)
     everyone = faults.all_gather_tensor(mine, f"plan loading ({source})", group).flatten().tolist()
     differ = [r for r, d in enumerate(everyone) if d != everyone[0]]
@@ -33,8 +32,7 @@ def broadcast_plan(plan: PlacementPlan | None, phase: str, group=None, source_ra
     made by one rank need no bit-identical planning on the others (threaded BLAS may break ties apart)."""
     if not (dist.is_available() and dist.is_initialized()):
         return plan
-    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
-              else torch.device("cpu"))
+    device = faults.collective_device(group)
     mine = dist.get_rank() == source_rank
     text = json.dumps(plan.to_dict()).encode() if mine and plan is not None else b""
     length = torch.tensor([len(text)], dtype=torch.int64, device=device)

@@ -31,13 +31,6 @@ def routing_counts(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tens
     return hits.sum(0), hits.T @ hits
 
 
-def _reduce_device(group) -> torch.device:
-    # NCCL reduces only device tensors, gloo only host ones.
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 class RoutingStats:
     """load [B, L, E], coactivation [B, L, E, E], tokens [B, L] and gpu_load [B, L, P] (float64) per bucket
     (B = 1 without a window); samples [L, S, k]. `num_gpus`, `slots_per_gpu`: the plan whose physical slot
@@ -123,7 +116,7 @@ class RoutingStats:
         depth = min(self._sample_filled, default=0)
         samples = self.samples[:, :depth]
         if reduce and dist.is_available() and dist.is_initialized():
-            device = _reduce_device(group)
+            device = faults.collective_device(group)
             parts = (load, coactivation, tokens, gpu_load)
             # One collective for all (token counts are exact in float64 far beyond any trace).
             flat = torch.cat([p.flatten() for p in parts]).to(device)

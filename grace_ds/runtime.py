@@ -48,7 +48,7 @@ def _expert_parallel_rank(plan: PlacementPlan, rank: int | None, group) -> int:
     world = dist.get_world_size(group)
     position = dist.get_rank(group)
     resolved = position % plan.num_gpus if rank is None else rank
-    ranks = faults.all_gather_tensor(torch.tensor([resolved], device=_collective_device(group)),
+    ranks = faults.all_gather_tensor(torch.tensor([resolved], device=faults.collective_device(group)),
                                      "runtime set-up (exchanging ranks)", group).flatten().tolist()
     expected = [p % plan.num_gpus for p in range(world)]
     if world % plan.num_gpus or ranks != expected:
@@ -58,11 +58,6 @@ def _expert_parallel_rank(plan: PlacementPlan, rank: int | None, group) -> int:
             f"blocks of ep_size ranks: dist.get_rank() % {plan.num_gpus}), or rank=None"
             + ("" if world % plan.num_gpus == 0 else f"; {world} processes are no whole number of such groups"))
     return resolved
-
-
-def _collective_device(group) -> torch.device:
-    return (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
-            else torch.device("cpu"))
 
 
 class GraceRuntime:

@@ -160,10 +160,10 @@ class Topology:
             return found
         # Fixed-size byte tensors, not all_gather_object: nothing is pickled between ranks.
         name = os.environ.get("GRACE_HOSTNAME", socket.gethostname()).encode()[:255]
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-        mine = torch.zeros(256, dtype=torch.uint8, device=device)
+        from grace_ds.faults import all_gather_tensor, collective_device
+
+        mine = torch.zeros(256, dtype=torch.uint8, device=collective_device(group))
         mine[: len(name)] = torch.tensor(list(name), dtype=torch.uint8)
-        from grace_ds.faults import all_gather_tensor
 
         everyone = all_gather_tensor(mine, "topology discovery (host names)", group)
         names = [bytes(t.cpu().tolist()).rstrip(b"\0").decode(errors="replace") for t in everyone]

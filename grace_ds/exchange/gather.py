@@ -156,6 +156,7 @@ class _Sent:
     local_slot: torch.Tensor  # [world * P * k] slot here, -1 where another rank computes the pair
     weights: torch.Tensor  # [world * P * k]
     mine: torch.Tensor  # [world * P * k] bool: computed here
+    top_k: int
     where: str
     partial_bytes: int = 0
 
@@ -196,7 +197,7 @@ class GatherExchange(Exchange):
         mine = (flat_slot >= 0) & (flat_slot // self.slots_per_gpu == self.rank)
         return _Sent(num_tokens, padded, rows,
                      torch.arange(rows.shape[0], device=rows.device).repeat_interleave(top_k),
-                     torch.where(mine, flat_slot % self.slots_per_gpu, -1), pair_weights.reshape(-1), mine, where)
+                     torch.where(mine, flat_slot % self.slots_per_gpu, -1), pair_weights.reshape(-1), mine, top_k, where)
 
     def compute(self, sent: _Sent, experts: ExpertCompute) -> torch.Tensor:
         """Every gathered pair, slot -1 where another rank computes it (SlotExperts skips those on the
@@ -214,8 +215,7 @@ class GatherExchange(Exchange):
         return out[:sent.num_tokens]
 
     def count(self, sent: _Sent, traffic: Traffic) -> None:
-        top_k = sent.pair_row.shape[0] // max(sent.rows.shape[0], 1)
-        bytes_to = cost.gather_bytes_per_link(self.topology, sent.padded_tokens, top_k, sent.partial_bytes,
+        bytes_to = cost.gather_bytes_per_link(self.topology, sent.padded_tokens, sent.top_k, sent.partial_bytes,
                                               self.layout is not None)[self.rank]
         traffic.add_sent([int(b) for b in bytes_to.tolist()], self.rank, self.topology.node_of_gpu.tolist())
         traffic.pairs_computed += int(sent.mine.sum())

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grace_ds.exchange.expert_compute import ExpertCompute
+from grace_ds.exchange.expert_compute import ExpertCompute, PairwiseExperts
 from grace_ds.exchange.gather import GatherExchange
 from grace_ds.served_plan import ServedPlan
 
@@ -66,8 +66,9 @@ class GraphedGather:
         self._entries.clear()
 
     def bucket(self, largest: int, experts: ExpertCompute) -> int | None:
-        """The bucket a call whose largest rank holds `largest` tokens replays (None: run it eagerly)."""
-        if self.capture and not experts.capturable:
+        """The bucket a call whose largest rank holds `largest` tokens replays (None: run it eagerly).
+        Plain callables run eagerly: their wrapper is made per call, and an entry is kept per experts object."""
+        if isinstance(experts, PairwiseExperts) or (self.capture and not experts.capturable):
             return None
         return token_bucket(largest, self.max_tokens)
 
