@@ -4,8 +4,9 @@ megatron's own router (TopKRouter, logical experts, aux losses and all) picks ex
 replica router maps each pick to a physical copy; the GRACE exchange (flat or hierarchical) moves each
 token once per GPU or node; this rank computes only the slots it holds (replicas included) as one
 grouped GEMM. `grace_layer_spec` swaps it into a megatron layer spec; `sharded_state_dict` files every
-slot under its logical expert, so a checkpoint does not depend on the plan (replicas are saved once,
-through their primary, and all copies load from it).
+slot under its logical expert with megatron's own names, so a checkpoint does not depend on the plan
+(replicas are saved once, through their primary, and all copies load from it) and moves both ways
+between this layer and megatron's MoELayer.
 Training: gradients flow to megatron's router and through the exchange; the slots are expert parameters
 (allreduce=False: megatron's DDP reduces them over expert data parallel); a replica's gradient is summed
 into its primary in the backward (grace_ds.replica_sync), and `runtime.sync_replica_weights()` after each
@@ -63,6 +64,8 @@ class GraceMegatronMoELayer(nn.Module):
         runtime.slot_modules[self.plan_layer] = self.experts
         for param in self.experts.parameters():  # megatron's mark: reduced over expert data parallel
             param.allreduce = False
+        expert_dp = getattr(pg_collection, "expt_dp", None)  # checkpoint replica ids, as SequentialMLP's
+        self._expert_dp_rank = expert_dp.rank() if expert_dp is not None else 0
         self.shared_experts = None
         if config.moe_shared_expert_intermediate_size is not None:
             self.shared_experts = submodules.shared_experts(config=config, pg_collection=pg_collection,
@@ -85,10 +88,12 @@ class GraceMegatronMoELayer(nn.Module):
         self.experts.load_fused(fc1, fc2)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
-        """megatron dist-checkpointing entries. Experts: `{prefix}experts.linear_fc1.weight` and
-        `.linear_fc2.weight`, global shape [E, ...] with slot s at its logical expert's offset; a
-        replica carries a nonzero replica id, so it is loaded but never saved (its primary is)."""
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        """megatron dist-checkpointing entries under the names and shapes of megatron's own MoELayer
+        (SequentialMLP experts; megatron declares TEGroupedMLP's the same), so checkpoints move both ways between it and GRACE:
+        experts `{prefix}experts.experts.linear_fc1.weight` [E, 2I, H] (gate and up halves as megatron
+        splits them) and `.linear_fc2.weight` [E, H, I], each slot at its logical expert's offset, or one
+        key per expert with metadata `singleton_local_shards`. A replica carries a nonzero replica id,
+        so it is loaded but never saved (its primary is)."""
         from megatron.core.transformer.utils import sharded_state_dict_default
 
         out = sharded_state_dict_default(self.router, f"{prefix}router.", sharded_offsets, metadata)
@@ -96,23 +101,53 @@ class GraceMegatronMoELayer(nn.Module):
             out.update(sharded_state_dict_default(self.shared_experts, f"{prefix}shared_experts.", sharded_offsets,
                                                   metadata))
         plan = self._runtime.plan
-        rank = self._runtime.rank
         slot_expert = plan.slot_expert[self.plan_layer]
         primary = plan.slot_is_primary[self.plan_layer]
-        axis = len(sharded_offsets)
-        row = 0
+        singleton = bool((metadata or {}).get("singleton_local_shards", False))
+        rank, row = self._runtime.rank, 0
         for slot, expert in enumerate(slot_expert[rank].tolist()):
             if expert < 0:
                 continue
-            copy_index = _copy_index(slot_expert, primary, rank, slot)
-            for name, tensor in (("linear_fc1.weight", self.experts.gate_up_proj[row]),
-                                 ("linear_fc2.weight", self.experts.down_proj[row])):
-                key = f"{prefix}experts.{name}"
-                out[f"{prefix}experts.slot{slot}.{name}"] = ShardedTensor.from_rank_offsets(
-                    key, tensor, *sharded_offsets, (axis, expert, plan.num_experts),
-                    replica_id=(0, 0, copy_index), prepend_axis_num=len(sharded_offsets) + 1)
+            replica_id = (0, _copy_index(slot_expert, primary, rank, slot), self._expert_dp_rank)
+            entries = megatron_expert_entries(f"{prefix}experts.experts.", expert, plan.num_experts,
+                                              self.experts.gate_up_proj[row], self.experts.down_proj[row],
+                                              sharded_offsets, replica_id, singleton)
+            out.update({f"{prefix}experts.slot{slot}.{name}": entry for name, entry in entries.items()})
             row += 1
         return out
+
+
+def megatron_expert_entries(key_prefix: str, expert: int, num_experts: int, fc1: torch.Tensor, fc2: torch.Tensor,
+                            sharded_offsets: tuple, replica_id: tuple, singleton: bool) -> dict:
+    """One expert's dist-checkpointing entries as megatron's SequentialMLP files them (tensor parallel 1):
+    fc1 [2I, H] as its gate and up halves (megatron's SwiGLU factory: the same key, offsets 0 and 1 of 2
+    along the rows; `_w` / `_v` keys with singleton shards), fc2 [H, I], and the linears' empty extra
+    states, which megatron's layer asks for when it loads."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
+
+    if singleton:  # one key per expert, no expert axis
+        key_prefix, offsets = f"{key_prefix}{expert}.", tuple(sharded_offsets)
+    else:
+        offsets = (*sharded_offsets, (len(sharded_offsets), expert, num_experts))
+    axis = len(offsets)  # the first axis of the expert's own tensors
+    gate, up = fc1.chunk(2, dim=0)
+
+    def tensor(key: str, data: torch.Tensor, *extra) -> ShardedTensor:
+        return ShardedTensor.from_rank_offsets(key, data, *offsets, *extra, replica_id=replica_id,
+                                               prepend_axis_num=axis)
+
+    fc1_key = f"{key_prefix}linear_fc1.weight"
+    if singleton:
+        halves = {"gate": tensor(f"{fc1_key}_w", gate), "up": tensor(f"{fc1_key}_v", up)}
+    else:
+        halves = {"gate": tensor(fc1_key, gate, (axis, 0, 2)), "up": tensor(fc1_key, up, (axis, 1, 2))}
+    out = {f"linear_fc1.weight.{half}": entry for half, entry in halves.items()}
+    out["linear_fc2.weight"] = tensor(f"{key_prefix}linear_fc2.weight", fc2)
+    for linear in ("linear_fc1", "linear_fc2"):
+        out[f"{linear}._extra_state"] = make_sharded_object_for_checkpoint(
+            None, f"{key_prefix}{linear}._extra_state", offsets, replica_id)
+    return out
 
 
 def _copy_index(slot_expert: torch.Tensor, primary: torch.Tensor, gpu: int, slot: int) -> int:

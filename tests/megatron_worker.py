@@ -2,8 +2,9 @@
 
 Each rank builds megatron's MoELayer (expert-parallel over all ranks, contiguous experts) and the GRACE
 layer from a plan, with the same router and every logical expert's weights, feeds both its own tokens
-and compares. Also records routing through the profiling hook and lists the GRACE layer's checkpoint
-entries (which logical expert, which copy) for the parent to check."""
+and compares. Also records routing through the profiling hook, lists the GRACE layer's and megatron's
+checkpoint entries (which logical expert, which copy) for the parent to check, and moves checkpoints
+between the two layers."""
 import contextlib
 import json
 import os
@@ -52,6 +53,58 @@ def checkpoint_round_trip(saved_layer, spec, config, profile, topology, rank, x,
     dist_checkpointing.load(fresh.sharded_state_dict("mlp."), str(directory))  # fills the slots in place
     with torch.no_grad():
         return relative_error(fresh(x)[0], expected)
+
+
+def saved_entries(sharded: dict) -> list[list]:
+    """[key, global offset, replica id] of every expert tensor or object a sharded state dict files
+    (megatron's SwiGLU factories built into the tensors they save)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    out = []
+    for entry in sharded.values():
+        for item in (entry.build() if isinstance(entry, ShardedTensorFactory) else [entry]):
+            if ".experts." in item.key:
+                out.append([item.key, list(item.global_offset), list(item.replica_id)])
+    return out
+
+
+def checkpoint_interchange(reference, spec, config, plan, rank, x, expected, directory: Path) -> dict[str, float]:
+    """dist-checkpointing between megatron's own MoELayer and the GRACE layer (a plan with replicas), both
+    ways and with singleton shards: each loaded layer's output against the reference's, and how far
+    the loaded copies of any expert are apart."""
+    from megatron.core import dist_checkpointing
+
+    def fresh_grace():
+        runtime = GraceRuntime(plan, rank=rank, communication="hierarchical", device=DEVICE)
+        torch.manual_seed(1234 + rank)
+        return runtime, grace_layer_spec(spec, runtime).submodules.mlp(config, layer_number=1).to(DEVICE).eval()
+
+    def folder(name: str) -> str:
+        if rank == 0:
+            (directory / name).mkdir(parents=True)
+        dist.barrier()
+        return str(directory / name)
+
+    results = {}
+    for singleton in (False, True):
+        metadata = {"singleton_local_shards": singleton}
+        tag = " singleton" if singleton else ""
+        path = folder(f"megatron{'-singleton' if singleton else ''}")
+        dist_checkpointing.save(reference.sharded_state_dict("mlp.", metadata=metadata), path)
+        runtime, loaded = fresh_grace()
+        dist_checkpointing.load(loaded.sharded_state_dict("mlp.", metadata=metadata), path)
+        with torch.no_grad():
+            results[f"megatron -> grace{tag}"] = relative_error(loaded(x)[0], expected)
+        results[f"megatron -> grace{tag} copies apart"] = runtime.max_replica_difference()
+        path = folder(f"grace{'-singleton' if singleton else ''}")
+        dist_checkpointing.save(loaded.sharded_state_dict("mlp.", metadata=metadata), path)
+        torch.manual_seed(4321 + rank)
+        back = spec.submodules.mlp(config, layer_number=1).to(DEVICE).eval()
+        state = dist_checkpointing.load(back.sharded_state_dict("mlp.", metadata=metadata), path)
+        back.load_state_dict({k.removeprefix("mlp."): v for k, v in state.items()})
+        with torch.no_grad():
+            results[f"grace -> megatron{tag}"] = relative_error(back(x)[0], expected)
+    return results
 
 
 def online_switches(layer, reference, runtime: GraceRuntime, rank: int) -> dict:
@@ -196,12 +249,13 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
                     report["errors"][f"{dispatcher}/{policy}/{mode}"] = relative_error(out, expected)
                 if dispatcher == "alltoall":
                     entries = layer.sharded_state_dict("decoder.layers.0.mlp.")
-                    report["checkpoint"][policy] = [
-                        [t.key, list(t.global_offset), list(t.replica_id)] for t in entries.values()
-                        if ".experts." in t.key]
+                    report["checkpoint"][policy] = saved_entries(entries)
             if dispatcher == "alltoall":  # saved under the last (grace) plan, loaded under another
                 report["errors"]["checkpoint grace -> contiguous"] = checkpoint_round_trip(
                     layer, spec, config, plan_profile, topology, rank, x, expected, Path(out_dir, "checkpoint"))
+                report["checkpoint"]["megatron"] = saved_entries(reference.sharded_state_dict("decoder.layers.0.mlp."))
+                report["interchange"] = checkpoint_interchange(reference, spec, config, plan, rank, x, expected,
+                                                               Path(out_dir, "interchange"))
                 report["online"] = online_switches(layer, reference, runtime, rank)
         # Training, with megatron's load-balancing loss on: gradients and a step against MoELayer's.
         config = TransformerConfig(

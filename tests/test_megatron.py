@@ -1,7 +1,7 @@
 """GRACE's megatron-core layer equals megatron's own MoELayer (contiguous experts), for the alltoall and
 allgather dispatchers, every plan and both communication modes, on 4 gloo ranks as 2 nodes x 2; the
-profiling hook on megatron's router; checkpoint entries filed by logical expert, and a dist-checkpointing
-save under one plan loaded under another; online re-planning while inputs drift; the CPU patch."""
+profiling hook on megatron's router; checkpoint entries filed as megatron's own layer files them, a dist-checkpointing
+save under one plan loaded under another, and checkpoints moved both ways between megatron's layer and GRACE's; online re-planning while inputs drift; the CPU patch."""
 import json
 import os
 from collections import Counter
@@ -51,18 +51,30 @@ def test_profiling_hook_on_megatron_router_counts_every_rank(report):
         assert set(rank_report["profiled_pairs"].values()) == {tokens * megatron_worker.TOP_K}
 
 
-def test_checkpoint_entries_save_each_logical_expert_once(report):
+def test_checkpoint_entries_are_megatrons_with_each_logical_expert_saved_once(report):
+    """The saved (main-replica) entries of every plan are exactly those of megatron's own layer:
+    same keys, offsets, gate / up halves and extra states, each once; replicas are filed as copies."""
+    def saved(policy: str) -> Counter:
+        return Counter((key, tuple(offset)) for r in report for key, offset, replica in r["checkpoint"][policy]
+                       if not any(replica))
+
+    megatron = saved("megatron")
+    assert {key for key, _ in megatron} == {f"decoder.layers.0.mlp.experts.experts.{name}" for name in (
+        "linear_fc1.weight", "linear_fc2.weight", "linear_fc1._extra_state", "linear_fc2._extra_state")}
+    assert set(megatron.values()) == {1} and len(megatron) == 5 * megatron_worker.EXPERTS  # fc1 in 2 halves
     for policy in ("contiguous", "eplb", "grace"):
-        entries = [(e[0], tuple(e[1]), tuple(e[2]))
-                   for r in report for e in r["checkpoint"][policy]]
-        saved = Counter((key, offset[0]) for key, offset, replica in entries if replica == (0, 0, 0))
-        keys = {key for key, _, _ in entries}
-        assert keys == {"decoder.layers.0.mlp.experts.linear_fc1.weight", "decoder.layers.0.mlp.experts.linear_fc2.weight"}
-        # every logical expert exactly once per weight among the saved (primary) copies
-        assert saved == Counter({(k, e): 1 for k in keys for e in range(megatron_worker.EXPERTS)}), policy
-        replicas = [e for e in entries if e[2] != (0, 0, 0)]
-        if policy != "contiguous":
-            assert replicas, "replica slots should hold replicas"
+        assert saved(policy) == megatron, policy
+        replicas = [e for r in report for e in r["checkpoint"][policy] if any(e[2])]
+        assert bool(replicas) == (policy != "contiguous"), policy
+
+
+def test_checkpoints_move_between_megatrons_layer_and_grace(report):
+    """Saved by megatron's MoELayer, loaded by the GRACE layer under a plan with replicas, saved again and
+    loaded by a fresh MoELayer: outputs equal the reference's, copies equal; also with singleton shards."""
+    for rank_report in report:
+        results = rank_report["interchange"]
+        assert len(results) == 6, results
+        assert max(results.values()) < 1e-5, results
 
 
 @pytest.mark.skipif(megatron_worker.DEVICE.type == "cuda", reason="the patch is for machines without CUDA")
