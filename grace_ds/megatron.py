@@ -89,11 +89,11 @@ class GraceMegatronMoELayer(nn.Module):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
         """megatron dist-checkpointing entries under the names and shapes of megatron's own MoELayer
-        (SequentialMLP experts; megatron declares TEGroupedMLP's the same), so checkpoints move both ways between it and GRACE:
-        experts `{prefix}experts.experts.linear_fc1.weight` [E, 2I, H] (gate and up halves as megatron
-        splits them) and `.linear_fc2.weight` [E, H, I], each slot at its logical expert's offset, or one
-        key per expert with metadata `singleton_local_shards`. A replica carries a nonzero replica id,
-        so it is loaded but never saved (its primary is)."""
+        (SequentialMLP experts; megatron declares TEGroupedMLP's the same), so checkpoints move both
+        ways between it and GRACE: experts `{prefix}experts.experts.linear_fc1.weight` [E, 2I, H]
+        (gate and up halves as megatron splits them) and `.linear_fc2.weight` [E, H, I], each slot at
+        its logical expert's offset, or one key per expert with metadata `singleton_local_shards`. A
+        replica carries a nonzero replica id, so it is loaded but never saved (its primary is)."""
         from megatron.core.transformer.utils import sharded_state_dict_default
 
         out = sharded_state_dict_default(self.router, f"{prefix}router.", sharded_offsets, metadata)

@@ -1,7 +1,8 @@
 """GRACE's megatron-core layer equals megatron's own MoELayer (contiguous experts), for the alltoall and
 allgather dispatchers, every plan and both communication modes, on 4 gloo ranks as 2 nodes x 2; the
-profiling hook on megatron's router; checkpoint entries filed as megatron's own layer files them, a dist-checkpointing
-save under one plan loaded under another, and checkpoints moved both ways between megatron's layer and GRACE's; online re-planning while inputs drift; the CPU patch."""
+profiling hook on megatron's router; checkpoint entries filed as megatron's own layer files them, a
+dist-checkpointing save under one plan loaded under another, and checkpoints moved both ways between
+megatron's layer and GRACE's; online re-planning while inputs drift; the CPU patch."""
 import json
 import os
 from collections import Counter
