@@ -4,7 +4,8 @@
 `init_inference` pops the section, calls deepspeed.init_inference with the rest (dtype, ...), then gives
 the model's sparse MoE blocks GRACE experts for this rank and wires the process group itself (DeepSpeed
 0.19 leaves MoE groups unset in inference). `initialize` (training) converts transformers models for
-training and keeps replicas in sync. Reporting (profiles, W&B): grace_ds.deepspeed_monitoring.
+training and keeps replicas in sync; `save_pretrained(engine, directory)` (grace_ds.models.export) writes
+the unmodified transformers checkpoint back. Reporting (profiles, W&B): grace_ds.deepspeed_monitoring.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from grace_ds.deepspeed_config import MONITOR_SECTIONS, SECTION, GraceMoEConfig,
 from grace_ds.deepspeed_monitoring import attach_recorder, log_replan, save_profile
 from grace_ds.errors import GraceInputError
 from grace_ds.models import convert_model, find_moe_blocks
+from grace_ds.models.export import save_pretrained
 from grace_ds.plan import PlacementPlan
 from grace_ds.plan_agreement import agree_on_plan, broadcast_plan
 from grace_ds.runtime import GraceRuntime
 from grace_ds.topology import LinkModel, Topology
 
-__all__ = ["init_inference", "initialize", "save_profile"]
+__all__ = ["init_inference", "initialize", "save_pretrained", "save_profile"]
 
 
 def job_topology(links: LinkModel | None = None, group=None) -> Topology:

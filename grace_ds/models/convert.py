@@ -34,7 +34,7 @@ def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if type(module).__name__ in SUPPORTED_BLOCKS:
             experts = getattr(module, "experts", None)
-            if _converted(experts):
+            if is_converted(experts):
                 found.append((name, module))
                 continue
             if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor) or experts.gate_up_proj.dim() != 3:
@@ -42,14 +42,14 @@ def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
                                       f"transformers 5.x is required")
             found.append((name, module))
         elif isinstance(getattr(module, "experts", None), nn.Module) and hasattr(module.experts, "gate_up_proj") \
-                and type(module).__name__ not in SUPPORTED_BLOCKS and not _converted(module.experts) \
-                and not _converted(module):  # a GRACE layer's own parts
+                and type(module).__name__ not in SUPPORTED_BLOCKS and not is_converted(module.experts) \
+                and not is_converted(module):  # a GRACE layer's own parts
             raise GraceInputError(f"{name}: MoE block {type(module).__name__} is not supported "
                                   f"(supported: {sorted(SUPPORTED_BLOCKS)})")
     return found
 
 
-def _converted(experts) -> bool:
+def is_converted(experts: nn.Module | None) -> bool:
     """Experts already served by GRACE (GraceExperts, or grace_ds.deepspeed_moe.GraceExpertsMoE)."""
     return isinstance(getattr(experts, "_runtime", None), GraceRuntime)
 
@@ -74,7 +74,7 @@ def convert_model(model: nn.Module, runtime: GraceRuntime,
     grace_ds.deepspeed_moe.GraceExpertsMoE.convert for DeepSpeed training."""
     blocks = find_moe_blocks(model)
     plan = runtime.plan
-    if any(_converted(block.experts) for _, block in blocks):
+    if any(is_converted(block.experts) for _, block in blocks):
         raise GraceInputError("the model is already converted to GRACE experts")
     if not blocks:
         raise GraceInputError(f"no supported sparse MoE block found in {type(model).__name__}")
