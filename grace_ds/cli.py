@@ -202,9 +202,17 @@ EXAMPLES = {
     "plan": "grace-ds plan --profile profile.safetensors --nodes 2 --gpus-per-node 2 --policy grace --out plan.json",
     "simulate": "grace-ds simulate --plan plan.json --trace ../shared/data/routing/mixtral_arxiv.safetensors "
                 "--tokens 8192:16384 --nodes 2 --gpus-per-node 2",
+    "checkpoint-to-deepspeed": "grace-ds checkpoint-to-deepspeed ckpt/global_step100 --out ds_ckpt/global_step100",
     "evaluate": "grace-ds evaluate --trace ../shared/data/routing/mixtral_arxiv.safetensors --nodes-list 2,4 "
                 "--gpus-list 2 --json-out rows.json",
 }
+
+
+def cmd_checkpoint_to_deepspeed(args) -> None:
+    from grace_ds.deepspeed_checkpoint import export_deepspeed_checkpoint
+
+    written = export_deepspeed_checkpoint(args.checkpoint, args.out)
+    print(f"{len(written)} files in DeepSpeed MoE's layout -> {args.out} (load with load_optimizer_states=False)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-slots", type=int, default=1, help="extra expert copies per GPU per layer")
     p.add_argument("--json-out", type=Path, help="also write the rows as JSON (its folder must exist)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("checkpoint-to-deepspeed",
+                       help="a GRACE layers' DeepSpeed checkpoint in DeepSpeed MoE's own layout (a file per expert)")
+    p.add_argument("checkpoint", type=Path, help="tag folder of a checkpoint saved by a grace_ds engine")
+    p.add_argument("--out", type=Path, required=True,
+                   help="tag folder to write (its parent must exist); load it with load_optimizer_states=False")
+    p.set_defaults(func=cmd_checkpoint_to_deepspeed)
     return parser
 
 

@@ -1,12 +1,14 @@
 """A DeepSpeed training engine over GRACE layers: replicas kept equal, one norm per logical expert.
 
-`attach_training(engine, runtimes)` (grace_ds.deepspeed.initialize calls it) makes three changes:
+`attach_training(engine, runtimes)` (grace_ds.deepspeed.initialize calls it) makes four changes:
 - after every optimizer step (and after load_checkpoint) the primaries' weights are copied into their
   replicas (GraceRuntime.sync_replica_weights), so every copy serves the same expert;
 - fp32 without ZeRO: DeepSpeed clips by the mean over ranks of each rank's own gradient norm, which
   depends on where experts live; GRACE clips by the exact global norm (each dense parameter once, each
   logical expert once: replicas' gradients are zero, see grace_ds.replica_sync), as DeepSpeed's ZeRO
   and bf16 optimizers and torch's clip_grad_norm_ on one process do;
+- save_checkpoint records the served layout and load_checkpoint fills every slot with its logical
+  expert under any saved layout (grace_ds.deepspeed_checkpoint);
 - `engine.grace_runtimes` lists the runtimes, and `engine.max_replica_difference()` reports how far
   the copies of any expert are apart (0.0 after every step).
 """
@@ -18,6 +20,7 @@ import types
 import torch
 import torch.distributed as dist
 
+from grace_ds.deepspeed_checkpoint import attach_checkpointing
 from grace_ds.runtime import GraceRuntime
 
 
@@ -48,6 +51,7 @@ def attach_training(engine, runtimes: list[GraceRuntime]) -> None:
             sync_replicas()
         return result
 
+    attach_checkpointing(engine)  # under the sync below: replicas are synced after the remapped load too
     load = engine.load_checkpoint
 
     @functools.wraps(load)

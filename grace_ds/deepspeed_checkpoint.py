@@ -1,0 +1,343 @@
+"""DeepSpeed checkpoints of GRACE layers across placement plans: each slot loads its own logical expert.
+
+DeepSpeed files a GRACE layer's experts by PHYSICAL slot id (`layer_{L}_expert_{rank * slots_per_gpu +
+slot}_...`), its own MoE by logical expert id. A checkpoint is only meaningful together with the layout
+it was saved under, so `attach_checkpointing(engine)`:
+- on save_checkpoint, writes `grace_layout.json` in the tag directory (one writer, then a barrier): per
+  DeepSpeed MoE layer, in DeepSpeed's moe_layer_id order, the file id -> logical expert table (GRACE
+  layers: slot -> expert per rank, primary flags; DeepSpeed's own layers: file id = expert);
+- on load_checkpoint, reads it (no record: DeepSpeed's own layout when a layer has one file per logical
+  expert; otherwise an older grace_ds checkpoint, taken to be of the served plan, as grace_ds read them
+  before). Same layout as served: DeepSpeed loads as it always did. Another layout: during that one call
+  DeepSpeedEngine.load_moe_state_dict is replaced by one that fills every slot from the file of its
+  logical expert (the saved primary's; replicas from the same file) and restored afterwards.
+Optimizer states (torch's per expert-parallel rank, ZeRO's fp32 partitions) are laid out by physical
+slot: under another layout only the weights are remapped. Asking for optimizer states then stops with
+one GraceInputError; with load_optimizer_states=False or load_module_only=True the fp32 master weights
+are refreshed from the loaded weights, so the next step trains the loaded experts.
+`export_deepspeed_checkpoint` writes a GRACE checkpoint in DeepSpeed MoE's own layout.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from grace_ds.errors import GraceInputError
+from grace_ds.files import atomic_write_bytes, atomic_write_text, read_json
+
+LAYOUT_FILE = "grace_layout.json"
+LAYOUT_FORMAT = "grace_ds.checkpoint_layout"
+LAYOUT_VERSION = 1
+EXPERTS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
+_EXPERT_KEY = re.compile(r"^(.*\.?deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..*)$")
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """One DeepSpeed MoE layer's expert files. kind "grace": slot_expert [gpus][slots] (-1 empty) and
+    slot_is_primary, file id = gpu * slots_per_gpu + slot; kind "deepspeed": file id = logical expert
+    (slots_per_gpu = DeepSpeed's experts per rank, None when unknown)."""
+
+    kind: str
+    num_experts: int
+    slots_per_gpu: int | None = None
+    slot_expert: tuple[tuple[int, ...], ...] | None = None
+    slot_is_primary: tuple[tuple[bool, ...], ...] | None = None
+
+    def file_experts(self) -> list[int]:
+        """Logical expert held by each file id (-1: an empty slot)."""
+        if self.kind == "deepspeed":
+            return list(range(self.num_experts))
+        return [expert for row in self.slot_expert for expert in row]
+
+    def file_of_expert(self) -> dict[int, int]:
+        """Logical expert -> the file to read it from (its primary copy's)."""
+        if self.kind == "deepspeed":
+            return {e: e for e in range(self.num_experts)}
+        primary = [flag for row in self.slot_is_primary for flag in row]
+        return {e: file for file, (e, first) in enumerate(zip(self.file_experts(), primary)) if e >= 0 and first}
+
+    def same_files(self, other: "LayerLayout") -> bool:
+        """Whether both lay out the same expert in every file (and, where both are known, as many per rank:
+        the optimizer files follow ranks)."""
+        known = self.slots_per_gpu is not None and other.slots_per_gpu is not None
+        return self.file_experts() == other.file_experts() and (not known or self.slots_per_gpu == other.slots_per_gpu)
+
+    def describe(self) -> str:
+        if self.kind == "deepspeed":
+            return f"DeepSpeed's layout (file id = logical expert, {self.num_experts} experts)"
+        gpus = len(self.slot_expert)
+        copies = sum(e >= 0 for e in self.file_experts())
+        return f"a GRACE plan ({gpus} GPUs x {self.slots_per_gpu} slots, {copies} copies of {self.num_experts} experts)"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "num_experts": self.num_experts, "slots_per_gpu": self.slots_per_gpu,
+                "slot_expert": self.slot_expert, "slot_is_primary": self.slot_is_primary}
+
+    @classmethod
+    def from_json(cls, entry: dict, source: str) -> "LayerLayout":
+        try:
+            rows = entry.get("slot_expert")
+            flags = entry.get("slot_is_primary")
+            return cls(str(entry["kind"]), int(entry["num_experts"]), entry.get("slots_per_gpu"),
+                       None if rows is None else tuple(tuple(int(e) for e in row) for row in rows),
+                       None if flags is None else tuple(tuple(bool(f) for f in row) for row in flags))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise GraceInputError(f"{source}: malformed layer entry {entry!r} ({error})") from None
+
+
+def moe_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """DeepSpeed's MoE layers (GRACE ones included) in moe_layer_id order: DeepSpeed's own walk."""
+    from deepspeed.moe.layer import MoE
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]
+
+
+def _grace_layer(module: torch.nn.Module):
+    """(runtime, plan layer) of a GRACE layer (GraceMoE, GraceExpertsMoE), None for DeepSpeed's own."""
+    from grace_ds.runtime import GraceRuntime
+
+    inner = getattr(module, "deepspeed_moe", None)
+    runtime = getattr(inner, "_runtime", None)
+    return (runtime, inner.layer) if isinstance(runtime, GraceRuntime) else None
+
+
+def served_layout(model: torch.nn.Module) -> list[LayerLayout]:
+    out = []
+    for _, module in moe_layers(model):
+        grace = _grace_layer(module)
+        if grace is None:
+            out.append(LayerLayout("deepspeed", int(module.num_experts), int(module.num_local_experts)))
+            continue
+        runtime, layer = grace
+        plan = runtime.plan
+        out.append(LayerLayout("grace", plan.num_experts, plan.slots_per_gpu,
+                               tuple(tuple(row) for row in plan.slot_expert[layer].tolist()),
+                               tuple(tuple(row) for row in plan.slot_is_primary[layer].tolist())))
+    return out
+
+
+def write_layout(path: str | os.PathLike, layouts: list[LayerLayout]) -> None:
+    record = {"format": LAYOUT_FORMAT, "version": LAYOUT_VERSION, "layers": [layout.to_json() for layout in layouts]}
+    atomic_write_text(path, json.dumps(record, indent=1))
+
+
+def read_layout(path: str | os.PathLike) -> list[LayerLayout]:
+    record = read_json(path, "checkpoint layout")
+    if not isinstance(record, dict) or record.get("format") != LAYOUT_FORMAT:
+        raise GraceInputError(f"{path}: not a {LAYOUT_FORMAT} record")
+    if record.get("version") != LAYOUT_VERSION:
+        raise GraceInputError(f"{path}: version {record.get('version')}, this grace_ds reads {LAYOUT_VERSION}")
+    return [LayerLayout.from_json(entry, str(path)) for entry in record.get("layers", [])]
+
+
+def _expert_file(directory: Path, layer_id: int, file_id: int, mp_rank: int = 0) -> Path:
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    return Path(DeepSpeedEngine._get_expert_ckpt_name(str(directory.parent), layer_id, file_id, directory.name,
+                                                      checkpoint_mp_rank=mp_rank))
+
+
+def saved_layout(directory: str | os.PathLike, served: list[LayerLayout]) -> list[LayerLayout]:
+    """The layout a checkpoint tag directory was saved under; without a record, told from its files."""
+    directory = Path(directory)
+    if (directory / LAYOUT_FILE).is_file():
+        saved = read_layout(directory / LAYOUT_FILE)
+        if len(saved) != len(served):
+            raise GraceInputError(f"{directory}: saved with {len(saved)} MoE layers, the model has {len(served)}")
+        return saved
+    inferred = []
+    for layer_id, layout in enumerate(served):
+        files = len(list(directory.glob(f"layer_{layer_id}_expert_*_mp_rank_00_model_states.pt")))
+        if files == layout.num_experts:  # one file per logical expert: DeepSpeed's own MoE layout
+            inferred.append(LayerLayout("deepspeed", layout.num_experts))
+        elif files == len(layout.file_experts()):  # a grace_ds checkpoint from before the record
+            inferred.append(layout)
+        else:
+            raise GraceInputError(f"{directory}: MoE layer {layer_id} has {files} expert files and no {LAYOUT_FILE}: "
+                                  f"neither DeepSpeed's layout ({layout.num_experts} experts) nor the served one "
+                                  f"({len(layout.file_experts())} slots)")
+    return inferred
+
+
+def _layer_sources(module: torch.nn.Module, layout: LayerLayout, saved: LayerLayout, layer_id: int) -> list[int | None]:
+    """File id to fill each local expert slot from (None: an empty slot, nothing to read)."""
+    from deepspeed.utils import groups
+
+    rank = groups._get_expert_parallel_rank(module.expert_group_name)
+    if layout.kind == "deepspeed":
+        local = module.num_local_experts
+        wanted = list(range(rank * local, (rank + 1) * local))
+    else:
+        wanted = list(layout.slot_expert[rank])
+    if saved.num_experts != layout.num_experts:
+        raise GraceInputError(f"MoE layer {layer_id}: the checkpoint has {saved.num_experts} experts, "
+                              f"the model {layout.num_experts}")
+    files = saved.file_of_expert()
+    missing = sorted({e for e in wanted if e >= 0} - set(files))
+    if missing:
+        raise GraceInputError(f"MoE layer {layer_id}: the checkpoint holds no copy of experts {missing}")
+    return [files[e] if e >= 0 else None for e in wanted]
+
+
+def _remapped_loader(saved: list[LayerLayout], served: list[LayerLayout]) -> Callable:
+    """A DeepSpeedEngine.load_moe_state_dict that reads every slot from its logical expert's file."""
+
+    def load_moe_state_dict(checkpoint_path, tag, state_dict, old_moe_load, model=None, mpu=None, num_experts=1,
+                            checkpoint_engine=None, autoep_layers=None, folding_spec=None, checkpoint_mp_rank=None):
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        if old_moe_load or autoep_layers:
+            raise GraceInputError("a checkpoint of DeepSpeed's legacy or AutoEP expert format cannot be loaded "
+                                  "under another GRACE layout")
+        if checkpoint_mp_rank is None:
+            checkpoint_mp_rank = 0 if mpu is None else mpu.get_model_parallel_rank()
+        for layer_id, (name, module) in enumerate(moe_layers(model)):
+            cache: dict[int, dict[str, torch.Tensor]] = {}
+            slots = module.deepspeed_moe.experts.deepspeed_experts
+            for local, source in enumerate(_layer_sources(module, served[layer_id], saved[layer_id], layer_id)):
+                if source is None:  # an empty slot keeps its (weightless) state
+                    prefix = f"{name}.{EXPERTS_PREFIX}{local}." if name else f"{EXPERTS_PREFIX}{local}."
+                    state_dict.update({prefix + k: v for k, v in slots[str(local)].state_dict().items()})
+                    continue
+                if source not in cache:
+                    path = DeepSpeedEngine._get_expert_ckpt_name(checkpoint_path, layer_id, source, tag,
+                                                                 checkpoint_mp_rank=checkpoint_mp_rank)
+                    cache[source] = checkpoint_engine.load(path, map_location=torch.device("cpu"))
+                state_dict.update(_renumbered(cache[source], source, local))
+
+    return load_moe_state_dict
+
+
+def _renumbered(expert_state: dict[str, torch.Tensor], file_id: int, new_id: int) -> dict[str, torch.Tensor]:
+    """An expert file's tensors (`<layer>.deepspeed_moe.experts.deepspeed_experts.<file_id>.<name>`) under
+    expert id `new_id` (a local slot when loading, a logical expert when exporting)."""
+    out = {}
+    for key, value in expert_state.items():
+        match = _EXPERT_KEY.match(key)
+        if match is None or int(match.group(2)) != file_id:
+            raise GraceInputError(f"expert file {file_id} holds key {key!r}, not one of expert {file_id}")
+        out[f"{match.group(1)}{new_id}{match.group(3)}"] = value
+    return out
+
+
+@contextlib.contextmanager
+def expert_files_by_layout(saved: list[LayerLayout], served: list[LayerLayout]) -> Iterator[None]:
+    """During the block, DeepSpeed's engines fill expert slots from `saved`'s files by logical expert."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine.__dict__["load_moe_state_dict"]  # the staticmethod object itself
+    DeepSpeedEngine.load_moe_state_dict = staticmethod(_remapped_loader(saved, served))
+    try:
+        yield
+    finally:
+        DeepSpeedEngine.load_moe_state_dict = original
+
+
+def _difference(saved: list[LayerLayout], served: list[LayerLayout]) -> str:
+    """'' when every layer's files match the served layout, else what differs (first differing layer)."""
+    for layer_id, (was, now) in enumerate(zip(saved, served)):
+        if not was.same_files(now):
+            text = f"MoE layer {layer_id} was saved under {was.describe()}, this engine serves {now.describe()}"
+            if was.kind == now.kind == "grace" and len(was.slot_expert) == len(now.slot_expert):
+                gpu = next(g for g, (a, b) in enumerate(zip(was.slot_expert, now.slot_expert)) if a != b)
+                text += f" (GPU {gpu}'s slots held experts {list(was.slot_expert[gpu])}, now {list(now.slot_expert[gpu])})"
+            return text
+    return ""
+
+
+def _tag_of(load_dir: str, tag) -> str | None:
+    """DeepSpeed's rule: no tag means the one in `<load_dir>/latest`."""
+    if tag is not None:
+        return str(tag)
+    latest = Path(load_dir, "latest")
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def attach_checkpointing(engine) -> None:
+    """engine.save_checkpoint records the served layout; engine.load_checkpoint loads by logical expert."""
+    save, load = engine.save_checkpoint, engine.load_checkpoint
+
+    @functools.wraps(save)
+    def save_with_layout(save_dir, tag=None, *args, **kwargs):
+        if not save_dir:
+            return save(save_dir, tag, *args, **kwargs)  # DeepSpeed's own error
+        tag = str(f"global_step{engine.global_steps}" if tag is None else tag)  # DeepSpeed's default tag
+        writer = engine.local_rank if engine.use_node_local_storage() else engine.global_rank
+        if writer == 0:
+            write_layout(Path(save_dir, tag, LAYOUT_FILE), served_layout(engine.module))
+        dist.barrier()
+        return save(save_dir, tag, *args, **kwargs)
+
+    @functools.wraps(load)
+    def load_by_layout(load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                       load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+        call = functools.partial(load, load_dir, tag, load_module_strict=load_module_strict,
+                                 load_optimizer_states=load_optimizer_states,
+                                 load_lr_scheduler_states=load_lr_scheduler_states,
+                                 load_module_only=load_module_only, custom_load_fn=custom_load_fn)
+        resolved = _tag_of(load_dir, tag)
+        if resolved is None or not Path(load_dir, resolved).is_dir():
+            return call()  # DeepSpeed's own answer (a warning and (None, None), or its error)
+        served = served_layout(engine.module)
+        saved = saved_layout(Path(load_dir, resolved), served)
+        difference = _difference(saved, served)
+        optimizer_states = load_optimizer_states and not load_module_only
+        if not difference:
+            result = call()
+        elif optimizer_states:
+            # Decided from files and the plan alone: every rank stops here, before any collective.
+            raise GraceInputError(
+                f"{Path(load_dir, resolved)}: {difference}; its optimizer states (and ZeRO's fp32 master "
+                "weights) follow the saved physical slots and cannot be remapped: pass "
+                "load_optimizer_states=False (expert weights remapped, optimizer state fresh) or "
+                "load_module_only=True, or load under the plan it was saved with")
+        else:
+            with expert_files_by_layout(saved, served):
+                result = call()
+        refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+        if not optimizer_states and refresh is not None:
+            refresh()  # DeepSpeed's bf16 optimizer without ZeRO keeps stale fp32 masters otherwise
+        return result
+
+    engine.save_checkpoint, engine.load_checkpoint = save_with_layout, load_by_layout
+
+
+def export_deepspeed_checkpoint(directory: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
+    """A GRACE checkpoint tag directory (with its layout record) as DeepSpeed MoE's own layout in
+    `out_dir` (a tag directory, named in `<its parent>/latest`): one file per logical expert (its
+    primary copy), the model-state files copied. Optimizer files are left out (they follow the slots):
+    load with load_optimizer_states=False. Returns the files written."""
+    directory, out_dir = Path(directory), Path(out_dir)
+    if not (directory / LAYOUT_FILE).is_file():
+        raise GraceInputError(f"{directory}: no {LAYOUT_FILE}: not a GRACE checkpoint saved by grace_ds")
+    saved = read_layout(directory / LAYOUT_FILE)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for model_state in sorted(directory.glob("*mp_rank_*_model_states.pt")):
+        if not model_state.name.startswith("layer_"):
+            atomic_write_bytes(out_dir / model_state.name, model_state.read_bytes())
+            written.append(out_dir / model_state.name)
+    for layer_id, layout in enumerate(saved):
+        for expert, file_id in sorted(layout.file_of_expert().items()):
+            source = _expert_file(directory, layer_id, file_id)
+            if not source.is_file():
+                raise GraceInputError(f"{source}: missing (the layout record names it for expert {expert})")
+            state = torch.load(source, map_location="cpu", weights_only=True)  # tensors only
+            target = _expert_file(out_dir, layer_id, expert)
+            buffer = io.BytesIO()
+            torch.save(_renumbered(state, file_id, expert), buffer)
+            atomic_write_bytes(target, buffer.getvalue())
+            written.append(target)
+    atomic_write_text(out_dir.parent / "latest", out_dir.name)  # as DeepSpeed's save: loads without a tag
+    return written
