@@ -89,11 +89,37 @@ class LayerLayout:
         try:
             rows = entry.get("slot_expert")
             flags = entry.get("slot_is_primary")
-            return cls(str(entry["kind"]), int(entry["num_experts"]), entry.get("slots_per_gpu"),
-                       None if rows is None else tuple(tuple(int(e) for e in row) for row in rows),
-                       None if flags is None else tuple(tuple(bool(f) for f in row) for row in flags))
+            slots = entry.get("slots_per_gpu")
+            layout = cls(str(entry["kind"]), int(entry["num_experts"]), None if slots is None else int(slots),
+                         None if rows is None else tuple(tuple(int(e) for e in row) for row in rows),
+                         None if flags is None else tuple(tuple(_flag(f) for f in row) for row in flags))
         except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise GraceInputError(f"{source}: malformed layer entry {entry!r} ({error})") from None
+            raise GraceInputError(f"{source}: malformed layer entry {str(entry)[:200]} ({error})") from None
+        problem = layout._problem()
+        if problem:
+            raise GraceInputError(f"{source}: {problem}")
+        return layout
+
+    def _problem(self) -> str:
+        """'' for a layout a load can follow, else what is wrong with it."""
+        if self.kind not in ("grace", "deepspeed") or self.num_experts < 1:
+            return f"layer kind {self.kind!r} with {self.num_experts} experts (kinds: grace, deepspeed; >= 1 expert)"
+        if self.slots_per_gpu is not None and self.slots_per_gpu < 1:
+            return f"slots_per_gpu {self.slots_per_gpu}"
+        if self.kind == "deepspeed":
+            return ""
+        rows, flags = self.slot_expert, self.slot_is_primary
+        if not rows or flags is None or [len(r) for r in rows] != [len(f) for f in flags] \
+                or {len(r) for r in rows} != {self.slots_per_gpu}:
+            return f"a GRACE layer needs slot_expert and slot_is_primary of [GPUs][{self.slots_per_gpu}] alike"
+        experts = self.file_experts()
+        primary = [flag for row in flags for flag in row]
+        if any(not -1 <= e < self.num_experts for e in experts) or any(f and e < 0 for e, f in zip(experts, primary)):
+            return f"slot experts must be -1 (empty) or below {self.num_experts}, primaries only in held slots"
+        primaries = sorted(e for e, f in zip(experts, primary) if f)
+        if primaries != list(range(self.num_experts)):
+            return f"every expert needs exactly one primary copy (primaries held: {primaries[:20]})"
+        return ""
 
 
 def moe_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -138,7 +164,16 @@ def read_layout(path: str | os.PathLike) -> list[LayerLayout]:
         raise GraceInputError(f"{path}: not a {LAYOUT_FORMAT} record")
     if record.get("version") != LAYOUT_VERSION:
         raise GraceInputError(f"{path}: version {record.get('version')}, this grace_ds reads {LAYOUT_VERSION}")
-    return [LayerLayout.from_json(entry, str(path)) for entry in record.get("layers", [])]
+    layers = record.get("layers")
+    if not isinstance(layers, list):
+        raise GraceInputError(f"{path}: 'layers' must be a list of MoE layer entries")
+    return [LayerLayout.from_json(entry, str(path)) for entry in layers]
+
+
+def _flag(value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"primary flag {value!r} is not true or false")
+    return value
 
 
 def _expert_file(directory: Path, layer_id: int, file_id: int, mp_rank: int = 0) -> Path:

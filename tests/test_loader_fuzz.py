@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from grace_ds.deepspeed_checkpoint import LayerLayout, read_layout, write_layout
 from grace_ds.deepspeed_config import split_config
 from grace_ds.errors import GraceInputError
 from grace_ds.plan import PlacementPlan
@@ -26,7 +27,12 @@ from tests.tiny_models import tiny_model
 def _valid_files(directory):
     profile = RoutingProfile.from_topk_ids(tiny_trace(tokens=40), 8)
     profile.save(directory / "profile.safetensors")
-    make_plan("eplb", profile, Topology.uniform(2, 2), 1).save(directory / "plan.json")
+    plan = make_plan("eplb", profile, Topology.uniform(2, 2), 1)
+    plan.save(directory / "plan.json")
+    write_layout(directory / "grace_layout.json", [  # a checkpoint's layout record: two GRACE layers, one DeepSpeed's
+        LayerLayout("grace", 8, plan.slots_per_gpu, tuple(map(tuple, plan.slot_expert[layer].tolist())),
+                    tuple(map(tuple, plan.slot_is_primary[layer].tolist()))) for layer in range(2)]
+        + [LayerLayout("deepspeed", 8, 2)])
     RoutingTrace(tiny_trace(tokens=40), 8, ["a", "b"]).save(directory / "trace.safetensors")
     (directory / "loads.json").write_text(json.dumps({"logical_count": [[3, 1, 2, 5], [1, 1, 1, 1]]}))
     (directory / "ds.json").write_text(json.dumps({"dtype": "fp32", "grace_moe": {"plan": "p.json"}}))
@@ -52,6 +58,7 @@ LOADERS = {
     "loads.json": lambda path: RoutingProfile.from_logical_counts(path, top_k=2),
     "ds.json": split_config,
     "model.safetensors": load_checkpoint_weights,
+    "grace_layout.json": read_layout,
 }
 
 
@@ -100,6 +107,12 @@ def assert_usable(name: str, loaded, path) -> None:
         model, _ = loaded
         logits = model(torch.tensor([[1, 2, 3]])).logits
         assert logits.shape == (1, 3, model.config.vocab_size)
+    elif name == "grace_layout.json":
+        for layout in loaded:  # a load can fill every slot: each expert has one file to read it from
+            assert isinstance(layout, LayerLayout) and layout.kind in ("grace", "deepspeed")
+            files = layout.file_of_expert()
+            assert sorted(files) == list(range(layout.num_experts))
+            assert all(0 <= f < len(layout.file_experts()) and layout.file_experts()[f] == e for e, f in files.items())
     else:
         raise AssertionError(f"no usability check for {name}")
 
@@ -152,6 +165,10 @@ PARSEABLE_BUT_WRONG = {
     "plan: negative copy weight": ("plan.json", lambda d: d["layers"][1]["gpus"][2]["weights"].__setitem__(0, -0.5)),
     "plan: an expert with two primaries": ("plan.json", lambda d: _promote_a_replica(d)),
     "loads: a negative count": ("loads.json", lambda d: d["logical_count"][0].__setitem__(1, -4)),
+    "layout: an expert with two primaries": ("grace_layout.json", lambda d: d["layers"][0].__setitem__(
+        "slot_is_primary", [[e >= 0 for e in row] for row in d["layers"][0]["slot_expert"]])),
+    "layout: expert id past num_experts": ("grace_layout.json", lambda d: d["layers"][1]["slot_expert"][0].__setitem__(0, 8)),
+    "layout: an unknown layer kind": ("grace_layout.json", lambda d: d["layers"][2].__setitem__("kind", "tutel")),
     "ds: an unknown communication mode": ("ds.json", lambda d: d["grace_moe"].__setitem__("communication", "sideways")),
     "profile: negative load": ("profile.safetensors", ("expert_load", lambda t: t.__setitem__((0, 0), -1.0))),
     "profile: sampled expert id past num_experts": (
