@@ -120,8 +120,7 @@ def next_gpu(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Topology
     """[T, k]: where the hierarchical hop 1 sends each pair: its GPU on the sender's node, else the peer
     with the sender's local index on the pair's node."""
     node = topology.node_of_gpu
-    # [P, N] peer table once, then looked up per pair: cheaper than peer_of over every pair.
-    peers = topology.peer_of(torch.arange(topology.num_gpus).view(-1, 1), torch.arange(topology.num_nodes).view(1, -1))
+    peers = topology.peer_table  # looked up per pair: cheaper than peer_of over every pair
     src = token_gpu.long().view(-1, 1)
     dest_node = node[dest_gpu.long()]
     return torch.where(dest_node == node[src], dest_gpu.long(), peers[src, dest_node])
@@ -212,7 +211,7 @@ def gather_rows_per_link(topology: Topology, padded_tokens: int, by_node: bool) 
     if not by_node:
         return torch.full((num_gpus, num_gpus), float(padded_tokens), dtype=torch.float64).fill_diagonal_(0.0)
     gpus = torch.arange(num_gpus)
-    peers = topology.peer_of(gpus.view(-1, 1), torch.arange(topology.num_nodes).view(1, -1))  # [P, N]
+    peers = topology.peer_table  # [P, N]
     rows = torch.zeros(num_gpus, num_gpus, dtype=torch.float64)
     rows[gpus.view(-1, 1), peers] = float(padded_tokens)
     same_node = node.view(-1, 1) == node.view(1, -1)

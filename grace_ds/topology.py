@@ -94,6 +94,12 @@ class Topology:
         peer = self.first_gpu_of_node[node] + self.local_index_of_gpu[gpu] % sizes[node]
         return int(peer) if isinstance(gpu, int) and isinstance(node, int) else peer
 
+    @functools.cached_property
+    def peer_table(self) -> torch.Tensor:
+        """[P, N] int64: peer_of(gpu, node) for every GPU and node (the planners' cost model looks it up for
+        every candidate placement they score)."""
+        return self.peer_of(torch.arange(self.num_gpus).view(-1, 1), torch.arange(self.num_nodes).view(1, -1))
+
     def gpus_of_node(self, node: int) -> list[int]:
         start = int(self.first_gpu_of_node[node])
         return list(range(start, start + self.gpus_per_node[node]))

@@ -29,9 +29,7 @@ from grace_ds.topology import Topology
 def peer_table(topology: Topology, device: torch.device) -> torch.Tensor:
     """[G, N] Topology.peer_of(gpu, node) for every pair, on `device` (copied once: a copy from host
     memory to a GPU waits for its stream)."""
-    gpus = torch.arange(topology.num_gpus).unsqueeze(1)
-    nodes = torch.arange(topology.num_nodes).unsqueeze(0)
-    return topology.peer_of(gpus, nodes).to(device)
+    return topology.peer_table.to(device)
 
 
 @functools.lru_cache(maxsize=16)
