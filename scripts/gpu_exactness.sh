@@ -18,7 +18,7 @@ case "$GPUS" in
 esac
 echo "GPUs: $GPUS, layouts (nodes x GPUs per node): $GRACE_TEST_LAYOUTS"
 python3 -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)'
-tests=(tests/test_runtime_exactness.py tests/test_megatron.py tests/test_online_replanning.py)
+tests=(tests/test_runtime_exactness.py tests/test_megatron.py tests/test_online_replanning.py tests/test_export.py)
 [ "$GPUS" -ge 2 ] && tests+=(tests/test_launch.py)
 [ $# -gt 0 ] && tests=("$@")  # a subset, e.g. one test file
 set -o pipefail
