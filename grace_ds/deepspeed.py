@@ -31,7 +31,7 @@ __all__ = ["init_inference", "initialize", "save_pretrained", "save_profile"]
 
 def job_topology(links: LinkModel | None = None, group=None) -> Topology:
     """The running job's nodes x GPUs (launcher variables, else host names); one rank without distributed."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not faults.distributed():
         return Topology.uniform(1, 1, links)
     return Topology.discover(group, links=links)
 
@@ -72,7 +72,7 @@ def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | No
     if section is None or not section.enabled:
         return engine
     _single_process_group()
-    group = faults.fault_group(section.fault_timeout_s) if dist.is_available() and dist.is_initialized() else None
+    group = faults.fault_group(section.fault_timeout_s) if faults.distributed() else None
     topology = job_topology(LinkModel(inter_node_bandwidth_Gbps=section.inter_node_gbps), group)
     plan = _agreed_plan(section, topology, group)
     device = next(engine.module.parameters()).device
@@ -103,7 +103,7 @@ def start_online_replanning(model: torch.nn.Module, runtime: GraceRuntime, secti
     from grace_ds.online import OnlineReplanner
 
     transfer_group = None
-    if dist.is_available() and dist.is_initialized():
+    if faults.distributed():
         transfer_group = faults.fault_group(section.fault_timeout_s)
         # NCCL wants every rank in a group's first call; later point-to-point batches may involve a few.
         faults.all_reduce(torch.zeros(1, device=faults.collective_device(transfer_group)), "online re-planning (set-up)", transfer_group)
@@ -171,7 +171,7 @@ def _convert_for_training(model: torch.nn.Module, section: GraceMoEConfig) -> Gr
 def _agreed_plan(section: GraceMoEConfig, topology: Topology, group) -> PlacementPlan:
     """The plan every rank serves: loaded and checked alike everywhere, or made on the first rank and
     broadcast (threaded BLAS may break the planner's ties apart on other ranks)."""
-    if section.plan is None and dist.is_available() and dist.is_initialized():
+    if section.plan is None and faults.distributed():
         plan = load_or_make_plan(section, topology) if faults.job_rank() == 0 else None
         return broadcast_plan(plan, f"plan loading (planned at start-up from {section.profile})", group)
     plan = load_or_make_plan(section, topology)

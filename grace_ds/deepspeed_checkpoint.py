@@ -230,8 +230,6 @@ def _remapped_loader(saved: list[LayerLayout], served: list[LayerLayout]) -> Cal
 
     def load_moe_state_dict(checkpoint_path, tag, state_dict, old_moe_load, model=None, mpu=None, num_experts=1,
                             checkpoint_engine=None, autoep_layers=None, folding_spec=None, checkpoint_mp_rank=None):
-        from deepspeed.runtime.engine import DeepSpeedEngine
-
         if old_moe_load or autoep_layers:
             raise GraceInputError("a checkpoint of DeepSpeed's legacy or AutoEP expert format cannot be loaded "
                                   "under another GRACE layout")
@@ -246,9 +244,8 @@ def _remapped_loader(saved: list[LayerLayout], served: list[LayerLayout]) -> Cal
                     state_dict.update({prefix + k: v for k, v in slots[str(local)].state_dict().items()})
                     continue
                 if source not in cache:
-                    path = DeepSpeedEngine._get_expert_ckpt_name(checkpoint_path, layer_id, source, tag,
-                                                                 checkpoint_mp_rank=checkpoint_mp_rank)
-                    cache[source] = checkpoint_engine.load(path, map_location=torch.device("cpu"))
+                    path = _expert_file(Path(checkpoint_path, str(tag)), layer_id, source, checkpoint_mp_rank)
+                    cache[source] = checkpoint_engine.load(str(path), map_location=torch.device("cpu"))
                 state_dict.update(_renumbered(cache[source], source, local))
 
     return load_moe_state_dict

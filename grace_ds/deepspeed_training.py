@@ -20,6 +20,7 @@ import types
 import torch
 import torch.distributed as dist
 
+from grace_ds import faults
 from grace_ds.deepspeed_checkpoint import attach_checkpointing
 from grace_ds.runtime import GraceRuntime
 
@@ -76,7 +77,7 @@ def global_grad_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
     device = with_grad[0].grad.device if with_grad else torch.device("cpu")
     dense = torch.zeros((), dtype=torch.float64, device=device)
     expert = torch.zeros((), dtype=torch.float64, device=device)
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = faults.distributed()
     for param in with_grad:
         square = param.grad.detach().double().pow(2).sum()
         if is_moe_param(param):

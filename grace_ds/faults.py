@@ -124,14 +124,20 @@ def roll_call(phase: str, group, cause: BaseException) -> GraceDistributedError:
                                  f"stopped on a fault (their messages name it). Cause here: {reason}")
 
 
+def distributed() -> bool:
+    """Whether this process is in a job's process group (torch.distributed initialised)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def job_rank() -> int:
     """This process's rank in the job (0 without a process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if distributed() else 0
 
 
 def collective_device(group=None) -> torch.device:
-    """Where `group`'s collectives take their tensors: NCCL only device tensors, gloo only host ones."""
-    if dist.get_backend(group) == "nccl":
+    """Where `group`'s collectives take their tensors: NCCL only device tensors, gloo (and no process
+    group at all) only host ones."""
+    if distributed() and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from grace_ds import faults
 from grace_ds.drift import drift_signal, measure_drift
 from grace_ds.errors import GraceInputError
 from grace_ds.expert_transfer import DEFAULT_CHUNK_BYTES, ExpertTransfer, schedule_transfers
@@ -125,7 +125,7 @@ class OnlineReplanner:
         self._planning: tuple[concurrent.futures.Future, float, int] | None = None  # (future, started, due step)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._unfinished = False  # the first rank's: only it plans
-        self._rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self._rank = faults.job_rank()
         self._handles: list = []
 
     def _observe(self, layer: int, top_k_index: torch.Tensor, slot_ids: torch.Tensor | None) -> None:

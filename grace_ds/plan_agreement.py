@@ -15,7 +15,7 @@ from grace_ds.plan import PlacementPlan
 def agree_on_plan(plan: PlacementPlan, source: str, group=None) -> None:
     """Every rank must serve the same plan: an all-gather of its digest (phase 'plan loading'), so a
     rank that failed to load, stalls, or read another file stops the job with one message."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not faults.distributed():
         return
     digest = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).digest()[:8]
     device = faults.collective_device(group)
@@ -30,7 +30,7 @@ def agree_on_plan(plan: PlacementPlan, source: str, group=None) -> None:
 def broadcast_plan(plan: PlacementPlan | None, phase: str, group=None, source_rank: int = 0) -> PlacementPlan | None:
     """The source rank's plan (or None) on every rank: its JSON text, length first, as byte tensors. Plans
     made by one rank need no bit-identical planning on the others (threaded BLAS may break ties apart)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not faults.distributed():
         return plan
     device = faults.collective_device(group)
     mine = dist.get_rank() == source_rank

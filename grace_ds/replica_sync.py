@@ -26,6 +26,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 
+from grace_ds import faults
 from grace_ds.faults import guarded
 from grace_ds.plan import PlacementPlan
 
@@ -47,7 +48,7 @@ class _Copy:
 
 
 def _distributed(group) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    return faults.distributed() and dist.get_world_size(group) > 1
 
 
 class ReplicaSync:

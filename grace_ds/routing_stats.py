@@ -15,7 +15,6 @@ ranks get the same profile.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from grace_ds import faults
@@ -115,7 +114,7 @@ class RoutingStats:
         tokens, gpu_load = self.tokens.sum(0), self.gpu_load.sum(0)
         depth = min(self._sample_filled, default=0)
         samples = self.samples[:, :depth]
-        if reduce and dist.is_available() and dist.is_initialized():
+        if reduce and faults.distributed():
             device = faults.collective_device(group)
             parts = (load, coactivation, tokens, gpu_load)
             # One collective for all (token counts are exact in float64 far beyond any trace).

@@ -39,7 +39,7 @@ def _expert_parallel_rank(plan: PlacementPlan, rank: int | None, group) -> int:
     plan's GPUs, as DeepSpeed numbers expert-parallel groups consecutively). Every process shows its
     rank to the others (one tiny all-gather), so a wrong one stops all of them with one message
     instead of failing on some while the others wait in their next collective."""
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = faults.distributed()
     if not distributed:
         resolved = 0 if rank is None else rank
         if not 0 <= resolved < plan.num_gpus:

@@ -76,7 +76,7 @@ class ModeChoice:
         """Every rank's token count in this call. Exchanged (one tiny all-gather) at a forward's first MoE
         call, i.e. when the layer index does not grow, which every rank sees alike; the later layers of a
         forward hold the same tokens and reuse it."""
-        if not (dist.is_available() and dist.is_initialized()):
+        if not faults.distributed():
             return [num_tokens]
         if self._counts is None or layer <= self._counts_layer:
             counts = faults.all_gather_tensor(torch.tensor([num_tokens], device=device),

@@ -39,10 +39,11 @@ def _converted_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return blocks
 
 
-def _gathered_experts(model: nn.Module, device: torch.device | str | None) -> Iterator[tuple[str, torch.Tensor]]:
+def _gathered_experts(blocks: list[tuple[str, nn.Module]],
+                      device: torch.device | str | None) -> Iterator[tuple[str, torch.Tensor]]:
     """(unmodified parameter name, [E, ...] tensor) per fused expert tensor of every converted block, one
     block at a time (a caller that drops them holds one block's experts at a time)."""
-    for name, block in _converted_blocks(model):
+    for name, block in blocks:
         experts = block.experts
         runtime, layer = experts._runtime, experts.layer
         plan, slots = runtime.plan, runtime.slot_modules[layer]
@@ -58,35 +59,27 @@ def _gathered_experts(model: nn.Module, device: torch.device | str | None) -> It
                 # Every slot of this rank (empty ones zero), in the weights' dtype: all ranks send the same
                 # shape, and the primaries are then picked by the plan, which every rank knows.
                 local = torch.zeros((len(held), *example.shape), dtype=example.dtype,
-                                    device=_collective_device(runtime.group))
+                                    device=faults.collective_device(runtime.group))
                 for s, expert in enumerate(held):
                     if expert >= 0:
                         local[s] = slots.slot_weights(s)[index].detach()
                 # Position p of the group serves plan GPU p % num_gpus (GraceRuntime checks it): the first
                 # num_gpus positions hold every GPU once.
                 every = faults.all_gather_tensor(local, f"export of {name} (gathering experts)", runtime.group) \
-                    if _distributed() else local.unsqueeze(0)
+                    if faults.distributed() else local.unsqueeze(0)
                 full = every[gpu, slot]
             yield f"{name}.experts.{param_name}", full.to(example.device if device is None else device)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _collective_device(group) -> torch.device:
-    return faults.collective_device(group) if _distributed() else torch.device("cpu")
 
 
 def logical_expert_weights(model: nn.Module, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Every converted MoE block's fused expert tensors by the unmodified model's names
     (`model.layers.3.mlp.experts.gate_up_proj` [E, 2I, H], `...down_proj` [E, H, I]), each logical expert
     from its primary copy, in the weights' dtype; on `device` (None: where the weights are). Collective."""
-    return dict(_gathered_experts(model, device))
+    return dict(_gathered_experts(_converted_blocks(model), device))
 
 
-def _unmodified(model: nn.Module, experts: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    blocks = _converted_blocks(model)
+def _unmodified(model: nn.Module, blocks: list[tuple[str, nn.Module]],
+                experts: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     grace_prefixes = tuple(f"{name}.experts." for name, _ in blocks)
     state = {key: value for key, value in model.state_dict().items() if not key.startswith(grace_prefixes)}
     state.update(experts)
@@ -98,7 +91,8 @@ def unmodified_state_dict(model: nn.Module, device: torch.device | str | None = 
     """The whole model's state dict as the unmodified model has it: dense parameters and buffers as they are,
     the converted blocks' experts from logical_expert_weights (on `device`, None: where the weights are).
     Collective."""
-    return _unmodified(model, _gathered_experts(model, device))
+    blocks = _converted_blocks(model)
+    return _unmodified(model, blocks, _gathered_experts(blocks, device))
 
 
 def _check_against_fresh_model(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -127,19 +121,20 @@ def save_pretrained(model_or_engine: Any, directory: str | os.PathLike, **kwargs
     model = getattr(model_or_engine, "module", model_or_engine)
     if not callable(getattr(model, "save_pretrained", None)):
         raise GraceInputError(f"{type(model).__name__} is not a transformers model (no save_pretrained)")
-    _converted_blocks(model)
+    blocks = _converted_blocks(model)  # refused alike on every rank, before any gather
     writer = faults.job_rank() == 0
-    experts = _gathered_experts(model, "cpu")  # one copy of the whole model's experts, on the host
+    experts = _gathered_experts(blocks, "cpu")  # one copy of the whole model's experts, on the host
     failure: Exception | None = None
     if writer:
         try:
-            model.save_pretrained(directory, state_dict=_unmodified(model, experts), is_main_process=True, **kwargs)
+            model.save_pretrained(directory, state_dict=_unmodified(model, blocks, experts), is_main_process=True,
+                                  **kwargs)
         except Exception as error:  # the others wait for the outcome: they are told, then it is raised here
             failure = error
     else:
         for _ in experts:  # take part in every gather, keep nothing
             pass
-    if _distributed():  # in place of a barrier: every rank returns once the files are written, or raises
+    if faults.distributed():  # in place of a barrier: every rank returns once the files are written, or raises
         outcome = [None if failure is None
                    else (isinstance(failure, GraceInputError), f"{type(failure).__name__}: {failure}")]
         faults.guarded("export (waiting for the checkpoint to be written)", None, dist.broadcast_object_list,
