@@ -134,7 +134,8 @@ def initialize(model: torch.nn.Module, config: dict | str | os.PathLike | None =
     if runtimes:
         attach_training(engine, runtimes)
     if section is not None and section.enabled and section.profiling:
-        engine.grace_recorder = attach_recorder(engine.module)
+        # A converted transformers model routes through its one runtime; GraceMoE layers report per layer.
+        engine.grace_recorder = attach_recorder(engine.module, runtimes[0] if len(runtimes) == 1 else None)
         engine.grace_config = section
         engine.grace_group = faults.fault_group(section.fault_timeout_s) if dist.is_initialized() else None
     return result

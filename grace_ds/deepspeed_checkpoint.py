@@ -11,10 +11,10 @@ it was saved under, so `attach_checkpointing(engine)`:
   before). Same layout as served: DeepSpeed loads as it always did. Another layout: during that one call
   DeepSpeedEngine.load_moe_state_dict is replaced by one that fills every slot from the file of its
   logical expert (the saved primary's; replicas from the same file) and restored afterwards.
-Optimizer states (torch's per expert-parallel rank, ZeRO's fp32 partitions) are laid out by physical
-slot: under another layout only the weights are remapped. Asking for optimizer states then stops with
-one GraceInputError; with load_optimizer_states=False or load_module_only=True the fp32 master weights
-are refreshed from the loaded weights, so the next step trains the loaded experts.
+Optimizer states are laid out by physical slot too: under another layout they are remapped during
+the same call (grace_ds.optimizer_state_remap: torch optimizers and DeepSpeed's bf16 optimizer without
+ZeRO, ZeRO 1 and 2), and other optimizers stop with one GraceInputError. With load_optimizer_states=False or load_module_only=True the
+fp32 master weights are refreshed from the loaded weights, so the next step trains the loaded experts.
 `export_deepspeed_checkpoint` writes a GRACE checkpoint in DeepSpeed MoE's own layout.
 """
 from __future__ import annotations
@@ -34,6 +34,8 @@ import torch.distributed as dist
 
 from grace_ds.errors import GraceInputError
 from grace_ds.files import atomic_write_bytes, atomic_write_text, read_json
+from grace_ds.optimizer_state_remap import (Source, expert_parallel_rank, optimizer_states_by_layout,
+                                            parameter_order, per_parameter_groups, remappable)
 
 LAYOUT_FILE = "grace_layout.json"
 LAYOUT_FORMAT = "grace_ds.checkpoint_layout"
@@ -153,8 +155,12 @@ def served_layout(model: torch.nn.Module) -> list[LayerLayout]:
     return out
 
 
-def write_layout(path: str | os.PathLike, layouts: list[LayerLayout]) -> None:
+def write_layout(path: str | os.PathLike, layouts: list[LayerLayout],
+                 optimizer_order: dict[int, list[str]] | None = None) -> None:
+    """optimizer_order: a per-parameter optimizer's parameter names in index order, per expert-parallel rank."""
     record = {"format": LAYOUT_FORMAT, "version": LAYOUT_VERSION, "layers": [layout.to_json() for layout in layouts]}
+    if optimizer_order is not None:
+        record["optimizer_parameters"] = {str(rank): names for rank, names in sorted(optimizer_order.items())}
     atomic_write_text(path, json.dumps(record, indent=1))
 
 
@@ -168,6 +174,21 @@ def read_layout(path: str | os.PathLike) -> list[LayerLayout]:
     if not isinstance(layers, list):
         raise GraceInputError(f"{path}: 'layers' must be a list of MoE layer entries")
     return [LayerLayout.from_json(entry, str(path)) for entry in layers]
+
+
+def read_optimizer_order(path: str | os.PathLike) -> dict[int, list[str]] | None:
+    """The recorded per-parameter optimizer's parameter order per expert-parallel rank (None: not recorded)."""
+    record = read_json(path, "checkpoint layout")
+    order = record.get("optimizer_parameters") if isinstance(record, dict) else None
+    if order is None:
+        return None
+    if not isinstance(order, dict) or any(not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+                                          for names in order.values()):
+        raise GraceInputError(f"{path}: optimizer_parameters must map expert-parallel ranks to lists of names")
+    try:
+        return {int(rank): names for rank, names in order.items()}
+    except ValueError as error:
+        raise GraceInputError(f"{path}: optimizer_parameters has a rank that is not a number ({error})") from None
 
 
 def _flag(value) -> bool:
@@ -223,6 +244,42 @@ def _layer_sources(module: torch.nn.Module, layout: LayerLayout, saved: LayerLay
     if missing:
         raise GraceInputError(f"MoE layer {layer_id}: the checkpoint holds no copy of experts {missing}")
     return [files[e] if e >= 0 else None for e in wanted]
+
+
+def expert_sources(model: torch.nn.Module, saved: list[LayerLayout], served: list[LayerLayout]) -> dict[str, Source]:
+    """Every expert parameter this rank holds -> (the saver's expert-parallel rank, its name there) of its
+    logical expert's saved primary copy: where its optimizer state is read from."""
+    out = {}
+    for layer_id, (name, module) in enumerate(moe_layers(model)):
+        was = saved[layer_id]
+        prefix = f"{name}.{EXPERTS_PREFIX}" if name else EXPERTS_PREFIX
+        slots = module.deepspeed_moe.experts.deepspeed_experts
+        for local, file_id in enumerate(_layer_sources(module, served[layer_id], was, layer_id)):
+            if file_id is None:
+                continue  # an empty slot has no parameters
+            saver_rank, saver_slot = divmod(file_id, was.slots_per_gpu)
+            for suffix, _ in slots[str(local)].named_parameters():
+                out[f"{prefix}{local}.{suffix}"] = (saver_rank, f"{prefix}{saver_slot}.{suffix}")
+    return out
+
+
+def _unrecorded(saved: list[LayerLayout]) -> str:
+    """'' when every layer's experts per rank are known (what the optimizer files are cut by), else why not."""
+    if any(layout.slots_per_gpu is None for layout in saved):
+        return (f"a checkpoint without {LAYOUT_FILE} (DeepSpeed's own MoE's: its experts per rank, which its "
+                "optimizer files follow, are not recorded)")
+    return ""
+
+
+def saved_expert_parallel_size(saved: list[LayerLayout]) -> int:
+    """The saver's expert-parallel size (DeepSpeed writes one optimizer file per expert-parallel rank: one
+    size for every layer)."""
+    sizes = {len(layout.file_experts()) // layout.slots_per_gpu if layout.kind == "grace"
+             else layout.num_experts // layout.slots_per_gpu for layout in saved if layout.slots_per_gpu}
+    if len(sizes) > 1:
+        raise GraceInputError(f"the checkpoint's MoE layers were saved with expert-parallel sizes {sorted(sizes)}: "
+                              "its optimizer states can be remapped for one size only")
+    return sizes.pop() if sizes else 1
 
 
 def _remapped_loader(saved: list[LayerLayout], served: list[LayerLayout]) -> Callable:
@@ -306,8 +363,9 @@ def attach_checkpointing(engine) -> None:
             return save(save_dir, tag, *args, **kwargs)  # DeepSpeed's own error
         tag = str(f"global_step{engine.global_steps}" if tag is None else tag)  # DeepSpeed's default tag
         writer = engine.local_rank if engine.use_node_local_storage() else engine.global_rank
+        order = _optimizer_order(engine)  # every rank: a collective
         if writer == 0:
-            write_layout(Path(save_dir, tag, LAYOUT_FILE), served_layout(engine.module))
+            write_layout(Path(save_dir, tag, LAYOUT_FILE), served_layout(engine.module), order)
         dist.barrier()
         return save(save_dir, tag, *args, **kwargs)
 
@@ -328,12 +386,19 @@ def attach_checkpointing(engine) -> None:
         if not difference:
             result = call()
         elif optimizer_states:
-            # Decided from files and the plan alone: every rank stops here, before any collective.
-            raise GraceInputError(
-                f"{Path(load_dir, resolved)}: {difference}; its optimizer states (and ZeRO's fp32 master "
-                "weights) follow the saved physical slots and cannot be remapped: pass "
-                "load_optimizer_states=False (expert weights remapped, optimizer state fresh) or "
-                "load_module_only=True, or load under the plan it was saved with")
+            # Decided from files, the plan and the config alone: every rank stops here, before any collective.
+            reason = remappable(engine) or _unrecorded(saved)
+            if reason:
+                raise GraceInputError(
+                    f"{Path(load_dir, resolved)}: {difference}; its optimizer states follow the saved physical "
+                    f"slots and are not remapped for {reason}: pass load_optimizer_states=False (expert weights "
+                    "remapped, optimizer state fresh) or load_module_only=True, or load under the plan it was saved with")
+            record = Path(load_dir, resolved, LAYOUT_FILE)
+            order = read_optimizer_order(record) if record.is_file() else None
+            with expert_files_by_layout(saved, served), optimizer_states_by_layout(
+                    engine, expert_sources(engine.module, saved, served), saved_expert_parallel_size(saved),
+                    str(load_dir), resolved, order):
+                result = call()
         else:
             with expert_files_by_layout(saved, served):
                 result = call()
@@ -343,6 +408,16 @@ def attach_checkpointing(engine) -> None:
         return result
 
     engine.save_checkpoint, engine.load_checkpoint = save_with_layout, load_by_layout
+
+
+def _optimizer_order(engine) -> dict[int, list[str]] | None:
+    """A per-parameter optimizer's parameter names in index order, per expert-parallel rank (ZeRO's
+    partitions name their parameters themselves)."""
+    if engine.optimizer is None or per_parameter_groups(engine.optimizer) is None or not moe_layers(engine.module):
+        return None
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (expert_parallel_rank(), parameter_order(engine)))
+    return dict(gathered)
 
 
 def export_deepspeed_checkpoint(directory: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:

@@ -1,12 +1,14 @@
 """Runs inside every spawned gloo rank: DeepSpeed checkpoints saved under one expert layout, loaded under another.
 
 Per ZeRO stage (0, 1, 2; and bf16 without ZeRO) a GraceMoE engine under a GRACE plan with replicas trains
-3 steps and saves; fresh engines from other weights load it under another plan (optimizer states refused
-by one GraceInputError; without them every slot holds its logical expert, the forward is the saver's, and
-the next step starts from the loaded weights and equals that of a same-plan engine loaded the same way)
-and under the same plan (with optimizer states: the 4th step must equal the saver's). A checkpoint of
-DeepSpeed's own MoE (ep_size 4) loads into a GraceMoE engine, and a GRACE checkpoint exported to
-DeepSpeed's layout (`grace-ds checkpoint-to-deepspeed`) loads into DeepSpeed's MoE.
+3 steps and saves; fresh engines from other weights load it under another plan: with optimizer states
+(remapped: the next step must be the saver's next step), and without them (every slot holds its logical
+expert, the forward is the saver's, and the next step starts from the loaded weights and equals that of
+a same-plan engine loaded the same way); and under the same plan (with optimizer states: the 4th step
+must equal the saver's). ep_size 2 on 4 ranks (ZeRO 2 partitions split across expert-data-parallel
+ranks) the same way; ZeRO's elastic checkpoints are refused by name. A checkpoint of DeepSpeed's own MoE
+(ep_size 4) loads into a GraceMoE engine, and a GRACE checkpoint exported to DeepSpeed's layout
+(`grace-ds checkpoint-to-deepspeed`) loads into DeepSpeed's MoE.
 """
 import dataclasses
 import json
@@ -41,12 +43,17 @@ def plans(world: int, topology: Topology) -> dict:
             2: dataclasses.replace(saved, slot_expert=relabelled)}
 
 
-def engine_for(plan, stage: int, rank: int, seed: int = 11, grace: bool = True, dtype: str = "fp32"):
-    reference, net, _ = build_pair(K, plan, 0.01, "flat", dist.get_world_size(), seed=seed, set_groups=False)
+ADAM = {0: True, 1: False, 2: True}  # per ZeRO stage: AdamW (two per-element states and a step) or SGD momentum
+
+
+def engine_for(plan, stage: int, rank: int, seed: int = 11, grace: bool = True, dtype: str = "fp32",
+               elastic: bool = False, ep_size: int | None = None):
+    reference, net, _ = build_pair(K, plan, 0.01, "flat", ep_size or dist.get_world_size(), seed=seed, set_groups=False)
     net = net if grace else reference
     if dtype == "bf16":
         net = net.to(torch.bfloat16)
-    return train(net, grace, stage, 0, rank, dtype)["engine"], net
+    return train(net, grace, stage, 0, rank, dtype, adam=ADAM[stage] and dtype == "fp32",
+                 zero={"elastic_checkpoint": True} if elastic else None)["engine"], net
 
 
 def inputs(net, rank: int, number: int) -> torch.Tensor:
@@ -94,21 +101,36 @@ def refused(load) -> str:
     return ""
 
 
-def check_stage(stage: int, plan_set: dict, rank: int, out_dir: str, dtype: str = "fp32") -> dict:
-    """bf16: the saver and the other plan only (its fp32 masters are what the case checks)."""
-    checkpoint = str(Path(out_dir, f"{dtype}-zero{stage}"))
-    saver, net = engine_for(plan_set["saved"], stage, rank, seed=3, dtype=dtype)
+def save_between_steps(saver, net, rank: int, checkpoint: str) -> tuple[dict, torch.Tensor, dict]:
+    """STEPS steps, the checkpoint (tag "t"), one more step: (saved parameters, saved forward, parameters
+    after the saver's next step)."""
     for number in range(1, STEPS + 1):
         step(saver, rank, number)
     saved, saved_forward = parameters_of(net), forward(net, rank)
     saver.save_checkpoint(checkpoint, tag="t")
     step(saver, rank, STEPS + 1)
-    continued = parameters_of(net)
+    return saved, saved_forward, parameters_of(net)
+
+
+def check_stage(stage: int, plan_set: dict, rank: int, out_dir: str, dtype: str = "fp32") -> dict:
+    """bf16: the saver and the other plan only (its fp32 masters are what the case checks)."""
+    checkpoint = str(Path(out_dir, f"{dtype}-zero{stage}"))
+    saver, net = engine_for(plan_set["saved"], stage, rank, seed=3, dtype=dtype)
+    saved, saved_forward, continued = save_between_steps(saver, net, rank, checkpoint)
     entry = {"record": Path(checkpoint, "t", "grace_layout.json").is_file()}
 
     other, other_net = engine_for(plan_set[stage], stage, rank, dtype=dtype)
     initial = parameters_of(other_net)
-    entry["refused"] = refused(lambda: other.load_checkpoint(checkpoint, tag="t"))
+    # Optimizer states remapped: the next step is the saver's next step.
+    remapped, remapped_net = engine_for(plan_set[stage], stage, rank, dtype=dtype)
+    remapped.load_checkpoint(checkpoint, tag="t")
+    entry["with_states"] = loaded(remapped, remapped_net, saved, saved_forward, rank)
+    step(remapped, rank, STEPS + 1)
+    entry["with_states"]["continued"] = differences(parameters_of(remapped_net), continued)
+    entry["with_states"]["step_size"] = max(differences(continued, saved).values())
+    if stage == 1 and dtype == "fp32":  # ZeRO's elastic checkpoints: merged by DeepSpeed, not remapped
+        elastic, _ = engine_for(plan_set[stage], stage, rank, elastic=True)
+        entry["refused"] = refused(lambda: elastic.load_checkpoint(checkpoint, tag="t"))
     other.load_checkpoint(checkpoint, tag="t", load_optimizer_states=False)
     entry["other_plan"] = loaded(other, other_net, saved, saved_forward, rank)
     step(other, rank, STEPS + 1)
@@ -116,6 +138,8 @@ def check_stage(stage: int, plan_set: dict, rank: int, out_dir: str, dtype: str 
     # One step moves the weights little; from stale fp32 masters (the fresh engine's) they would jump back.
     entry["other_plan"]["step_size"] = max(differences(stepped, saved).values())
     entry["other_plan"]["initial_distance"] = max(differences(initial, saved).values())
+    # Fresh optimizer state against the saver's: how far a continuation without the states lands.
+    entry["other_plan"]["vs_saver"] = max(differences(stepped, continued).values())
     if dtype == "bf16":
         return entry
     other.load_checkpoint(checkpoint, tag="t", load_module_only=True)
@@ -132,6 +156,36 @@ def check_stage(stage: int, plan_set: dict, rank: int, out_dir: str, dtype: str 
     step(fresh, rank, STEPS + 1)
     entry["other_plan"]["stepped"] = differences(stepped, parameters_of(fresh_net))
     return entry
+
+
+def check_expert_data_parallel(rank: int, world: int, out_dir: str) -> dict:
+    """ep_size 2 on 4 ranks, ZeRO 2 (AdamW): each expert group's fp32 partition is split over its 2
+    expert-data-parallel ranks, so a saved parameter may be joined from two ranks' fragments. Saved under
+    a GRACE plan for 2 GPUs, loaded with its optimizer states under the contiguous plan (2 slots a GPU):
+    the next step must be the saver's."""
+    ep_size, stage = 2, 2
+    torch.manual_seed(3)
+    profile = routing_profile(torch.randn(EXPERTS, HIDDEN), every_batch(world), K)
+    topology = Topology.uniform(1, ep_size)
+    plan_set = {"saved": make_plan("grace", profile, topology, replica_slots=1),
+                "other": make_plan("contiguous", profile, topology, replica_slots=2)}
+    checkpoint = str(Path(out_dir, "expert-data-parallel"))
+    saver, net = engine_for(plan_set["saved"], stage, rank, seed=3, ep_size=ep_size)
+    saved, saved_forward, continued = save_between_steps(saver, net, rank, checkpoint)
+    engine, other = engine_for(plan_set["other"], stage, rank, ep_size=ep_size)
+    engine.load_checkpoint(checkpoint, tag="t")
+    entry = loaded(engine, other, saved, saved_forward, rank)
+    step(engine, rank, STEPS + 1)
+    entry.update({"continued": differences(parameters_of(other), continued),
+                  "step_size": max(differences(continued, saved).values()),
+                  "split": _split_parameters(saver.optimizer)})
+    return entry
+
+
+def _split_parameters(optimizer) -> int:
+    """Expert parameters of this rank whose fp32 master is split between two ranks' ZeRO partitions."""
+    return sum(p._hp_mapping is not None and p._hp_mapping.lp_fragment_address.numel < p.numel()
+               for group, moe in zip(optimizer.bit16_groups, optimizer.is_moe_param_group) if moe for p in group)
 
 
 def check_deepspeed_moe(plan_set: dict, rank: int, out_dir: str) -> dict:
@@ -168,7 +222,8 @@ def check_export(rank: int, out_dir: str, plan_set: dict) -> dict:
 
 def check_transformers(rank: int, world: int, topology: Topology, out_dir: str) -> dict:
     """A converted Mixtral (2 MoE layers of GraceExpertsMoE, grace_ds.deepspeed.initialize, ZeRO 1) saved
-    under a GRACE plan with replicas, loaded under the contiguous plan."""
+    under a GRACE plan with replicas, loaded with its optimizer states under the contiguous plan, then one
+more step against the saver's."""
     import grace_ds.deepspeed as grace_deepspeed
     from grace_ds.routing_profile import RoutingProfile
     from tests.tiny_models import tiny_model
@@ -205,15 +260,24 @@ def check_transformers(rank: int, world: int, topology: Topology, out_dir: str) 
         saver.step()
     saver.save_checkpoint(checkpoint, tag="t")
     (saved, saved_loss), dense = state(net), {n: p.detach().clone() for n, p in net.named_parameters() if ".experts." not in n}
+    saver.backward(saver(ids[2][mine], labels=ids[2][mine]).loss)
+    saver.step()
+    continued, continued_dense = state(net)[0], {n: p.detach().clone() for n, p in net.named_parameters() if n in dense}
     loader, other = engine("contiguous", 1)
-    entry = {"refused": refused(lambda: loader.load_checkpoint(checkpoint, tag="t"))}
-    loader.load_checkpoint(checkpoint, tag="t", load_optimizer_states=False)
+    loader.load_checkpoint(checkpoint, tag="t")  # optimizer states remapped too
     experts, loss = state(other)
-    entry.update({"experts": max(max_difference(experts[name], saved[name]) for name in saved),
-                  "dense": max(max_difference(p, dense[n]) for n, p in other.named_parameters() if n in dense),
-                  "loss": max_difference(loss, saved_loss), "layers": len(saved) // 2,
-                  "replicas_apart": loader.max_replica_difference(),
-                  "replicated": int((PlacementPlan.load(paths["grace"]).copies_per_expert() > 1).sum())})
+    entry = {"experts": max(max_difference(experts[name], saved[name]) for name in saved),
+             "dense": max(max_difference(p, dense[n]) for n, p in other.named_parameters() if n in dense),
+             "loss": max_difference(loss, saved_loss), "layers": len(saved) // 2,
+             "replicas_apart": loader.max_replica_difference(),
+             "replicated": int((PlacementPlan.load(paths["grace"]).copies_per_expert() > 1).sum())}
+    loader.backward(loader(ids[2][mine], labels=ids[2][mine]).loss)
+    loader.step()  # the saver's next step, with the saved momentum
+    experts = state(other)[0]
+    entry["continued"] = max(max(max_difference(experts[name], continued[name]) for name in continued),
+                             max(max_difference(p, continued_dense[n]) for n, p in other.named_parameters()
+                                 if n in continued_dense))
+    entry["step_size"] = max(max_difference(continued[name], saved[name]) for name in saved)
     return entry
 
 
@@ -226,6 +290,7 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
         plan_set = plans(world, Topology.uniform(nodes, world // nodes))
         report = {f"zero{stage}": check_stage(stage, plan_set, rank, out_dir) for stage in (0, 1, 2)}
         report["bf16-zero0"] = check_stage(0, {"saved": plan_set["saved"], 0: plan_set[2]}, rank, out_dir, "bf16")
+        report["expert_data_parallel"] = check_expert_data_parallel(rank, world, out_dir)
         report["deepspeed_moe"] = check_deepspeed_moe(plan_set, rank, out_dir)
         report["export"] = check_export(rank, out_dir, plan_set)
         report["transformers"] = check_transformers(rank, world, Topology.uniform(nodes, world // nodes), out_dir)

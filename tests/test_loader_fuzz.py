@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grace_ds.deepspeed_checkpoint import LayerLayout, read_layout, write_layout
+from grace_ds.deepspeed_checkpoint import LayerLayout, read_layout, read_optimizer_order, write_layout
 from grace_ds.deepspeed_config import split_config
 from grace_ds.errors import GraceInputError
 from grace_ds.plan import PlacementPlan
@@ -32,7 +32,8 @@ def _valid_files(directory):
     write_layout(directory / "grace_layout.json", [  # a checkpoint's layout record: two GRACE layers, one DeepSpeed's
         LayerLayout("grace", 8, plan.slots_per_gpu, tuple(map(tuple, plan.slot_expert[layer].tolist())),
                     tuple(map(tuple, plan.slot_is_primary[layer].tolist()))) for layer in range(2)]
-        + [LayerLayout("deepspeed", 8, 2)])
+        + [LayerLayout("deepspeed", 8, 2)],
+        {rank: ["inp.weight", f"moe.deepspeed_moe.experts.deepspeed_experts.{rank}.fc1.weight"] for rank in range(4)})
     RoutingTrace(tiny_trace(tokens=40), 8, ["a", "b"]).save(directory / "trace.safetensors")
     (directory / "loads.json").write_text(json.dumps({"logical_count": [[3, 1, 2, 5], [1, 1, 1, 1]]}))
     (directory / "ds.json").write_text(json.dumps({"dtype": "fp32", "grace_moe": {"plan": "p.json"}}))
@@ -58,7 +59,7 @@ LOADERS = {
     "loads.json": lambda path: RoutingProfile.from_logical_counts(path, top_k=2),
     "ds.json": split_config,
     "model.safetensors": load_checkpoint_weights,
-    "grace_layout.json": read_layout,
+    "grace_layout.json": lambda path: (read_layout(path), read_optimizer_order(path)),
 }
 
 
@@ -108,7 +109,10 @@ def assert_usable(name: str, loaded, path) -> None:
         logits = model(torch.tensor([[1, 2, 3]])).logits
         assert logits.shape == (1, 3, model.config.vocab_size)
     elif name == "grace_layout.json":
-        for layout in loaded:  # a load can fill every slot: each expert has one file to read it from
+        layouts, order = loaded
+        assert order is None or all(isinstance(rank, int) and all(isinstance(n, str) for n in names)
+                                    for rank, names in order.items())  # a load can look up each parameter
+        for layout in layouts:  # a load can fill every slot: each expert has one file to read it from
             assert isinstance(layout, LayerLayout) and layout.kind in ("grace", "deepspeed")
             files = layout.file_of_expert()
             assert sorted(files) == list(range(layout.num_experts))
@@ -169,6 +173,8 @@ PARSEABLE_BUT_WRONG = {
         "slot_is_primary", [[e >= 0 for e in row] for row in d["layers"][0]["slot_expert"]])),
     "layout: expert id past num_experts": ("grace_layout.json", lambda d: d["layers"][1]["slot_expert"][0].__setitem__(0, 8)),
     "layout: an unknown layer kind": ("grace_layout.json", lambda d: d["layers"][2].__setitem__("kind", "tutel")),
+    "layout: optimizer parameters not a list of names": (
+        "grace_layout.json", lambda d: d["optimizer_parameters"].__setitem__("1", "inp.weight")),
     "ds: an unknown communication mode": ("ds.json", lambda d: d["grace_moe"].__setitem__("communication", "sideways")),
     "profile: negative load": ("profile.safetensors", ("expert_load", lambda t: t.__setitem__((0, 0), -1.0))),
     "profile: sampled expert id past num_experts": (

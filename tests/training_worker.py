@@ -172,17 +172,19 @@ def parameters_of(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def train(net: torch.nn.Module, grace: bool, stage: int, steps: int, rank: int, dtype: str = "fp32",
-          clip: float = 1e-3, checkpoint: str | None = None) -> dict:
-    """`steps` DeepSpeed steps (SGD with momentum and weight decay, gradient clipping on): parameters after
-    the first and the last, and (GRACE) how far apart the copies of an expert were after each step."""
+          clip: float = 1e-3, checkpoint: str | None = None, adam: bool = False, zero: dict | None = None) -> dict:
+    """`steps` DeepSpeed steps (SGD with momentum and weight decay, or AdamW; gradient clipping on):
+    parameters after the first and the last, and (GRACE) how far apart the copies of an expert were
+    after each step."""
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     import grace_ds.deepspeed as grace_deepspeed
 
     groups = split_params_into_different_moe_groups_for_optimizer({"params": list(net.parameters()), "name": "p"})
-    optimizer = torch.optim.SGD(groups, lr=0.5, momentum=0.9, weight_decay=0.01)
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": clip, "zero_optimization": {"stage": stage},
+    optimizer = (torch.optim.AdamW(groups, lr=0.01, weight_decay=0.01) if adam
+                 else torch.optim.SGD(groups, lr=0.5, momentum=0.9, weight_decay=0.01))
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": clip, "zero_optimization": {"stage": stage, **(zero or {})},
               "zero_allow_untested_optimizer": True, "bf16": {"enabled": dtype == "bf16"}}
     if grace:
         engine, *_ = grace_deepspeed.initialize(net, config, optimizer=optimizer)

@@ -159,16 +159,11 @@ def make_plans(args, nodes: int, per_node: int, folder: Path) -> dict[str, str]:
     return paths
 
 
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="folder for bench_training.json and loss_curves.png")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per variant")
-    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the median step time")
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options the training benchmarks share: the layout, the device, the batches and the optimizer."""
     p.add_argument("--nodes", type=int, default=2, help="logical nodes")
     p.add_argument("--gpus-per-node", type=int, default=2, help="ranks per logical node")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--sequences-per-rank", type=int, default=2, help="sequences in a rank's micro-batch")
     p.add_argument("--sequence-length", type=int, default=64, help="tokens (bytes) per sequence")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
@@ -176,10 +171,27 @@ def main() -> None:
     # ZeRO 1-2 clip DeepSpeed's MoE by the exact global norm; without ZeRO its fp32 clipping averages the ranks'
     # own norms (grace_ds.deepspeed.initialize clips by the exact norm there too, so the runs would part).
     p.add_argument("--zero-stage", type=int, default=1, choices=(0, 1, 2), help="ZeRO stage")
-    p.add_argument("--aux", type=float, default=0.01, help="weight of DeepSpeed's gate l_aux in the loss")
     p.add_argument("--replica-slots", type=int, default=1, help="replica slots per GPU and layer in the GRACE plan")
-    p.add_argument("--profile-tokens", type=int, default=16384, help="held-out tokens profiled for the plans")
     p.add_argument("--seed", type=int, default=0, help="seed of the batches")
+
+
+def world_of(p: argparse.ArgumentParser, args) -> int:
+    """The number of ranks, refused (p.error) when --device cuda has fewer GPUs."""
+    world = args.nodes * args.gpus_per_node
+    if args.device == "cuda" and torch.cuda.device_count() < world:
+        p.error(f"{world} ranks need {world} GPUs, {torch.cuda.device_count()} visible")
+    return world
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="folder for bench_training.json and loss_curves.png")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per variant")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the median step time")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    add_run_arguments(p)
+    p.add_argument("--aux", type=float, default=0.01, help="weight of DeepSpeed's gate l_aux in the loss")
+    p.add_argument("--profile-tokens", type=int, default=16384, help="held-out tokens profiled for the plans")
     args = p.parse_args()
     args.variants = args.variants.split(",")
     unknown = sorted(set(args.variants) - set(VARIANTS))
@@ -187,9 +199,7 @@ def main() -> None:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     if args.steps <= args.warmup:
         p.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
-    world = args.nodes * args.gpus_per_node
-    if args.device == "cuda" and torch.cuda.device_count() < world:
-        p.error(f"{world} ranks need {world} GPUs, {torch.cuda.device_count()} visible")
+    world = world_of(p, args)
     from grace_ds.logical_nodes import free_port
 
     args.out.mkdir(parents=True, exist_ok=True)

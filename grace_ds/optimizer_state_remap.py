@@ -1,0 +1,249 @@
+"""Optimizer states of a DeepSpeed checkpoint under another expert layout: each slot gets its logical expert's.
+
+DeepSpeed keeps optimizer states by physical slot. Without ZeRO they are per-parameter states (torch's
+optimizer in fp32; FP16_UnfusedOptimizer's fp32 masters and the torch optimizer over them in bf16), one
+file per expert-parallel rank, indexed by position in the optimizer (grace_ds records the names in that
+order on save). Under ZeRO 1/2 they are flat fp32 partitions per parameter group, one
+file per data-parallel rank, with the fragment of every named parameter (`param_slice_mappings`).
+Under another layout those files are right for the dense parameters and wrong for the expert slots, so
+while DeepSpeed loads (`optimizer_states_by_layout`) its optimizer's `load_state_dict` receives the saved
+state rewritten for the served layout: each expert parameter's states and fp32 master are cut out of
+the fragments of its logical expert's saved primary and placed where the served slot's parameter lives
+(replicas get their primary's). DeepSpeed then loads it as a checkpoint of its own layout.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from grace_ds.errors import GraceInputError
+
+# DeepSpeed's keys in its ZeRO optimizers' state dicts (deepspeed.checkpoint.constants).
+BASE_STATE, FP32_GROUPS, SLICES = "base_optimizer_state", "single_partition_of_fp32_groups", "param_slice_mappings"
+PARAM_PADDINGS = "param_alignment_paddings"
+FP32 = "fp32 master"  # beside the optimizer's own per-element state keys (exp_avg, momentum_buffer, ...)
+
+Source = tuple[int, str]  # (the saver's expert-parallel rank, the parameter's name there)
+
+
+def per_parameter_groups(optimizer) -> list[list[torch.nn.Parameter]] | None:
+    """The parameter groups of an optimizer that keeps a state per parameter (a torch optimizer, DeepSpeed
+    without ZeRO in fp32; FP16_UnfusedOptimizer, DeepSpeed's bf16 without ZeRO, over fp32 masters), in
+    state-dict index order; None for flat-partition optimizers."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [group["params"] for group in optimizer.param_groups]
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        return optimizer.fp16_groups
+    return None
+
+
+def parameter_order(engine) -> list[str]:
+    """A per-parameter optimizer's parameter names in its state-dict index order."""
+    return [engine.param_names[p] for group in per_parameter_groups(engine.optimizer) for p in group]
+
+
+def expert_parallel_rank() -> int:
+    """The expert-parallel rank whose optimizer file DeepSpeed reads for this rank (that of its largest
+    expert group, as DeepSpeedEngine._load_checkpoint)."""
+    from deepspeed.utils import groups
+
+    return groups._get_expert_parallel_rank(groups._get_max_expert_size_name())
+
+
+def remappable(engine) -> str:
+    """'' when this engine's optimizer states can be remapped, else why not."""
+    optimizer = engine.optimizer
+    if per_parameter_groups(optimizer) is not None:
+        return ""
+    if engine.zero_optimization_stage() in (1, 2) and hasattr(optimizer, "single_partition_of_fp32_groups"):
+        if getattr(optimizer, "elastic_checkpoint", False):
+            return "ZeRO's elastic_checkpoint is on (its partitions are merged by DeepSpeed at load)"
+        return ""
+    return (f"{type(optimizer).__name__} at ZeRO stage {engine.zero_optimization_stage()} (remapped: torch "
+            "optimizers and DeepSpeed's bf16 optimizer without ZeRO, and ZeRO stages 1 and 2)")
+
+
+@contextlib.contextmanager
+def optimizer_states_by_layout(engine, sources: dict[str, Source], saver_ep_size: int, load_dir: str, tag: str,
+                               saved_order: dict[int, list[str]] | None) -> Iterator[None]:
+    """During the block, the engine's optimizer loads the saved states rewritten for the served layout."""
+    optimizer = engine.optimizer
+    original = optimizer.load_state_dict
+    groups = per_parameter_groups(optimizer)
+    if groups is not None:
+        if saved_order is None:
+            raise GraceInputError(f"{Path(load_dir, tag)}: saved without the optimizer's parameter order (a "
+                                  "checkpoint from an older grace_ds): its optimizer states cannot be remapped")
+
+        def read(expert_rank: int) -> dict:
+            path = engine._get_optimizer_ckpt_name(load_dir, tag, expert_rank)
+            return engine.checkpoint_engine.load(path, map_location=torch.device("cpu"))["optimizer"]
+
+        def load(state_dict, *args, **kwargs):
+            own_rank = expert_parallel_rank()
+            where = _saved_positions(parameter_order(engine), sources, own_rank, saved_order)
+            return original(remap_per_parameter_state(state_dict, own_rank, where, [len(g) for g in groups], read),
+                            *args, **kwargs)
+    else:
+        def read(rank: int) -> dict:  # DeepSpeed reads only this rank's ZeRO file; the sources may be in others
+            for bf16_mode in (engine.bfloat16_enabled(), not engine.bfloat16_enabled()):
+                names = engine._get_all_zero_checkpoint_names(load_dir, tag, bf16_mode)
+                if names is not None:
+                    return engine.checkpoint_engine.load(names[rank], map_location="cpu")["optimizer_state_dict"]
+            raise GraceInputError(f"{Path(load_dir, tag)}: no ZeRO optimizer files")
+
+        def load(state_dict_list=None, *args, **kwargs):
+            if state_dict_list is not None:
+                state_dict_list = remap_zero_states(optimizer, state_dict_list, sources, saver_ep_size, read)
+            return original(state_dict_list, *args, **kwargs)
+
+    optimizer.load_state_dict = load  # an instance attribute over the class's method, for this one load
+    try:
+        yield
+    finally:
+        del optimizer.load_state_dict
+
+
+def _saved_positions(order: list[str], sources: dict[str, Source], own_rank: int,
+                     saved_order: dict[int, list[str]]) -> list[tuple[int, int]]:
+    """(saver's expert-parallel rank, index in its optimizer) of each served parameter: dense ones from
+    `own_rank` (the file DeepSpeed reads for this rank), expert ones from their logical expert's primary."""
+    index = {rank: {name: i for i, name in enumerate(names)} for rank, names in saved_order.items()}
+    out = []
+    for name in order:
+        rank, saved_name = sources.get(name, (own_rank, name))
+        where = index.get(rank, {}).get(saved_name)
+        if where is None:
+            raise GraceInputError(f"the checkpoint's optimizer holds no parameter {saved_name!r} "
+                                  f"(expert-parallel rank {rank}), wanted for {name!r}")
+        out.append((rank, where))
+    return out
+
+
+def remap_per_parameter_state(own: dict, own_rank: int, where: list[tuple[int, int]], group_sizes: list[int],
+                              read: Callable[[int], dict]) -> dict:
+    """A per-parameter optimizer's state dict for the served parameters: position j takes the state saved
+    at where[j] (`own` is the saved state dict of expert-parallel rank `own_rank`, `read(rank)` gives
+    another's). A torch state dict, or FP16_UnfusedOptimizer's: a torch one inside, the fp32 masters beside."""
+    files: dict[int, dict] = {own_rank: own}
+
+    def saved(rank: int) -> dict:
+        if rank not in files:
+            files[rank] = read(rank)
+        return files[rank]
+
+    unfused = "fp32_groups" in own
+    torch_state = own["optimizer_state_dict"] if unfused else own
+    if len(torch_state["param_groups"]) != len(group_sizes):
+        raise GraceInputError(f"the checkpoint's optimizer has {len(torch_state['param_groups'])} parameter "
+                              f"groups, this engine's {len(group_sizes)}")
+    state = {}
+    for position, (rank, index) in enumerate(where):
+        states = (saved(rank)["optimizer_state_dict"] if unfused else saved(rank))["state"]
+        if index in states:  # a parameter never stepped has no state
+            state[position] = states[index]
+    remapped = {"state": state, "param_groups": [{**group, "params": list(positions)} for group, positions
+                                                 in zip(torch_state["param_groups"], _split(range(len(where)), group_sizes))]}
+    if not unfused:
+        return remapped
+    masters = {rank: [m for group in saved(rank)["fp32_groups"] for m in group] for rank in {r for r, _ in where}}
+    chosen = [masters[rank][index] for rank, index in where]
+    return {**own, "optimizer_state_dict": remapped, "fp32_groups": _split(chosen, group_sizes)}
+
+
+def _split(items, sizes: list[int]) -> list[list]:
+    """Consecutive runs of `items`, of the given sizes."""
+    items, out, start = list(items), [], 0
+    for size in sizes:
+        out.append(items[start:start + size])
+        start += size
+    return out
+
+
+def remap_zero_states(optimizer, state_dict_list: list[dict], sources: dict[str, Source], saver_ep_size: int,
+                      read: Callable[[int], dict]) -> list[dict]:
+    """ZeRO 1/2's per-rank state dicts (DeepSpeed fills only this rank's) with this rank's expert groups
+    rewritten for the served layout; `read(rank)` gives another rank's saved state dict."""
+    world = len(state_dict_list)
+    if world % saver_ep_size:
+        raise GraceInputError(f"{world} ZeRO partitions cannot hold an expert-parallel size of {saver_ep_size}")
+    rank = dist.get_rank(group=optimizer.dp_process_group)
+    mine = dict(state_dict_list[rank])
+    base = mine[BASE_STATE]
+    if not isinstance(base, dict):
+        raise GraceInputError("an elastic ZeRO checkpoint: its optimizer states cannot be remapped")
+    if len(base["param_groups"]) != len(optimizer.bit16_groups):
+        raise GraceInputError(f"the checkpoint's optimizer has {len(base['param_groups'])} parameter groups, "
+                              f"this engine's {len(optimizer.bit16_groups)}")
+    groups = {}  # parameter group -> its (parameter, name) pairs, for the groups of expert parameters
+    for group, params in enumerate(optimizer.bit16_groups):
+        names = [optimizer.param_names[p] for p in params]
+        if any(name in sources for name in names):
+            if not all(name in sources for name in names):
+                raise GraceInputError(f"optimizer parameter group {group} mixes expert and dense parameters")
+            groups[group] = list(zip(params, names))
+    keys = {group: [key for key, value in base["state"].get(group, {}).items()
+                    if torch.is_tensor(value) and value.dim() > 0] for group in groups}
+    saved = _saved_parameters(read, rank, mine, world, saver_ep_size,
+                              {group: {sources[name] for _, name in pairs} for group, pairs in groups.items()}, keys)
+    base = {**base, "state": dict(base["state"])}
+    fp32, slices = list(mine[FP32_GROUPS]), list(mine[SLICES])
+    for group, pairs in groups.items():
+        partition = optimizer.single_partition_of_fp32_groups[group]
+        target = {key: torch.zeros(partition.numel(), dtype=partition.dtype) for key in [FP32, *keys[group]]}
+        for param, name in pairs:
+            mapping = param._hp_mapping
+            if mapping is None:
+                continue  # this parameter lies wholly in another rank's partition
+            full = saved[group, sources[name]]
+            if full[FP32].numel() != param.numel():
+                raise GraceInputError(f"{name}: saved with {full[FP32].numel()} values, served with {param.numel()}")
+            hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
+            for key, values in full.items():
+                target[key][hp.start:hp.start + hp.numel] = values[lp.start:lp.start + lp.numel]
+        base["state"][group] = {**base["state"].get(group, {}), **{key: target[key] for key in keys[group]}}
+        fp32[group] = target[FP32]
+        slices[group] = optimizer._param_slice_mappings[group]
+    mine.update({BASE_STATE: base, FP32_GROUPS: fp32, SLICES: slices})
+    if PARAM_PADDINGS in mine:  # the served groups' alignment (DeepSpeed refuses a mismatch)
+        mine[PARAM_PADDINGS] = copy.deepcopy(optimizer.round_robin_bit16_padding)
+    out = list(state_dict_list)
+    out[rank] = mine
+    return out
+
+
+def _saved_parameters(read: Callable[[int], dict], rank: int, mine: dict, world: int, saver_ep_size: int,
+                      wanted: dict[int, set[Source]], keys: dict[int, list[str]]) -> dict:
+    """(group, source) -> {key: the saved parameter's flat values}, joined from its fragments in the
+    partitions of its expert-data-parallel group (DeepSpeed's groups: ranks r with r % ep_size equal to
+    the expert-parallel rank, partitions in rank order). Each needed file is read once."""
+    pieces: dict = {}
+    needed = sorted({r for sources in wanted.values() for expert_rank, _ in sources
+                     for r in range(expert_rank, world, saver_ep_size)})
+    for other in needed:
+        saved = mine if other == rank else read(other)
+        for group, sources in wanted.items():
+            flats = {FP32: saved[FP32_GROUPS][group], **{key: saved[BASE_STATE]["state"][group][key] for key in keys[group]}}
+            for source in sources:
+                address = saved[SLICES][group].get(source[1]) if source[0] == other % saver_ep_size else None
+                if address is None:
+                    continue
+                for key, flat in flats.items():
+                    part = flat.reshape(-1)[address.start:address.start + address.numel].float()
+                    pieces.setdefault((group, source), {}).setdefault(key, []).append(part)
+        del saved
+    out = {}
+    for group, sources in wanted.items():
+        for source in sources:
+            if (group, source) not in pieces:
+                raise GraceInputError(f"the checkpoint's ZeRO partitions hold no parameter {source[1]!r} "
+                                      f"(expert-parallel rank {source[0]})")
+            out[group, source] = {key: torch.cat(parts) for key, parts in pieces[group, source].items()}
+    return out
