@@ -22,7 +22,7 @@ from grace_ds.logical_nodes import join_logical_node
 from grace_ds.plan import PlacementPlan
 from grace_ds.planners import make_plan
 from grace_ds.topology import Topology
-from tests.training_worker import (EXPERTS, HIDDEN, batch, build_pair, every_batch, max_difference,
+from tests.training_worker import (DEVICE, EXPERTS, HIDDEN, batch, build_pair, every_batch, max_difference,
                                    parameters_of, routing_profile, train)
 
 K, STEPS = 2, 3
@@ -229,7 +229,8 @@ more step against the saver's."""
     from tests.tiny_models import tiny_model
     from tests.training_hf_worker import logical_hf_experts
 
-    ids = [torch.randint(3, 128, (2 * world, 12), generator=torch.Generator().manual_seed(50 + s)) for s in range(3)]
+    ids = [torch.randint(3, 128, (2 * world, 12), generator=torch.Generator().manual_seed(50 + s)).to(DEVICE)
+           for s in range(3)]
     mine = slice(rank * 2, rank * 2 + 2)
     # A skewed routing of its 2 layers (hot experts 0 and 1): the GRACE plan replicates them.
     picks = torch.multinomial(torch.tensor([8.0, 4, 2, 1, 1, 1, 1, 1]).expand(512, EXPERTS), K,
@@ -242,7 +243,7 @@ more step against the saver's."""
     dist.barrier()
 
     def engine(policy: str, seed: int):
-        net = tiny_model("mixtral", seed).train()
+        net = tiny_model("mixtral", seed).to(DEVICE).train()
         config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.05, "zero_optimization": {"stage": 1},
                   "zero_allow_untested_optimizer": True, "grace_moe": {"plan": str(paths[policy])}}
         optimizer = lambda params: torch.optim.SGD(params, lr=0.2, momentum=0.9, weight_decay=0.01)  # noqa: E731
@@ -282,7 +283,7 @@ more step against the saver's."""
 
 
 def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
-    _, backend = join_logical_node(rank, world, nodes, port, "cpu")
+    _, backend = join_logical_node(rank, world, nodes, port, DEVICE.type)
     try:
         import deepspeed
 

@@ -5,6 +5,7 @@ checkpoint exported to DeepSpeed's layout into DeepSpeed's MoE (grace_ds.deepspe
 import json
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 from grace_ds.logical_nodes import free_port
@@ -19,6 +20,8 @@ STEP = 0.05  # how far one clipped SGD step moves a weight, at most (seen: 0.016
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
+    if checkpoint_layout_worker.DEVICE.type == "cuda" and torch.cuda.device_count() < WORLD:
+        pytest.skip(f"{WORLD} ranks need {WORLD} GPUs (GRACE_TEST_DEVICE=cuda), {torch.cuda.device_count()} visible")
     out = tmp_path_factory.mktemp("checkpoint_layout")
     mp.spawn(checkpoint_layout_worker.main, args=(WORLD, NODES, free_port(), str(out)), nprocs=WORLD, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
