@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grace_ds.deepspeed_checkpoint import LayerLayout, read_layout, read_optimizer_order, write_layout
+from grace_ds.checkpoint_layout import LayerLayout, read_layout, read_optimizer_order, write_layout
 from grace_ds.deepspeed_config import split_config
 from grace_ds.errors import GraceInputError
 from grace_ds.plan import PlacementPlan
