@@ -132,7 +132,7 @@ def initialize(model: torch.nn.Module, config: dict | str | os.PathLike | None =
     engine = result[0]
     runtimes = runtimes_of(engine.module)
     if runtimes:
-        attach_training(engine, runtimes)
+        attach_training(engine, runtimes, (section or GraceMoEConfig()).monitor_interval_steps)
     if section is not None and section.enabled and section.profiling:
         # A converted transformers model routes through its one runtime; GraceMoE layers report per layer.
         engine.grace_recorder = attach_recorder(engine.module, runtimes[0] if len(runtimes) == 1 else None)

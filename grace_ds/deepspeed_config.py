@@ -83,6 +83,9 @@ class GraceMoEConfig(DeepSpeedConfigModel):
     expert_parallel_size: int | None = Field(None, ge=1)
     """Training (grace_ds.deepspeed.initialize): the ranks one plan spreads experts over; the job is a
     multiple of it (expert x data parallel, DeepSpeed's consecutive expert-parallel groups). Default: all."""
+    monitor_interval_steps: int = Field(10, ge=0)
+    """Training with a DeepSpeed monitor on (wandb, tensorboard, csv_monitor, comet): GRACE's cross-node
+    bytes and load written there every this many optimizer steps (grace_ds.training_monitor; 0: never)."""
     fault_timeout_s: float = Field(faults.DEFAULT_TIMEOUT_S, gt=0)
     """A rank that dies or stalls makes the others stop after this many seconds, naming it and the phase."""
     online: OnlineConfig | None = None

@@ -1,6 +1,6 @@
 """A DeepSpeed training engine over GRACE layers: replicas kept equal, one norm per logical expert.
 
-`attach_training(engine, runtimes)` (grace_ds.deepspeed.initialize calls it) makes four changes:
+`attach_training(engine, runtimes)` (grace_ds.deepspeed.initialize calls it) makes five changes:
 - after every optimizer step (and after load_checkpoint) the primaries' weights are copied into their
   replicas (GraceRuntime.sync_replica_weights), so every copy serves the same expert;
 - fp32 without ZeRO: DeepSpeed clips by the mean over ranks of each rank's own gradient norm, which
@@ -10,7 +10,9 @@
 - save_checkpoint records the served layout and load_checkpoint fills every slot with its logical
   expert under any saved layout (grace_ds.deepspeed_checkpoint);
 - `engine.grace_runtimes` lists the runtimes, and `engine.max_replica_difference()` reports how far
-  the copies of any expert are apart (0.0 after every step).
+  the copies of any expert are apart (0.0 after every step);
+- with a DeepSpeed monitor enabled, GRACE's traffic and load go to it every few steps
+  (`engine.grace_monitor`, grace_ds.training_monitor).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch.distributed as dist
 from grace_ds import faults
 from grace_ds.deepspeed_checkpoint import attach_checkpointing
 from grace_ds.runtime import GraceRuntime
+from grace_ds.training_monitor import TrainingMonitor
 
 
 def runtimes_of(model: torch.nn.Module) -> list[GraceRuntime]:
@@ -35,8 +38,11 @@ def runtimes_of(model: torch.nn.Module) -> list[GraceRuntime]:
     return list(found.values())
 
 
-def attach_training(engine, runtimes: list[GraceRuntime]) -> None:
+def attach_training(engine, runtimes: list[GraceRuntime], monitor_interval_steps: int) -> None:
     engine.grace_runtimes = runtimes
+    monitor = getattr(engine, "monitor", None)
+    engine.grace_monitor = (TrainingMonitor(engine, runtimes, monitor_interval_steps)
+                            if monitor is not None and monitor.enabled and monitor_interval_steps > 0 else None)
 
     def sync_replicas() -> None:
         for runtime in runtimes:
@@ -50,6 +56,8 @@ def attach_training(engine, runtimes: list[GraceRuntime]) -> None:
         result = step(*args, **kwargs)
         if engine.global_steps != before:  # an optimizer step ran (not a gradient-accumulation micro step)
             sync_replicas()
+            if engine.grace_monitor is not None:
+                engine.grace_monitor.after_step()
         return result
 
     attach_checkpointing(engine)  # under the sync below: replicas are synced after the remapped load too

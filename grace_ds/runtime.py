@@ -79,6 +79,7 @@ class GraceRuntime:
         self.traffic = [Traffic() for _ in range(plan.num_layers)]
         self.seconds = [0.0] * plan.num_layers
         self.measure = False  # timing synchronises the device: off unless asked for
+        self.count_traffic = False  # bytes and pairs alone (from split sizes on the host): no synchronisation
 
     @property
     def group(self):
@@ -147,7 +148,7 @@ class GraceRuntime:
                 raise GraceInputError(f"layer {layer} trains replicated experts through {type(experts).__name__}, "
                                       f"which cannot tie their copies (SlotExperts or GraceMoE slots can)")
             hidden, experts = replicas.tie(layer, hidden, experts, self.group)
-        traffic = self.traffic[layer] if self.measure else None
+        traffic = self.traffic[layer] if self.measure or self.count_traffic else None
         call, bucket = self.exchange.for_call(hidden.shape[0], hidden.device, layer, needs_grad, experts,
                                               traffic is not None)
         # Routed once, here (a graphed call routes inside its capture); observers see where the pairs go.

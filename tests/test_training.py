@@ -13,7 +13,7 @@ from tests import training_worker
 
 WORLD, NODES = 4, 2
 FP32 = 1e-5  # largest absolute difference, fp32: only summation order differs
-CHECKS = {"gradients": True, "training": True, "expert_data_parallel": True, "bf16": True, "arguments": True,
+CHECKS = {"gradients": True, "training": True, "expert_data_parallel": True, "bf16": True, "monitor": True, "arguments": True,
           "hf": ["mixtral", "qwen3_moe", "deepseek_v3"]}
 
 
@@ -106,3 +106,24 @@ def test_transformers_models_train_as_the_unmodified_model(reports):
                 for kind, value in entry[key].items():
                     assert value <= FP32, f"rank {rank} {case} {key}: {kind} differs by {value:.2e}"
             assert entry["replicas_apart"] == 0.0, case
+
+
+def test_training_figures_reach_deepspeeds_monitor(reports):
+    """csv_monitor on, grace_moe.monitor_interval_steps 2, 4 steps: GRACE's figures written at steps 2 and 4
+    on DeepSpeed's samples axis; every (token, expert) pair computed once; the forwards' bytes as handed to
+    all_to_all_single, less the split-size messages the count leaves out (this tiny layer: under 10%)."""
+    for rank, report in enumerate(reports):
+        entry = report["monitor"]
+        last, written = entry["last"], entry["written"]
+        names = {"forward_cross_node_MB_per_step", "forward_same_node_MB_per_step", "load_max_over_mean"}
+        assert set(written) == {"Train_Samples_grace_moe_" + name for name in names}, written
+        for name in names:
+            rows = written["Train_Samples_grace_moe_" + name]
+            assert [int(step) for step, _ in rows] == [16, 32], rows  # 2 steps x 4 ranks x 2 sequences
+            assert abs(float(rows[-1][1]) - last[name]) <= 1e-9 * max(1.0, last[name]), (name, rows, last)
+        assert sum(last["pairs_per_rank_per_step"]) == 4 * entry["tokens"] * 2  # ranks x tokens x top-2
+        pairs = last["pairs_per_rank_per_step"]
+        assert last["load_max_over_mean"] == max(pairs) / (sum(pairs) / len(pairs))
+        for counted, wire in zip((last["forward_cross_node_MB_per_step"], last["forward_same_node_MB_per_step"]),
+                                 entry["wire_MB_per_step"]):
+            assert 0.9 * wire <= counted <= wire, (rank, counted, wire)

@@ -172,7 +172,8 @@ def parameters_of(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def train(net: torch.nn.Module, grace: bool, stage: int, steps: int, rank: int, dtype: str = "fp32",
-          clip: float = 1e-3, checkpoint: str | None = None, adam: bool = False, zero: dict | None = None) -> dict:
+          clip: float = 1e-3, checkpoint: str | None = None, adam: bool = False, zero: dict | None = None,
+          extra: dict | None = None) -> dict:
     """`steps` DeepSpeed steps (SGD with momentum and weight decay, or AdamW; gradient clipping on):
     parameters after the first and the last, and (GRACE) how far apart the copies of an expert were
     after each step."""
@@ -185,7 +186,7 @@ def train(net: torch.nn.Module, grace: bool, stage: int, steps: int, rank: int, 
     optimizer = (torch.optim.AdamW(groups, lr=0.01, weight_decay=0.01) if adam
                  else torch.optim.SGD(groups, lr=0.5, momentum=0.9, weight_decay=0.01))
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": clip, "zero_optimization": {"stage": stage, **(zero or {})},
-              "zero_allow_untested_optimizer": True, "bf16": {"enabled": dtype == "bf16"}}
+              "zero_allow_untested_optimizer": True, "bf16": {"enabled": dtype == "bf16"}, **(extra or {})}
     if grace:
         engine, *_ = grace_deepspeed.initialize(net, config, optimizer=optimizer)
     else:
@@ -239,6 +240,43 @@ def check_training(rank: int, world: int, topology: Topology, out_dir: str) -> d
             entry["restored_replicas_apart"] = restored.max_replica_difference()
             results[f"{mode}/zero{stage}"] = entry
     return results
+
+
+def check_monitor(rank: int, world: int, topology: Topology, out_dir: str) -> dict:
+    """GraceMoE (GRACE plan with replicas, hierarchical) trained 4 steps with DeepSpeed's csv_monitor on and
+    grace_moe.monitor_interval_steps 2: what the monitor wrote at steps 2 and 4, against the bytes the forwards
+    of steps 3-4 handed to torch.distributed.all_to_all_single (counted at the call, as the training
+    benchmark counts)."""
+    from grace_ds.bench.training_variants import WireBytes
+
+    k = 2
+    torch.manual_seed(3)
+    plan = make_plan("grace", routing_profile(torch.randn(EXPERTS, HIDDEN), every_batch(world), k), topology,
+                     replica_slots=1)
+    _, grace, _ = build_pair(k, plan, 0.01, "hierarchical", world, set_groups=False)
+    folder = str(Path(out_dir, "monitor"))
+    extra = {"csv_monitor": {"enabled": True, "output_path": folder, "job_name": "run"},
+             "grace_moe": {"monitor_interval_steps": 2}}
+    engine = train(grace, True, 1, 0, rank, extra=extra)["engine"]
+    wire, forward_bytes = WireBytes(topology.node_of_gpu.tolist()), torch.zeros(2, dtype=torch.float64)
+    wire.install()
+    try:
+        for number in range(1, 5):
+            wire.reset()
+            loss = engine(batch(rank, number))
+            if number >= 3:  # the forwards of the monitor's second interval
+                forward_bytes += torch.tensor([wire.exchange.cross_node_bytes, wire.exchange.intra_node_bytes])
+            engine.backward(loss)
+            engine.step()
+    finally:
+        dist.all_to_all_single, dist.all_reduce = wire._originals
+    moved = forward_bytes
+    dist.all_reduce(moved)
+    written = {}
+    for path in Path(folder, "run").glob("*grace_moe*.csv"):
+        written[path.stem] = [line.split(",") for line in path.read_text().splitlines()[1:]]
+    return {"last": engine.grace_monitor.last, "written": written,
+            "wire_MB_per_step": (moved / world / 2 / 1e6).tolist(), "tokens": int(batch(rank).shape[0] * batch(rank).shape[1])}
 
 
 def check_expert_data_parallel(rank: int, world: int, out_dir: str) -> dict:
@@ -360,6 +398,8 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str, spec: str) 
             report["expert_data_parallel"] = check_expert_data_parallel(rank, world, out_dir)
         if "bf16" in checks:
             report["bf16"] = check_bf16(rank, world, topology)
+        if "monitor" in checks:
+            report["monitor"] = check_monitor(rank, world, topology, out_dir)
         if "hf" in checks:
             from tests.training_hf_worker import check_hf_training  # here: it imports this module
 

@@ -1,0 +1,70 @@
+"""GRACE's figures of a training run in DeepSpeed's own monitors (W&B, TensorBoard, CSV, Comet).
+
+When the DeepSpeed config enables a monitor, every `grace_moe.monitor_interval_steps` optimizer steps
+the engine writes, beside DeepSpeed's Train/Samples/* events and on the same axis (samples):
+  Train/Samples/grace_moe/forward_cross_node_MB_per_step  what a rank's forwards sent to GPUs of other
+                                      nodes per optimizer step (token rows, results back, pair records),
+                                      mean over the job's ranks; the backward sends the rows' gradients
+                                      back the same ways
+  Train/Samples/grace_moe/forward_same_node_MB_per_step   the same for GPUs of its own node
+  Train/Samples/grace_moe/load_max_over_mean      (token, expert) pairs computed per rank, max over mean
+The exchanges count what they send from the split sizes they hold anyway, by the cost model's byte
+rules (GraceRuntime.count_traffic: no device synchronisation; the small split-size messages are not
+counted); one all-reduce of 2 + world numbers per interval joins the ranks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from grace_ds import faults
+from grace_ds.exchange.traffic import Traffic
+from grace_ds.runtime import GraceRuntime
+
+EVENTS = "Train/Samples/grace_moe/"
+
+
+class TrainingMonitor:
+    """Counts GRACE's traffic and load between intervals and writes them to `engine.monitor`.
+    `last`: the latest interval's figures (also `pairs_per_rank_per_step`, which is not written)."""
+
+    def __init__(self, engine, runtimes: list[GraceRuntime], interval_steps: int) -> None:
+        self.engine, self.runtimes, self.interval_steps = engine, runtimes, interval_steps
+        self.last: dict[str, float | list[float]] = {}
+        for runtime in runtimes:
+            runtime.count_traffic = True
+        self._start()
+
+    def _start(self) -> None:
+        self.since_step = self.engine.global_steps
+        for runtime in self.runtimes:
+            runtime.traffic = [Traffic() for _ in runtime.traffic]
+
+    def after_step(self) -> None:
+        """Call after each optimizer step on every rank (the interval's end is a collective)."""
+        steps = self.engine.global_steps - self.since_step
+        if steps < self.interval_steps:
+            return
+        self.last = self.figures(steps)
+        self.engine.monitor.write_events([(EVENTS + name, value, self.engine.global_samples)
+                                          for name, value in self.last.items() if not isinstance(value, list)])
+        self._start()
+
+    def figures(self, steps: int) -> dict[str, float | list[float]]:
+        world = dist.get_world_size() if faults.distributed() else 1
+        rank = dist.get_rank() if faults.distributed() else 0
+        counts = torch.zeros(2 + world, dtype=torch.float64)
+        for runtime in self.runtimes:
+            for traffic in runtime.traffic:
+                counts[0] += traffic.cross_node_bytes
+                counts[1] += traffic.intra_node_bytes
+                counts[2 + rank] += traffic.pairs_computed
+        if faults.distributed():
+            counts = counts.to(faults.collective_device())
+            dist.all_reduce(counts)
+            counts = counts.cpu()
+        pairs = counts[2:] / steps
+        return {"forward_cross_node_MB_per_step": float(counts[0]) / world / steps / 1e6,
+                "forward_same_node_MB_per_step": float(counts[1]) / world / steps / 1e6,
+                "load_max_over_mean": float(pairs.max() / pairs.mean()) if pairs.sum() > 0 else 1.0,
+                "pairs_per_rank_per_step": pairs.tolist()}
