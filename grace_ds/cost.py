@@ -321,31 +321,38 @@ def exchange_us(hops: Sequence[HopTraffic], topology: Topology, row_bytes: float
     return total
 
 
+LAYER_MODES = ("flat", "hierarchical", "gather")
+
+
 def layer_times_us(dest_gpu: torch.Tensor, token_gpu: torch.Tensor, topology: Topology, cost: CostSettings,
-                   flat: list[HopTraffic] | None = None,
-                   hierarchical: list[HopTraffic] | None = None) -> dict[str, float]:
-    """Modeled layer time of each mode (flat, hierarchical, gather) and the compute alone, microseconds;
-    `flat` / `hierarchical`: the routing's hops when already worked out."""
+                   flat: list[HopTraffic] | None = None, hierarchical: list[HopTraffic] | None = None,
+                   modes: Sequence[str] = LAYER_MODES) -> dict[str, float]:
+    """Modeled layer time of each of `modes` (flat, hierarchical, gather) and the compute alone,
+    microseconds; `flat` / `hierarchical`: the routing's hops when already worked out. Modes left out
+    are not worked out (a search scoring one mode skips the others' hops)."""
     links = topology.links
     row_bytes = float(cost.row_bytes)
-    flat = flat if flat is not None else flat_hops(dest_gpu, token_gpu, topology.num_gpus)
-    hierarchical = hierarchical if hierarchical is not None else hierarchical_hops(dest_gpu, token_gpu, topology)
     compute = expert_compute_us(float(pairs_per_gpu(dest_gpu, topology.num_gpus).max()), cost.hidden,
                                 cost.ffn_hidden, links.expert_tflops)
-    dispatch_flat = exchange_us(flat, topology, row_bytes, links.layer_overhead_us)
-    dispatch_h = exchange_us(hierarchical, topology, row_bytes, links.layer_overhead_us)
-    first_stage = exchange_us(hierarchical[:1], topology, row_bytes, links.layer_overhead_us)
-    waited_h = first_stage if cost.hierarchical_waits_for_first_stage else 0.0
-    padded = int(torch.bincount(token_gpu, minlength=topology.num_gpus).max())
-    gather = gather_exchange_us(padded, dest_gpu.shape[1], topology, row_bytes)
-    return {
-        "hierarchical": with_host_overlap(links.layer_overhead_us + links.hop_overhead_us,
-                                          links.hierarchical_host_tail_us, waited_h,
-                                          2 * dispatch_h + compute - waited_h),
-        "flat": with_host_overlap(links.layer_overhead_us, links.layer_host_tail_us, 0.0, 2 * dispatch_flat + compute),
-        "gather": gather + compute + (links.gather_overhead_us or links.layer_overhead_us),
-        "compute": compute,
-    }
+    times = {"compute": compute}
+    if "hierarchical" in modes:
+        hierarchical = hierarchical if hierarchical is not None else hierarchical_hops(dest_gpu, token_gpu, topology)
+        dispatch_h = exchange_us(hierarchical, topology, row_bytes, links.layer_overhead_us)
+        first_stage = exchange_us(hierarchical[:1], topology, row_bytes, links.layer_overhead_us)
+        waited_h = first_stage if cost.hierarchical_waits_for_first_stage else 0.0
+        times["hierarchical"] = with_host_overlap(links.layer_overhead_us + links.hop_overhead_us,
+                                                  links.hierarchical_host_tail_us, waited_h,
+                                                  2 * dispatch_h + compute - waited_h)
+    if "flat" in modes:
+        flat = flat if flat is not None else flat_hops(dest_gpu, token_gpu, topology.num_gpus)
+        dispatch_flat = exchange_us(flat, topology, row_bytes, links.layer_overhead_us)
+        times["flat"] = with_host_overlap(links.layer_overhead_us, links.layer_host_tail_us, 0.0,
+                                          2 * dispatch_flat + compute)
+    if "gather" in modes:
+        padded = int(torch.bincount(token_gpu, minlength=topology.num_gpus).max())
+        times["gather"] = (gather_exchange_us(padded, dest_gpu.shape[1], topology, row_bytes) + compute
+                           + (links.gather_overhead_us or links.layer_overhead_us))
+    return times
 
 
 def baseline_layer_us(cross_node_bytes_per_node: float, max_pairs: float, hidden: int, ffn_hidden: int,

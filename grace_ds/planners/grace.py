@@ -137,11 +137,11 @@ def score_layer(lists: list[list[int]], primary: list[list[bool]], load: torch.T
     dest_gpu = slots // capacity
     pairs = pairs_per_gpu(dest_gpu, topology.num_gpus)
     balance = float(pairs.max() / pairs.mean())
-    flat = flat_hops(dest_gpu, sources, topology.num_gpus)
     if mode == "copies":  # GPU copies per token: rows the flat exchange sends
-        return float(flat[0].rows_per_link.sum()) / sample.shape[0], balance
-    times = layer_times_us(dest_gpu, sources, topology, CostSettings(), flat=flat)
-    return (times["flat"] + times["hierarchical"] if mode == "both" else times[mode]), balance
+        return float(flat_hops(dest_gpu, sources, topology.num_gpus)[0].rows_per_link.sum()) / sample.shape[0], balance
+    modes = ("flat", "hierarchical") if mode == "both" else (mode,)
+    times = layer_times_us(dest_gpu, sources, topology, CostSettings(), modes=modes)
+    return sum(times[m] for m in modes), balance
 
 
 PROBE_LAYERS = 4  # layers tuned over every candidate setting before the others narrow the choice
