@@ -131,31 +131,33 @@ def remap_per_parameter_state(own: dict, own_rank: int, where: list[tuple[int, i
                               read: Callable[[int], dict]) -> dict:
     """A per-parameter optimizer's state dict for the served parameters: position j takes the state saved
     at where[j] (`own` is the saved state dict of expert-parallel rank `own_rank`, `read(rank)` gives
-    another's). A torch state dict, or FP16_UnfusedOptimizer's: a torch one inside, the fp32 masters beside."""
-    files: dict[int, dict] = {own_rank: own}
-
-    def saved(rank: int) -> dict:
-        if rank not in files:
-            files[rank] = read(rank)
-        return files[rank]
-
+    another's). A torch state dict, or FP16_UnfusedOptimizer's: a torch one inside, the fp32 masters beside.
+    Another rank's file is read once and only the entries wanted from it are kept."""
     unfused = "fp32_groups" in own
     torch_state = own["optimizer_state_dict"] if unfused else own
     if len(torch_state["param_groups"]) != len(group_sizes):
         raise GraceInputError(f"the checkpoint's optimizer has {len(torch_state['param_groups'])} parameter "
                               f"groups, this engine's {len(group_sizes)}")
-    state = {}
-    for position, (rank, index) in enumerate(where):
-        states = (saved(rank)["optimizer_state_dict"] if unfused else saved(rank))["state"]
-        if index in states:  # a parameter never stepped has no state
-            state[position] = states[index]
+    wanted: dict[int, set[int]] = {}
+    for rank, index in where:
+        wanted.setdefault(rank, set()).add(index)
+    states, masters = {}, {}
+    for rank, indices in wanted.items():
+        saved = own if rank == own_rank else read(rank)
+        saved_states = (saved["optimizer_state_dict"] if unfused else saved)["state"]
+        flat_masters = [m for group in saved["fp32_groups"] for m in group] if unfused else []
+        for index in indices:
+            if index in saved_states:  # a parameter never stepped has no state
+                states[rank, index] = saved_states[index]
+            if unfused:
+                masters[rank, index] = flat_masters[index]
+        del saved, saved_states, flat_masters
+    state = {position: states[key] for position, key in enumerate(where) if key in states}
     remapped = {"state": state, "param_groups": [{**group, "params": list(positions)} for group, positions
                                                  in zip(torch_state["param_groups"], _split(range(len(where)), group_sizes))]}
     if not unfused:
         return remapped
-    masters = {rank: [m for group in saved(rank)["fp32_groups"] for m in group] for rank in {r for r, _ in where}}
-    chosen = [masters[rank][index] for rank, index in where]
-    return {**own, "optimizer_state_dict": remapped, "fp32_groups": _split(chosen, group_sizes)}
+    return {**own, "optimizer_state_dict": remapped, "fp32_groups": _split([masters[key] for key in where], group_sizes)}
 
 
 def _split(items, sizes: list[int]) -> list[list]:

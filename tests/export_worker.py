@@ -133,6 +133,50 @@ def check_family(rank: int, world: int, topology: Topology, out: Path, family: s
     return report
 
 
+def check_bf16(rank: int, world: int, topology: Topology, out: Path) -> dict:
+    """A bf16 Mixtral checkpoint, converted for training (bf16 engine, ZeRO 0): exported right after
+    conversion, the very file it came from; after one step, from_pretrained in bf16 holds, bit for bit, the
+    experts every rank gathers and the engine's dense weights (nothing went through another dtype)."""
+    import grace_ds.deepspeed as grace_deepspeed
+    from grace_ds.models import find_moe_blocks
+    from grace_ds.models.export import logical_expert_weights
+    from tests.tiny_models import tiny_model
+
+    original = out / "mixtral-bf16-original"
+    if rank == 0:
+        tiny_model("mixtral").to(torch.bfloat16).save_pretrained(original)
+    dist.barrier()
+    start = AutoModelForCausalLM.from_pretrained(original, dtype=torch.bfloat16).to(DEVICE)
+    config = start.config
+    num_experts = int(find_moe_blocks(start)[0][1].experts.gate_up_proj.shape[0])
+    initial = {k: v.detach().clone() for k, v in start.state_dict().items()}
+    path = out / "plan-mixtral-bf16.json"
+    skewed_plan(topology, config.num_hidden_layers, num_experts, config.num_experts_per_tok, path, rank)
+    engine, *_ = grace_deepspeed.initialize(
+        start.train(), {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": CLIP, "bf16": {"enabled": True},
+                        "zero_optimization": {"stage": 0}, "grace_moe": {"plan": str(path)}},
+        optimizer=lambda params: torch.optim.SGD(params, lr=LR, momentum=0.9))
+    grace_deepspeed.save_pretrained(engine, out / "mixtral-bf16-converted")
+    ids = torch.randint(3, 128, (2 * world, 12), generator=torch.Generator().manual_seed(70)).to(DEVICE)
+    mine = slice(rank * 2, rank * 2 + 2)
+    engine.backward(engine(ids[mine], labels=ids[mine]).loss)
+    engine.step()
+    grace_deepspeed.save_pretrained(engine, out / "mixtral-bf16-trained")
+    gathered = logical_expert_weights(engine.module)
+    dense = {name: p.detach() for name, p in engine.module.named_parameters() if ".experts." not in name}
+    report = {"gathered_dtypes": sorted({str(v.dtype) for v in gathered.values()})}
+    if rank == 0:
+        report["converted_file"] = files_equal(original, out / "mixtral-bf16-converted")
+        loaded = AutoModelForCausalLM.from_pretrained(out / "mixtral-bf16-trained", dtype=torch.bfloat16).state_dict()
+        report["loaded_dtypes"] = sorted({str(v.dtype) for v in loaded.values()})
+        report["experts_bit_equal"] = all(torch.equal(loaded[k].cpu(), v.cpu()) for k, v in gathered.items())
+        compared = [k for k in dense if k in loaded]
+        report["dense_compared"] = len(compared)
+        report["dense_bit_equal"] = all(torch.equal(loaded[k].cpu(), dense[k].cpu()) for k in compared)
+        report["experts_moved"] = max(max_difference(v.double(), initial[k].double()) for k, v in gathered.items())
+    return report
+
+
 def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
     _, backend = join_logical_node(rank, world, nodes, port, DEVICE.type)
     try:
@@ -142,6 +186,7 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
         topology = Topology.uniform(nodes, world // nodes)
         out = Path(out_dir)
         report = {family: check_family(rank, world, topology, out, family) for family in FAMILIES}
+        report["bf16"] = check_bf16(rank, world, topology, out)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
         dist.barrier()
     finally:

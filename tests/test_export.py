@@ -65,3 +65,15 @@ def test_a_model_without_grace_blocks_is_refused(tmp_path):
     with pytest.raises(GraceInputError, match="no MoE block with GRACE experts"):
         save_pretrained(tiny_model("mixtral"), tmp_path)
 
+
+
+def test_bf16_export_keeps_the_dtype_and_the_bits(reports):
+    """bf16 Mixtral under a bf16 engine: exported as converted it is the original file byte for byte; after a
+    step, from_pretrained in bf16 holds exactly the gathered experts and the engine's dense weights."""
+    for report in reports:
+        assert report["bf16"]["gathered_dtypes"] == ["torch.bfloat16"], report["bf16"]
+    entry = reports[0]["bf16"]
+    assert entry["converted_file"] == {"same_names": True, "same_bits": True, "same_bytes": True}, entry
+    assert entry["loaded_dtypes"] == ["torch.bfloat16"], entry
+    assert entry["experts_bit_equal"] and entry["dense_bit_equal"] and entry["dense_compared"] > 5, entry
+    assert entry["experts_moved"] > 0, entry  # the step changed the experts: the check compares trained weights
