@@ -103,11 +103,14 @@ class LayerLayout:
 
 
 def write_layout(path: str | os.PathLike, layouts: list[LayerLayout],
-                 optimizer_order: dict[int, list[str]] | None = None) -> None:
-    """optimizer_order: a per-parameter optimizer's parameter names in index order, per expert-parallel rank."""
+                 optimizer_order: dict[int, list[str]] | None = None, world_size: int | None = None) -> None:
+    """optimizer_order: a per-parameter optimizer's parameter names in index order, per expert-parallel rank;
+    world_size: the saving job's ranks (DeepSpeed's optimizer files are per rank)."""
     record = {"format": LAYOUT_FORMAT, "version": LAYOUT_VERSION, "layers": [layout.to_json() for layout in layouts]}
     if optimizer_order is not None:
         record["optimizer_parameters"] = {str(rank): names for rank, names in sorted(optimizer_order.items())}
+    if world_size is not None:
+        record["world_size"] = world_size
     atomic_write_text(path, json.dumps(record, indent=1))
 
 
@@ -136,6 +139,15 @@ def read_optimizer_order(path: str | os.PathLike) -> dict[int, list[str]] | None
         return {int(rank): names for rank, names in order.items()}
     except ValueError as error:
         raise GraceInputError(f"{path}: optimizer_parameters has a rank that is not a number ({error})") from None
+
+
+def read_world_size(path: str | os.PathLike) -> int | None:
+    """The saving job's number of ranks (None: not recorded)."""
+    record = read_json(path, "checkpoint layout")
+    world = record.get("world_size") if isinstance(record, dict) else None
+    if world is not None and (not isinstance(world, int) or isinstance(world, bool) or world < 1):
+        raise GraceInputError(f"{path}: world_size must be a positive whole number, got {world!r}")
+    return world
 
 
 def _flag(value) -> bool:

@@ -26,8 +26,8 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from grace_ds.checkpoint_layout import (LAYOUT_FILE, LayerLayout, read_layout, read_optimizer_order, saved_layout,
-                                        saved_expert_parallel_size, unrecorded, write_layout)
+from grace_ds.checkpoint_layout import (LAYOUT_FILE, LayerLayout, read_layout, read_optimizer_order, read_world_size,
+                                        saved_expert_parallel_size, saved_layout, unrecorded, write_layout)
 from grace_ds.checkpoint_layout import difference as layout_difference
 from grace_ds.errors import GraceInputError
 from grace_ds.files import atomic_write_bytes, atomic_write_text
@@ -184,7 +184,7 @@ def attach_checkpointing(engine) -> None:
         writer = engine.local_rank if engine.use_node_local_storage() else engine.global_rank
         order = _optimizer_order(engine)  # every rank: a collective
         if writer == 0:
-            write_layout(Path(save_dir, tag, LAYOUT_FILE), served_layout(engine.module), order)
+            write_layout(Path(save_dir, tag, LAYOUT_FILE), served_layout(engine.module), order, dist.get_world_size())
         dist.barrier()
         return save(save_dir, tag, *args, **kwargs)
 
@@ -206,13 +206,16 @@ def attach_checkpointing(engine) -> None:
             result = call()
         elif optimizer_states:
             # Decided from files, the plan and the config alone: every rank stops here, before any collective.
-            reason = remappable(engine) or unrecorded(saved)
+            record = Path(load_dir, resolved, LAYOUT_FILE)
+            saved_world = read_world_size(record) if record.is_file() else None
+            reason = remappable(engine) or unrecorded(saved) or (
+                f"a job of {dist.get_world_size()} ranks (saved by {saved_world}; DeepSpeed keeps them per rank)"
+                if saved_world not in (None, dist.get_world_size()) else "")
             if reason:
                 raise GraceInputError(
                     f"{Path(load_dir, resolved)}: {difference}; its optimizer states follow the saved physical "
                     f"slots and are not remapped for {reason}: pass load_optimizer_states=False (expert weights "
                     "remapped, optimizer state fresh) or load_module_only=True, or load under the plan it was saved with")
-            record = Path(load_dir, resolved, LAYOUT_FILE)
             order = read_optimizer_order(record) if record.is_file() else None
             with expert_files_by_layout(saved, served), optimizer_states_by_layout(
                     engine, expert_sources(engine.module, saved, served), saved_expert_parallel_size(saved),

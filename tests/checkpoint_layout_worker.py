@@ -118,6 +118,8 @@ def check_stage(stage: int, plan_set: dict, rank: int, out_dir: str, dtype: str 
     saver, net = engine_for(plan_set["saved"], stage, rank, seed=3, dtype=dtype)
     saved, saved_forward, continued = save_between_steps(saver, net, rank, checkpoint)
     entry = {"record": Path(checkpoint, "t", "grace_layout.json").is_file()}
+    if stage == 1 and dtype == "fp32":  # for the job of another size (resize_main)
+        torch.save({"saved": saved, "forward": saved_forward}, Path(out_dir, f"zero1-saved-rank{rank}.pt"))
 
     other, other_net = engine_for(plan_set[stage], stage, rank, dtype=dtype)
     initial = parameters_of(other_net)
@@ -296,6 +298,32 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
         report["export"] = check_export(rank, out_dir, plan_set)
         report["transformers"] = check_transformers(rank, world, Topology.uniform(nodes, world // nodes), out_dir)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def resize_main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
+    """A job of another size (2 ranks as 2 nodes x 1) loads main's ZeRO-1 checkpoint of 4 ranks under a
+    GRACE plan for its 2 GPUs: with optimizer states refused by name (DeepSpeed keeps them per rank);
+    without, every copy holds its logical expert, the forward is the saver's, and a step trains from it."""
+    _, backend = join_logical_node(rank, world, nodes, port, DEVICE.type)
+    try:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+        torch.manual_seed(3)
+        profile = routing_profile(torch.randn(EXPERTS, HIDDEN), every_batch(world), K)
+        plan = make_plan("grace", profile, Topology.uniform(nodes, world // nodes), replica_slots=1)
+        reference = torch.load(Path(out_dir, f"zero1-saved-rank{rank}.pt"))
+        checkpoint = str(Path(out_dir, "fp32-zero1"))
+        engine, net = engine_for(plan, 1, rank)
+        entry = {"refused": refused(lambda: engine.load_checkpoint(checkpoint, tag="t"))}
+        engine.load_checkpoint(checkpoint, tag="t", load_optimizer_states=False)
+        entry.update(loaded(engine, net, reference["saved"], reference["forward"], rank))
+        step(engine, rank, STEPS + 1)
+        entry["step_size"] = max(differences(parameters_of(net), reference["saved"]).values())
+        Path(out_dir, f"resize-rank{rank}.json").write_text(json.dumps(entry))
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -19,12 +19,18 @@ STEP = 0.05  # how far one clipped SGD step moves a weight, at most (seen: 0.016
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory):
+def run(tmp_path_factory):
+    """(the folder of the checkpoints, every rank's report)."""
     if checkpoint_layout_worker.DEVICE.type == "cuda" and torch.cuda.device_count() < WORLD:
         pytest.skip(f"{WORLD} ranks need {WORLD} GPUs (GRACE_TEST_DEVICE=cuda), {torch.cuda.device_count()} visible")
     out = tmp_path_factory.mktemp("checkpoint_layout")
     mp.spawn(checkpoint_layout_worker.main, args=(WORLD, NODES, free_port(), str(out)), nprocs=WORLD, join=True)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def reports(run):
+    return run[1]
 
 
 def assert_loaded(entry: dict, case: str, exact: bool, bound: float = FP32) -> None:
@@ -140,3 +146,16 @@ def test_converted_transformers_model_loads_under_another_plan(reports):
         assert entry["experts"] == 0.0 and entry["dense"] == 0.0 and entry["replicas_apart"] == 0.0, (rank, entry)
         assert entry["loss"] <= FP32, (rank, entry)
         assert entry["continued"] <= FP32 < 100 * FP32 < entry["step_size"], (rank, entry)
+
+
+def test_a_job_of_another_size_loads_the_weights_under_its_plan(run):
+    """The 4-rank ZeRO-1 checkpoint in a job of 2 ranks (2 nodes x 1) under a GRACE plan for 2 GPUs: its
+    optimizer states refused by name (DeepSpeed keeps them per rank); without them every copy holds its
+    logical expert and the forward is the saver's."""
+    out, _ = run
+    mp.spawn(checkpoint_layout_worker.resize_main, args=(2, 2, free_port(), str(out)), nprocs=2, join=True)
+    for rank in range(2):
+        entry = json.loads((out / f"resize-rank{rank}.json").read_text())
+        assert "a job of 2 ranks (saved by 4" in entry["refused"] and "load_optimizer_states=False" in entry["refused"]
+        assert_loaded(entry, f"rank {rank} of 2", exact=False)
+        assert entry["copies"] > 0 and entry["step_size"] <= STEP, entry

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grace_ds.checkpoint_layout import LayerLayout, read_layout, read_optimizer_order, write_layout
+from grace_ds.checkpoint_layout import LayerLayout, read_layout, read_optimizer_order, read_world_size, write_layout
 from grace_ds.deepspeed_config import split_config
 from grace_ds.errors import GraceInputError
 from grace_ds.plan import PlacementPlan
@@ -33,7 +33,7 @@ def _valid_files(directory):
         LayerLayout("grace", 8, plan.slots_per_gpu, tuple(map(tuple, plan.slot_expert[layer].tolist())),
                     tuple(map(tuple, plan.slot_is_primary[layer].tolist()))) for layer in range(2)]
         + [LayerLayout("deepspeed", 8, 2)],
-        {rank: ["inp.weight", f"moe.deepspeed_moe.experts.deepspeed_experts.{rank}.fc1.weight"] for rank in range(4)})
+        {rank: ["inp.weight", f"moe.deepspeed_moe.experts.deepspeed_experts.{rank}.fc1.weight"] for rank in range(4)}, 4)
     RoutingTrace(tiny_trace(tokens=40), 8, ["a", "b"]).save(directory / "trace.safetensors")
     (directory / "loads.json").write_text(json.dumps({"logical_count": [[3, 1, 2, 5], [1, 1, 1, 1]]}))
     (directory / "ds.json").write_text(json.dumps({"dtype": "fp32", "grace_moe": {"plan": "p.json"}}))
@@ -59,7 +59,7 @@ LOADERS = {
     "loads.json": lambda path: RoutingProfile.from_logical_counts(path, top_k=2),
     "ds.json": split_config,
     "model.safetensors": load_checkpoint_weights,
-    "grace_layout.json": lambda path: (read_layout(path), read_optimizer_order(path)),
+    "grace_layout.json": lambda path: (read_layout(path), read_optimizer_order(path), read_world_size(path)),
 }
 
 
@@ -109,7 +109,8 @@ def assert_usable(name: str, loaded, path) -> None:
         logits = model(torch.tensor([[1, 2, 3]])).logits
         assert logits.shape == (1, 3, model.config.vocab_size)
     elif name == "grace_layout.json":
-        layouts, order = loaded
+        layouts, order, world = loaded
+        assert world is None or (isinstance(world, int) and world >= 1)
         assert order is None or all(isinstance(rank, int) and all(isinstance(n, str) for n in names)
                                     for rank, names in order.items())  # a load can look up each parameter
         for layout in layouts:  # a load can fill every slot: each expert has one file to read it from
@@ -173,6 +174,7 @@ PARSEABLE_BUT_WRONG = {
         "slot_is_primary", [[e >= 0 for e in row] for row in d["layers"][0]["slot_expert"]])),
     "layout: expert id past num_experts": ("grace_layout.json", lambda d: d["layers"][1]["slot_expert"][0].__setitem__(0, 8)),
     "layout: an unknown layer kind": ("grace_layout.json", lambda d: d["layers"][2].__setitem__("kind", "tutel")),
+    "layout: a world of no ranks": ("grace_layout.json", lambda d: d.__setitem__("world_size", 0)),
     "layout: optimizer parameters not a list of names": (
         "grace_layout.json", lambda d: d["optimizer_parameters"].__setitem__("1", "inp.weight")),
     "ds: an unknown communication mode": ("ds.json", lambda d: d["grace_moe"].__setitem__("communication", "sideways")),
