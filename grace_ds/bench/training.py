@@ -57,6 +57,15 @@ def batches(args, world: int, rank: int, device: torch.device):
         yield torch.stack([data[s:s + args.sequence_length] for s in starts.tolist()]).to(device)
 
 
+def reduced(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """`tensor` (on the host) all-reduced over the job on the device its backend takes (NCCL: the GPU)."""
+    from grace_ds import faults
+
+    on_device = tensor.to(faults.collective_device())
+    dist.all_reduce(on_device, op=op)
+    return on_device.cpu()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -91,7 +100,7 @@ def train_variant(variant: str, world: int, plans: dict[str, str], args, device:
     moved = torch.tensor([wire.exchange.cross_node_bytes, wire.exchange.intra_node_bytes, wire.all_reduce],
                          dtype=torch.float64) / args.steps
     mean_loss = torch.tensor(losses, dtype=torch.float64)
-    dist.all_reduce(mean_loss)  # the run's loss is the mean of the ranks' (DeepSpeed averages their gradients)
+    mean_loss = reduced(mean_loss)  # the run's loss is the mean of the ranks' (DeepSpeed averages their gradients)
     result = {"variant": variant, "losses": (mean_loss / world).tolist(),
               "median_step_ms": statistics.median(seconds[args.warmup:]) * 1e3,
               "cross_node_bytes_per_step": float(moved[0]), "same_node_bytes_per_step": float(moved[1]),
@@ -102,18 +111,18 @@ def train_variant(variant: str, world: int, plans: dict[str, str], args, device:
         result["replicas_apart"] = engine.max_replica_difference()
         result["mode_calls"] = dict(runtime.exchange.choice.mode_calls)
     elif blocks:  # DeepSpeed's contiguous experts: rank r computes experts r * E/W ... (r + 1) * E/W - 1
-        dist.all_reduce(counts)  # every rank's tokens per expert
+        counts = reduced(counts)  # every rank's tokens per expert
         pairs[rank] = float(counts.view(world, -1)[rank].sum()) / args.steps
         # drop_tokens=False pads every expert's rows from every rank to the largest count (its capacity).
         capacity = torch.tensor(largest, dtype=torch.float64)
-        dist.all_reduce(capacity, op=dist.ReduceOp.MAX)
+        capacity = reduced(capacity, dist.ReduceOp.MAX)
         result["padded_rows_per_gpu_per_step"] = float(capacity.sum()) * (experts // world) * world / args.steps
     if runtime is not None or blocks:
-        dist.all_reduce(pairs)
+        pairs = reduced(pairs)
         result["pairs_per_gpu_per_step"] = pairs.tolist()
         result["load_max_over_mean"] = float(pairs.max() / pairs.mean())
     step_ms = torch.tensor([result["median_step_ms"]], dtype=torch.float64)
-    dist.all_reduce(step_ms, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
+    step_ms = reduced(step_ms, dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
     result["median_step_ms"] = float(step_ms)
     del engine
     return result

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from grace_ds.bench.provenance import run_record
-from grace_ds.bench.training import add_run_arguments, batches, synchronize, world_of
+from grace_ds.bench.training import add_run_arguments, batches, reduced, synchronize, world_of
 from grace_ds.bench.training_report import parting_step
 from grace_ds.bench.training_variants import WireBytes, load_model, perturb
 from grace_ds.exchange.traffic import Traffic
@@ -77,12 +77,12 @@ def train_steps(engine, runtime, steps, wire: WireBytes, label: str, world: int)
         losses.append(float(loss.detach()))
     synchronize(ids.device)
     mean = torch.tensor(losses, dtype=torch.float64)
-    dist.all_reduce(mean)
+    mean = reduced(mean)
     pairs = torch.zeros(world, dtype=torch.float64)
     pairs[runtime.rank] = sum(t.pairs_computed for t in runtime.traffic) / len(steps)
-    dist.all_reduce(pairs)
+    pairs = reduced(pairs)
     moved = torch.tensor([wire.exchange.cross_node_bytes, wire.exchange.intra_node_bytes], dtype=torch.float64)
-    dist.all_reduce(moved)
+    moved = reduced(moved)
     return {"losses": (mean / world).tolist(), "load_max_over_mean": float(pairs.max() / pairs.mean()),
             "cross_node_bytes_per_step": float(moved[0]) / world / len(steps),
             "same_node_bytes_per_step": float(moved[1]) / world / len(steps)}
@@ -137,7 +137,7 @@ def worker(rank: int, world: int, nodes: int, port: int, args, folder: str, resu
                             **train_steps(engine, runtime, after, wire, run, world)})
             del engine
         times = torch.tensor([saved_s, planned_s], dtype=torch.float64)
-        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        times = reduced(times, dist.ReduceOp.MAX)
         if rank == 0:
             Path(result_file).write_text(json.dumps({"results": results, "save_checkpoint_and_profile_s": float(times[0]),
                                                      "planning_s": float(times[1])}))

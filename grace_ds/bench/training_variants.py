@@ -2,6 +2,8 @@
 model as it is or converted, each built into a DeepSpeed engine; and the counter of bytes on the wire."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -48,7 +50,7 @@ class WireBytes:
 
     def _count_all_to_all(self, input: torch.Tensor, splits, group) -> None:
         peers = dist.get_world_size(group)
-        row_bytes = input[0].numel() * input.element_size() if input.dim() > 1 else input.element_size()
+        row_bytes = math.prod(input.shape[1:]) * input.element_size()  # a rank may send no rows at all
         if splits is None:  # even splits: the first dimension in equal parts
             splits = [(input.shape[0] if input.dim() else input.numel()) // peers] * peers
         bytes_to = [0] * dist.get_world_size()
