@@ -327,3 +327,19 @@ def resize_main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> N
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def one_rank_main(rank: int, port: int, out_dir: str) -> None:
+    """main's per-stage and converted-Mixtral checks in a job of one rank (tests/test_checkpoint_one_rank.py)."""
+    _, backend = join_logical_node(rank, 1, 1, port, DEVICE.type)
+    try:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+        plan_set = plans(1, Topology.uniform(1, 1))
+        report = {f"zero{stage}": check_stage(stage, plan_set, rank, out_dir) for stage in (0, 1, 2)}
+        report["bf16-zero0"] = check_stage(0, {"saved": plan_set["saved"], 0: plan_set[2]}, rank, out_dir, "bf16")
+        report["transformers"] = check_transformers(rank, 1, Topology.uniform(1, 1), out_dir)
+        Path(out_dir, "one-rank.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
