@@ -102,6 +102,47 @@ class LayerLayout:
         return ""
 
 
+def plan_layer_layout(plan, layer: int) -> LayerLayout:
+    """The files a GRACE layer serving `plan`'s layer `layer` saves (plan: a PlacementPlan)."""
+    return LayerLayout("grace", plan.num_experts, plan.slots_per_gpu,
+                       tuple(tuple(row) for row in plan.slot_expert[layer].tolist()),
+                       tuple(tuple(row) for row in plan.slot_is_primary[layer].tolist()))
+
+
+def describe_checkpoint(directory: str | os.PathLike, plan=None) -> list[str]:
+    """Lines on a checkpoint tag folder saved by a grace_ds engine: each MoE layer's layout, the saving
+    job's size, which optimizer files are there and whether their parameter order is recorded; with a
+    PlacementPlan, what loading under it would remap (`grace-ds checkpoint-info`)."""
+    directory = Path(directory)
+    record = directory / LAYOUT_FILE
+    if not record.is_file():
+        raise GraceInputError(f"{directory}: no {LAYOUT_FILE}: not a checkpoint saved by a grace_ds engine")
+    layouts = read_layout(record)
+    order, world = read_optimizer_order(record), read_world_size(record)
+    zero_files = sorted(directory.glob("*zero_pp_rank_*_optim_states.pt"))
+    expert_rank_files = sorted(directory.glob("expp_rank_*_optim_states.pt"))
+    lines = [f"{directory}: saved by {world if world is not None else 'an unrecorded number of'} ranks, "
+             f"{len(layouts)} MoE layers"]
+    lines += [f"  MoE layer {i}: {layout.describe()}" for i, layout in enumerate(layouts)]
+    if zero_files:
+        lines.append(f"  optimizer: ZeRO partitions, {len(zero_files)} files (one a rank)")
+    elif expert_rank_files:
+        recorded = "recorded" if order is not None else "NOT recorded: not remapped under another plan"
+        lines.append(f"  optimizer: one file per expert-parallel rank ({len(expert_rank_files)}), "
+                     f"parameter order {recorded}")
+    else:
+        lines.append("  optimizer: no optimizer files")
+    if plan is not None:
+        served = [plan_layer_layout(plan, layer) for layer in range(plan.num_layers)]
+        if len(served) != len(layouts):
+            raise GraceInputError(f"{directory}: {len(layouts)} MoE layers saved, the plan has {len(served)}")
+        change = difference(layouts, served)
+        lines.append("  under the plan: the same layout, loaded as saved" if not change else
+                     f"  under the plan: {change}; every slot loads its logical expert's weights"
+                     + (f", and its optimizer states in a job of {world} ranks" if world is not None else ""))
+    return lines
+
+
 def write_layout(path: str | os.PathLike, layouts: list[LayerLayout],
                  optimizer_order: dict[int, list[str]] | None = None, world_size: int | None = None) -> None:
     """optimizer_order: a per-parameter optimizer's parameter names in index order, per expert-parallel rank;

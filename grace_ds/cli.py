@@ -203,6 +203,7 @@ EXAMPLES = {
     "simulate": "grace-ds simulate --plan plan.json --trace ../shared/data/routing/mixtral_arxiv.safetensors "
                 "--tokens 8192:16384 --nodes 2 --gpus-per-node 2",
     "checkpoint-to-deepspeed": "grace-ds checkpoint-to-deepspeed ckpt/global_step100 --out ds_ckpt/global_step100",
+    "checkpoint-info": "grace-ds checkpoint-info ckpt/global_step100 --plan plan_grace.json",
     "evaluate": "grace-ds evaluate --trace ../shared/data/routing/mixtral_arxiv.safetensors --nodes-list 2,4 "
                 "--gpus-list 2 --json-out rows.json",
 }
@@ -213,6 +214,13 @@ def cmd_checkpoint_to_deepspeed(args) -> None:
 
     written = export_deepspeed_checkpoint(args.checkpoint, args.out)
     print(f"{len(written)} files in DeepSpeed MoE's layout -> {args.out} (load with load_optimizer_states=False)")
+
+
+def cmd_checkpoint_info(args) -> None:
+    from grace_ds.checkpoint_layout import describe_checkpoint
+    from grace_ds.plan import PlacementPlan
+
+    print("\n".join(describe_checkpoint(args.checkpoint, PlacementPlan.load(args.plan) if args.plan else None)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True,
                    help="tag folder to write (its parent must exist); load it with load_optimizer_states=False")
     p.set_defaults(func=cmd_checkpoint_to_deepspeed)
+
+    p = sub.add_parser("checkpoint-info",
+                       help="what a grace_ds engine's DeepSpeed checkpoint holds, and what loading it under a plan remaps")
+    p.add_argument("checkpoint", type=Path, help="tag folder of a checkpoint saved by a grace_ds engine")
+    p.add_argument("--plan", type=Path, help="a placement plan to load it under (none: describe only)")
+    p.set_defaults(func=cmd_checkpoint_info)
     return parser
 
 

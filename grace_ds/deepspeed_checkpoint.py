@@ -26,8 +26,9 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from grace_ds.checkpoint_layout import (LAYOUT_FILE, LayerLayout, read_layout, read_optimizer_order, read_world_size,
-                                        saved_expert_parallel_size, saved_layout, unrecorded, write_layout)
+from grace_ds.checkpoint_layout import (LAYOUT_FILE, LayerLayout, plan_layer_layout, read_layout, read_optimizer_order,
+                                        read_world_size, saved_expert_parallel_size, saved_layout, unrecorded,
+                                        write_layout)
 from grace_ds.checkpoint_layout import difference as layout_difference
 from grace_ds.errors import GraceInputError
 from grace_ds.files import atomic_write_bytes, atomic_write_text
@@ -62,10 +63,7 @@ def served_layout(model: torch.nn.Module) -> list[LayerLayout]:
             out.append(LayerLayout("deepspeed", int(module.num_experts), int(module.num_local_experts)))
             continue
         runtime, layer = grace
-        plan = runtime.plan
-        out.append(LayerLayout("grace", plan.num_experts, plan.slots_per_gpu,
-                               tuple(tuple(row) for row in plan.slot_expert[layer].tolist()),
-                               tuple(tuple(row) for row in plan.slot_is_primary[layer].tolist())))
+        out.append(plan_layer_layout(runtime.plan, layer))
     return out
 
 

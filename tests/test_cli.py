@@ -119,7 +119,8 @@ def test_grace_plan_modes(shared_data, tmp_path, flags):
     assert options["tuned"] is False
 
 
-SUBCOMMANDS = ("profile-trace", "profile", "profile-load", "plan", "simulate", "evaluate")
+SUBCOMMANDS = ("profile-trace", "profile", "profile-load", "plan", "simulate", "evaluate", "checkpoint-to-deepspeed",
+               "checkpoint-info")
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -177,3 +178,38 @@ def test_topology_names_count_singular_and_plural():
     assert Topology.uniform(1, 4).describe() == "1 node x 4 GPUs"
     assert Topology.uniform(2, 1).describe() == "2 nodes x 1 GPU"
     assert Topology((4, 2)).describe() == "2 nodes with [4, 2] GPUs"
+
+
+def test_checkpoint_info_describes_the_record_and_what_a_plan_remaps(shared_data, tmp_path):
+    """A tag folder with the layout record of a GRACE plan (and ZeRO files): its layers, the saver's size,
+    the optimizer files; under the same plan nothing moves, under another the remap is named; a folder
+    without a record is refused in one line."""
+    from grace_ds.checkpoint_layout import plan_layer_layout, write_layout
+    from grace_ds.plan import PlacementPlan
+
+    trace = shared_data / "routing" / "mixtral_arxiv.safetensors"
+    profile = tmp_path / "profile.safetensors"
+    assert run_cli("profile-trace", trace, "--tokens", ":4096", "--out", profile).returncode == 0
+    plans = {}
+    for policy in ("grace", "contiguous"):
+        plans[policy] = tmp_path / f"plan_{policy}.json"
+        assert run_cli("plan", "--profile", profile, "--nodes", 2, "--gpus-per-node", 2, "--policy", policy,
+                       "--out", plans[policy]).returncode == 0
+    grace = PlacementPlan.load(plans["grace"])
+    tag = tmp_path / "ckpt" / "global_step3"
+    tag.mkdir(parents=True)
+    write_layout(tag / "grace_layout.json", [plan_layer_layout(grace, layer) for layer in range(grace.num_layers)],
+                 world_size=4)
+    for rank in range(4):
+        (tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    done = run_cli("checkpoint-info", tag)
+    assert done.returncode == 0, done.stderr
+    assert "saved by 4 ranks, 3 MoE layers" in done.stdout and "ZeRO partitions, 4 files" in done.stdout
+    assert done.stdout.count("a GRACE plan (4 GPUs x") == 3, done.stdout
+    same = run_cli("checkpoint-info", tag, "--plan", plans["grace"])
+    assert "the same layout, loaded as saved" in same.stdout, same.stdout
+    other = run_cli("checkpoint-info", tag, "--plan", plans["contiguous"])
+    assert "MoE layer 0 was saved under a GRACE plan" in other.stdout, other.stdout
+    assert "optimizer states in a job of 4 ranks" in other.stdout, other.stdout
+    missing = run_cli("checkpoint-info", tmp_path)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "grace_layout.json" in missing.stderr
