@@ -153,11 +153,13 @@ def remap_per_parameter_state(own: dict, own_rank: int, where: list[tuple[int, i
                 masters[rank, index] = flat_masters[index]
         del saved, saved_states, flat_masters
     state = {position: states[key] for position, key in enumerate(where) if key in states}
-    remapped = {"state": state, "param_groups": [{**group, "params": list(positions)} for group, positions
-                                                 in zip(torch_state["param_groups"], _split(range(len(where)), group_sizes))]}
+    positions = _split(range(len(where)), group_sizes)
+    remapped = {"state": state, "param_groups": [{**group, "params": list(indices)}
+                                                 for group, indices in zip(torch_state["param_groups"], positions)]}
     if not unfused:
         return remapped
-    return {**own, "optimizer_state_dict": remapped, "fp32_groups": _split([masters[key] for key in where], group_sizes)}
+    return {**own, "optimizer_state_dict": remapped,
+            "fp32_groups": _split([masters[key] for key in where], group_sizes)}
 
 
 def _split(items, sizes: list[int]) -> list[list]:
@@ -232,13 +234,15 @@ def _saved_parameters(read: Callable[[int], dict], rank: int, mine: dict, world:
     for other in needed:
         saved = mine if other == rank else read(other)
         for group, sources in wanted.items():
-            flats = {FP32: saved[FP32_GROUPS][group], **{key: saved[BASE_STATE]["state"][group][key] for key in keys[group]}}
+            flats = {FP32: saved[FP32_GROUPS][group],
+                     **{key: saved[BASE_STATE]["state"][group][key] for key in keys[group]}}
             for source in sources:
                 address = saved[SLICES][group].get(source[1]) if source[0] == other % saver_ep_size else None
                 if address is None:
                     continue
                 for key, flat in flats.items():
-                    part = flat.reshape(-1)[address.start:address.start + address.numel].float()
+                    # A copy, not a view: the rest of the file is freed once it has been read.
+                    part = flat.reshape(-1)[address.start:address.start + address.numel].to(torch.float32, copy=True)
                     pieces.setdefault((group, source), {}).setdefault(key, []).append(part)
         del saved
     out = {}

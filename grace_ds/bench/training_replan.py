@@ -100,8 +100,8 @@ def worker(rank: int, world: int, nodes: int, port: int, args, folder: str, resu
     deepspeed.init_distributed(dist_backend=backend)
     wire = WireBytes(Topology.uniform(nodes, world // nodes).node_of_gpu.tolist())
     wire.install()
-    paths = {name: str(Path(folder, name)) for name in ("plan_contiguous.json", "plan_grace.json", "profile.safetensors",
-                                                         "checkpoint")}
+    names = ("plan_contiguous.json", "plan_grace.json", "profile.safetensors", "checkpoint")
+    paths = {name: str(Path(folder, name)) for name in names}
     try:
         every = list(batches(args, world, rank, device))
         before, after = every[:args.replan_at], every[args.replan_at:]
@@ -114,7 +114,8 @@ def worker(rank: int, world: int, nodes: int, port: int, args, folder: str, resu
         planned_s = 0.0
         if rank == 0:
             started = time.perf_counter()
-            make_plan("grace", RoutingProfile.load(paths["profile.safetensors"]), Topology.uniform(nodes, world // nodes),
+            profile = RoutingProfile.load(paths["profile.safetensors"])
+            make_plan("grace", profile, Topology.uniform(nodes, world // nodes),
                       replica_slots=args.replica_slots).save(paths["plan_grace.json"])
             planned_s = time.perf_counter() - started
         dist.barrier()
@@ -139,8 +140,8 @@ def worker(rank: int, world: int, nodes: int, port: int, args, folder: str, resu
         times = torch.tensor([saved_s, planned_s], dtype=torch.float64)
         times = reduced(times, dist.ReduceOp.MAX)
         if rank == 0:
-            Path(result_file).write_text(json.dumps({"results": results, "save_checkpoint_and_profile_s": float(times[0]),
-                                                     "planning_s": float(times[1])}))
+            Path(result_file).write_text(json.dumps({"results": results, "planning_s": float(times[1]),
+                                                     "save_checkpoint_and_profile_s": float(times[0])}))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -229,7 +230,8 @@ def main() -> None:
         report = json.loads(Path(result_file).read_text())
     compare(report["results"], args.replan_at)
     report["setting"] = {**run_record(args.device), "ranks": world, "nodes": args.nodes, "steps": args.steps,
-                         "replan_at": args.replan_at, "tokens_per_rank_per_step": args.sequences_per_rank * args.sequence_length,
+                         "replan_at": args.replan_at,
+                         "tokens_per_rank_per_step": args.sequences_per_rank * args.sequence_length,
                          "lr": args.lr, "clip": args.clip, "zero_stage": args.zero_stage,
                          "replica_slots": args.replica_slots, "seconds": round(time.time() - started, 1),
                          "load_average_1min_start_end": [round(load_at_start, 2), round(os.getloadavg()[0], 2)]}
