@@ -13,7 +13,8 @@ from tests import training_worker
 
 WORLD, NODES = 4, 2
 FP32 = 1e-5  # largest absolute difference, fp32: only summation order differs
-CHECKS = {"gradients": True, "training": True, "expert_data_parallel": True, "bf16": True, "monitor": True, "arguments": True,
+CHECKS = {"gradients": True, "training": True, "expert_data_parallel": True, "bf16": True, "accumulation": True,
+          "monitor": True, "arguments": True,
           "hf": ["mixtral", "qwen3_moe", "deepseek_v3"]}
 
 
@@ -56,6 +57,19 @@ def test_steps_with_clipping_equal_deepspeed_moe_and_copies_stay_equal(reports):
             assert entry["replicas_apart"] == 0.0, f"{case}: copies of an expert diverged"
             assert all(v == 0.0 for v in entry["restored"].values()), entry["restored"]
             assert entry["restored_replicas_apart"] == 0.0
+
+
+def test_gradient_accumulation_steps_as_deepspeed_moe(reports):
+    """gradient_accumulation_steps 2, 6 micro steps: 3 optimizer steps under ZeRO 0, 1, 2, the weights equal
+    DeepSpeed's MoE accumulating the same way, every copy of an expert equal."""
+    for rank, report in enumerate(reports):
+        entry = report["accumulation"]
+        assert min(entry["moved"].values()) > 100 * FP32, entry["moved"]  # the steps moved every kind of weight
+        for stage in (0, 1, 2):
+            case = entry[f"zero{stage}"]
+            assert case["steps"] == 3 and case["replicas_apart"] == 0.0, (rank, stage, case)
+            for step, differences in case["differences"].items():
+                assert max(differences.values()) <= FP32, (rank, stage, step, differences)
 
 
 def test_expert_parallel_two_of_four_ranks_matches_deepspeed_ep2(reports):

@@ -242,6 +242,25 @@ def check_training(rank: int, world: int, topology: Topology, out_dir: str) -> d
     return results
 
 
+def check_accumulation(rank: int, world: int, topology: Topology) -> dict:
+    """gradient_accumulation_steps 2: 6 micro steps (3 optimizer steps, clipping on) of GraceMoE (replicas,
+    hierarchical, ZeRO 0-2) against DeepSpeed's MoE under ZeRO 1 with the same accumulation."""
+    k, micro_steps, accumulation = 2, 6, {"gradient_accumulation_steps": 2}
+    torch.manual_seed(3)
+    plan = make_plan("grace", routing_profile(torch.randn(EXPERTS, HIDDEN), every_batch(world), k), topology,
+                     replica_slots=1)
+    reference, _, _ = build_pair(k, plan, 0.01, "flat", world, set_groups=False)
+    expected = train(reference, False, 1, micro_steps, rank, extra=accumulation)["parameters"]
+    # Micro step 1 updates nothing (its snapshot is the start): how far 3 optimizer steps moved the weights.
+    out = {"moved": {name: max_difference(expected[micro_steps][name], expected[1][name]) for name in expected[1]}}
+    for stage in (0, 1, 2):
+        _, grace, _ = build_pair(k, plan, 0.01, "hierarchical", world, set_groups=False)
+        run = train(grace, True, stage, micro_steps, rank, extra=accumulation)
+        out[f"zero{stage}"] = {"differences": compare(run["parameters"], expected),
+                               "replicas_apart": max(run["replicas_apart"]), "steps": run["engine"].global_steps}
+    return out
+
+
 def check_monitor(rank: int, world: int, topology: Topology, out_dir: str) -> dict:
     """GraceMoE (GRACE plan with replicas, hierarchical) trained 4 steps with DeepSpeed's csv_monitor on and
     grace_moe.monitor_interval_steps 2: what the monitor wrote at steps 2 and 4, against the bytes the forwards
@@ -398,6 +417,8 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str, spec: str) 
             report["expert_data_parallel"] = check_expert_data_parallel(rank, world, out_dir)
         if "bf16" in checks:
             report["bf16"] = check_bf16(rank, world, topology)
+        if "accumulation" in checks:
+            report["accumulation"] = check_accumulation(rank, world, topology)
         if "monitor" in checks:
             report["monitor"] = check_monitor(rank, world, topology, out_dir)
         if "hf" in checks:
