@@ -106,15 +106,20 @@ def test_deepspeed_moe_arguments_are_honoured_or_refused_by_name(reports):
 
 def test_transformers_models_train_as_the_unmodified_model(reports):
     """grace_ds.deepspeed.initialize on converted Mixtral, Qwen3-MoE and DeepSeek-V3 (GRACE plan with
-    replicas, flat and hierarchical, ZeRO 0 and 2, clipping on) against the unmodified model trained on one
-    process: embedding, attention, router, expert and other gradients, and the weights after 1 and 10 steps."""
+    replicas, flat and hierarchical, ZeRO 0 and 2, clipping on; Mixtral also with transformers' gradient
+    checkpointing) against the unmodified model trained on one process without it: embedding, attention,
+    router, expert and other gradients, and the weights after 1 and 10 steps."""
     for rank, report in enumerate(reports):
         hf = report["hf"]
         assert {case.split("/")[0] for case in hf} == set(CHECKS["hf"])
+        recomputed = hf[f"{CHECKS['hf'][0]}/hierarchical/zero0/gradient-checkpointing"]
+        plain = hf[f"{CHECKS['hf'][0]}/hierarchical/zero0"]
+        assert recomputed["moe_calls_per_step"] == 2 * plain["moe_calls_per_step"] > 0  # the backward reran them
         for case, entry in hf.items():
             assert entry["replicated_experts"] > 0, case
             checked = [key for key in entry if key == "gradients" or key.startswith("after_")]
-            assert ("gradients" in checked) == case.endswith("zero0") and len(checked) >= 2
+            assert ("gradients" in checked) == ("/zero0" in case) and len(checked) >= 2
+            assert entry["recomputed"] == case.endswith("/gradient-checkpointing"), case
             for key in checked:
                 assert set(entry[key]) >= {"embedding", "attention", "router", "experts"}, entry[key]
                 for kind, value in entry[key].items():

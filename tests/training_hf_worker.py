@@ -73,6 +73,7 @@ def check_hf_training(rank: int, world: int, topology: Topology, out_dir: str, f
     ZeRO 0 and 2, clipping on) against the unmodified model trained on one process on every rank's
     batch with torch's SGD and clip_grad_norm_: gradients of the first step, parameters after 1 and 10."""
     import grace_ds.deepspeed as grace_deepspeed
+    from grace_ds.deepspeed_training import runtimes_of
     from grace_ds.routing_stats import RoutingStats
     from grace_ds.models import find_moe_blocks
     from tests.tiny_models import tiny_model
@@ -106,26 +107,35 @@ def check_hf_training(rank: int, world: int, topology: Topology, out_dir: str, f
             if step + 1 in (1, steps):
                 expected[step + 1] = hf_tensors(reference, False, False)
         mine = slice(rank * 2, rank * 2 + 2)
-        for mode in ["flat"] + ["hierarchical"] * (topology.num_nodes > 1):
-            for stage in (0, 2) if family == families[0] else (0,):
-                model = copy.deepcopy(start)
-                config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": clip,
-                          "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-                          "grace_moe": {"plan": str(plan_path), "communication": mode}}
-                engine, *_ = grace_deepspeed.initialize(
-                    model, config,
-                    optimizer=lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.01))
-                entry, apart = {}, []
-                for step in range(steps):
-                    loss = engine(ids[step][mine], labels=ids[step][mine]).loss
-                    engine.backward(loss)
-                    if step == 0 and stage == 0:  # ZeRO 2 keeps reduced gradients in its partitions only
-                        entry["gradients"] = grouped_differences(hf_tensors(model, True, True), expected_grads)
-                    engine.step()
-                    apart.append(engine.max_replica_difference())
-                    if step + 1 in (1, steps):
-                        entry[f"after_{step + 1}"] = grouped_differences(hf_tensors(model, False, True), expected[step + 1])
-                entry["replicas_apart"] = max(apart)
-                entry["replicated_experts"] = int((PlacementPlan.load(plan_path).copies_per_expert() > 1).sum())
-                results[f"{family}/{mode}/zero{stage}"] = entry
+        modes = ["flat"] + ["hierarchical"] * (topology.num_nodes > 1)
+        # The first family once more with transformers' gradient checkpointing (the MoE blocks recomputed
+        # in the backward, exchanges included), against the same reference trained without it.
+        cases = [(mode, stage, False) for mode in modes for stage in ((0, 2) if family == families[0] else (0,))]
+        cases += [(modes[-1], 0, True)] * (family == families[0])
+        for mode, stage, recompute in cases:
+            model = copy.deepcopy(start)
+            if recompute:
+                model.gradient_checkpointing_enable()
+            config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": clip,
+                      "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                      "grace_moe": {"plan": str(plan_path), "communication": mode}}
+            engine, *_ = grace_deepspeed.initialize(
+                model, config,
+                optimizer=lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.01))
+            entry, apart, routed = {}, [], []
+            runtimes_of(engine.module)[0].observers.append(lambda *call: routed.append(1))  # MoE calls
+            for step in range(steps):
+                loss = engine(ids[step][mine], labels=ids[step][mine]).loss
+                engine.backward(loss)
+                if step == 0 and stage == 0:  # ZeRO 2 keeps reduced gradients in its partitions only
+                    entry["gradients"] = grouped_differences(hf_tensors(model, True, True), expected_grads)
+                engine.step()
+                apart.append(engine.max_replica_difference())
+                if step + 1 in (1, steps):
+                    entry[f"after_{step + 1}"] = grouped_differences(hf_tensors(model, False, True), expected[step + 1])
+            entry["replicas_apart"] = max(apart)
+            entry["replicated_experts"] = int((PlacementPlan.load(plan_path).copies_per_expert() > 1).sum())
+            entry["recomputed"] = bool(getattr(model, "is_gradient_checkpointing", False))
+            entry["moe_calls_per_step"] = len(routed) / steps
+            results[f"{family}/{mode}/zero{stage}" + ("/gradient-checkpointing" if recompute else "")] = entry
     return results
