@@ -1,6 +1,7 @@
 """A DeepSpeed training engine over GRACE layers: replicas kept equal, one norm per logical expert.
 
-`attach_training(engine, runtimes)` (grace_ds.deepspeed.initialize calls it) makes five changes:
+`attach_training(engine, runtimes, monitor_interval_steps)` (grace_ds.deepspeed.initialize calls it) makes
+five changes:
 - after every optimizer step (and after load_checkpoint) the primaries' weights are copied into their
   replicas (GraceRuntime.sync_replica_weights), so every copy serves the same expert;
 - fp32 without ZeRO: DeepSpeed clips by the mean over ranks of each rank's own gradient norm, which
@@ -8,7 +9,7 @@
   logical expert once: replicas' gradients are zero, see grace_ds.replica_sync), as DeepSpeed's ZeRO
   and bf16 optimizers and torch's clip_grad_norm_ on one process do;
 - save_checkpoint records the served layout and load_checkpoint fills every slot with its logical
-  expert under any saved layout (grace_ds.deepspeed_checkpoint);
+  expert's weights and optimizer states under any saved layout (grace_ds.deepspeed_checkpoint);
 - `engine.grace_runtimes` lists the runtimes, and `engine.max_replica_difference()` reports how far
   the copies of any expert are apart (0.0 after every step);
 - with a DeepSpeed monitor enabled, GRACE's traffic and load go to it every few steps
