@@ -33,7 +33,8 @@ from grace_ds.checkpoint_layout import difference as layout_difference
 from grace_ds.errors import GraceInputError
 from grace_ds.files import atomic_write_bytes, atomic_write_text
 from grace_ds.optimizer_state_remap import (Source, expert_parallel_rank, optimizer_states_by_layout,
-                                            parameter_order, per_parameter_groups, remappable)
+                                            parameter_order, per_parameter_groups, remappable, resizable,
+                                            zero_states_across_sizes)
 
 EXPERTS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 _EXPERT_KEY = re.compile(r"^(.*\.?deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..*)$")
@@ -198,26 +199,29 @@ def attach_checkpointing(engine) -> None:
             return call()  # DeepSpeed's own answer (a warning and (None, None), or its error)
         served = served_layout(engine.module)
         saved = saved_layout(Path(load_dir, resolved), served)
-        difference = layout_difference(saved, served)
+        record = Path(load_dir, resolved, LAYOUT_FILE)
+        saved_world = read_world_size(record) if record.is_file() else None
+        resized = saved_world not in (None, dist.get_world_size())
+        difference = layout_difference(saved, served) or (
+            f"saved by a job of {saved_world} ranks, this one has {dist.get_world_size()}" if resized else "")
         optimizer_states = load_optimizer_states and not load_module_only
         if not difference:
             result = call()
         elif optimizer_states:
             # Decided from files, the plan and the config alone: every rank stops here, before any collective.
-            record = Path(load_dir, resolved, LAYOUT_FILE)
-            saved_world = read_world_size(record) if record.is_file() else None
             reason = remappable(engine) or unrecorded(saved) or (
-                f"a job of {dist.get_world_size()} ranks (saved by {saved_world}; DeepSpeed keeps them per rank)"
-                if saved_world not in (None, dist.get_world_size()) else "")
+                f"a job of {dist.get_world_size()} ranks (saved by {saved_world}; without ZeRO 1/2 the optimizer "
+                "files follow the saver's ranks)" if resized and not resizable(engine) else "")
             if reason:
                 raise GraceInputError(
                     f"{Path(load_dir, resolved)}: {difference}; its optimizer states follow the saved physical "
                     f"slots and are not remapped for {reason}: pass load_optimizer_states=False (expert weights "
                     "remapped, optimizer state fresh) or load_module_only=True, or load under the plan it was saved with")
             order = read_optimizer_order(record) if record.is_file() else None
-            with expert_files_by_layout(saved, served), optimizer_states_by_layout(
-                    engine, expert_sources(engine.module, saved, served), saved_expert_parallel_size(saved),
-                    str(load_dir), resolved, order):
+            sources, saver_ep_size = expert_sources(engine.module, saved, served), saved_expert_parallel_size(saved)
+            states = (zero_states_across_sizes(engine, sources, saver_ep_size) if resized else
+                      optimizer_states_by_layout(engine, sources, saver_ep_size, str(load_dir), resolved, order))
+            with expert_files_by_layout(saved, served), states:
                 result = call()
         else:
             with expert_files_by_layout(saved, served):

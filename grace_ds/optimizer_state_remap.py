@@ -9,7 +9,9 @@ Under another layout those files are right for the dense parameters and wrong fo
 while DeepSpeed loads (`optimizer_states_by_layout`) its optimizer's `load_state_dict` receives the saved
 state rewritten for the served layout: each expert parameter's states and fp32 master are cut out of
 the fragments of its logical expert's saved primary and placed where the served slot's parameter lives
-(replicas get their primary's). DeepSpeed then loads it as a checkpoint of its own layout.
+(replicas get their primary's). DeepSpeed then loads it as a checkpoint of its own layout. In a job of
+another size (`zero_states_across_sizes`, ZeRO 1/2 only) every group is cut anew at this rank's
+partitions, dense ones too, each parameter joined by name from the saver ranks' fragments.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from grace_ds.errors import GraceInputError
 
 # DeepSpeed's keys in its ZeRO optimizers' state dicts (deepspeed.checkpoint.constants).
 BASE_STATE, FP32_GROUPS, SLICES = "base_optimizer_state", "single_partition_of_fp32_groups", "param_slice_mappings"
-PARAM_PADDINGS = "param_alignment_paddings"
+PARAM_PADDINGS, GROUP_PADDINGS, PARTITION_COUNT = "param_alignment_paddings", "group_paddings", "partition_count"
 FP32 = "fp32 master"  # beside the optimizer's own per-element state keys (exp_avg, momentum_buffer, ...)
 
 Source = tuple[int, str]  # (the saver's expert-parallel rank, the parameter's name there)
@@ -92,12 +94,7 @@ def optimizer_states_by_layout(engine, sources: dict[str, Source], saver_ep_size
             return original(remap_per_parameter_state(state_dict, own_rank, where, [len(g) for g in groups], read),
                             *args, **kwargs)
     else:
-        def read(rank: int) -> dict:  # DeepSpeed reads only this rank's ZeRO file; the sources may be in others
-            for bf16_mode in (engine.bfloat16_enabled(), not engine.bfloat16_enabled()):
-                names = engine._get_all_zero_checkpoint_names(load_dir, tag, bf16_mode)
-                if names is not None:
-                    return engine.checkpoint_engine.load(names[rank], map_location="cpu")["optimizer_state_dict"]
-            raise GraceInputError(f"{Path(load_dir, tag)}: no ZeRO optimizer files")
+        read = _zero_reader(engine, load_dir, tag)  # DeepSpeed reads only this rank's file; sources may be in others
 
         def load(state_dict_list=None, *args, **kwargs):
             if state_dict_list is not None:
@@ -109,6 +106,48 @@ def optimizer_states_by_layout(engine, sources: dict[str, Source], saver_ep_size
         yield
     finally:
         del optimizer.load_state_dict
+
+
+def resizable(engine) -> bool:
+    """Whether this engine's optimizer states can be cut anew for a job of another size (ZeRO 1/2's
+    partitions are named fragments; per-parameter optimizers' files follow the saver's ranks)."""
+    return per_parameter_groups(engine.optimizer) is None and not remappable(engine)
+
+
+@contextlib.contextmanager
+def zero_states_across_sizes(engine, sources: dict[str, Source], saver_ep_size: int) -> Iterator[None]:
+    """During the block, the engine loads ZeRO 1/2 states saved by a job of another size (DeepSpeed
+    refuses those): its _load_zero_checkpoint builds this rank's partitions from the saver's files,
+    every parameter by name (expert ones from their logical expert's primary)."""
+
+    def load_zero_checkpoint(load_dir, tag, load_optimizer_states=True):
+        read = _zero_reader(engine, load_dir, tag)
+        state_dict_list = zero_state_for_another_size(engine.optimizer, read, engine.loaded_checkpoint_dp_world_size,
+                                                      sources, saver_ep_size)
+        engine.optimizer.load_state_dict(state_dict_list=state_dict_list, load_optimizer_states=load_optimizer_states,
+                                         load_from_fp32_weights=engine.zero_load_from_fp32_weights(),
+                                         checkpoint_folder=None, load_serial=None,
+                                         param_shapes=engine._get_zero_param_shapes())
+        return True
+
+    engine._load_zero_checkpoint = load_zero_checkpoint  # an instance attribute over the method, for this load
+    try:
+        yield
+    finally:
+        del engine._load_zero_checkpoint
+
+
+def _zero_reader(engine, load_dir: str, tag: str) -> Callable[[int], dict]:
+    """rank -> that saver rank's ZeRO optimizer state dict (either bit16 file naming, as DeepSpeed tries)."""
+
+    def read(rank: int) -> dict:
+        for bf16_mode in (engine.bfloat16_enabled(), not engine.bfloat16_enabled()):
+            names = engine._get_all_zero_checkpoint_names(load_dir, tag, bf16_mode)
+            if names is not None and Path(names[rank]).is_file():
+                return engine.checkpoint_engine.load(names[rank], map_location="cpu")["optimizer_state_dict"]
+        raise GraceInputError(f"{Path(load_dir, tag)}: no ZeRO optimizer file of rank {rank}")
+
+    return read
 
 
 def _saved_positions(order: list[str], sources: dict[str, Source], own_rank: int,
@@ -176,80 +215,104 @@ def remap_zero_states(optimizer, state_dict_list: list[dict], sources: dict[str,
     """ZeRO 1/2's per-rank state dicts (DeepSpeed fills only this rank's) with this rank's expert groups
     rewritten for the served layout; `read(rank)` gives another rank's saved state dict."""
     world = len(state_dict_list)
-    if world % saver_ep_size:
-        raise GraceInputError(f"{world} ZeRO partitions cannot hold an expert-parallel size of {saver_ep_size}")
     rank = dist.get_rank(group=optimizer.dp_process_group)
-    mine = dict(state_dict_list[rank])
-    base = mine[BASE_STATE]
+    mine = state_dict_list[rank]
+    out = list(state_dict_list)
+    out[rank] = rebuilt_zero_state(optimizer, mine, lambda r: mine if r == rank else read(r), world, sources,
+                                   saver_ep_size, expert_groups_only=True)
+    return out
+
+
+def zero_state_for_another_size(optimizer, read: Callable[[int], dict], saved_world: int,
+                                sources: dict[str, Source], saver_ep_size: int) -> list[dict]:
+    """What DeepSpeed's ZeRO 1/2 load takes (a state dict per rank of this job, this rank's filled) from a
+    checkpoint of `saved_world` ranks: every group, dense ones too, cut anew at this rank's partitions."""
+    rank = dist.get_rank(group=optimizer.dp_process_group)
+    out: list[dict | None] = [None] * dist.get_world_size(group=optimizer.dp_process_group)
+    out[rank] = rebuilt_zero_state(optimizer, read(0), read, saved_world, sources, saver_ep_size,
+                                   expert_groups_only=False)
+    return out
+
+
+def rebuilt_zero_state(optimizer, template: dict, read: Callable[[int], dict], saved_world: int,
+                       sources: dict[str, Source], saver_ep_size: int, expert_groups_only: bool) -> dict:
+    """A ZeRO 1/2 state dict for this rank's partitions, built from the saver's (`template`: one saver
+    rank's, for the groups not rebuilt and the scalars): each rebuilt group's per-element states and fp32
+    master hold, at every served parameter's fragment, that parameter's saved values (expert parameters:
+    their logical expert's primary's), joined from the saver ranks' fragments."""
+    if saved_world % saver_ep_size:
+        raise GraceInputError(f"{saved_world} ZeRO partitions cannot hold an expert-parallel size of {saver_ep_size}")
+    base = template[BASE_STATE]
     if not isinstance(base, dict):
         raise GraceInputError("an elastic ZeRO checkpoint: its optimizer states cannot be remapped")
     if len(base["param_groups"]) != len(optimizer.bit16_groups):
         raise GraceInputError(f"the checkpoint's optimizer has {len(base['param_groups'])} parameter groups, "
                               f"this engine's {len(optimizer.bit16_groups)}")
-    groups = {}  # parameter group -> its (parameter, name) pairs, for the groups of expert parameters
+    groups = {}  # parameter group -> its (parameter, where its values were saved) pairs
     for group, params in enumerate(optimizer.bit16_groups):
         names = [optimizer.param_names[p] for p in params]
-        if any(name in sources for name in names):
-            if not all(name in sources for name in names):
-                raise GraceInputError(f"optimizer parameter group {group} mixes expert and dense parameters")
-            groups[group] = list(zip(params, names))
+        experts = [name in sources for name in names]
+        if any(experts) and not all(experts):
+            raise GraceInputError(f"optimizer parameter group {group} mixes expert and dense parameters")
+        if any(experts):  # partitioned over the saver's expert-data-parallel group of the primary's rank
+            groups[group] = [(p, (tuple(range(sources[n][0], saved_world, saver_ep_size)), sources[n][1]))
+                             for p, n in zip(params, names)]
+        elif not expert_groups_only:  # partitioned over every saver rank
+            groups[group] = [(p, (tuple(range(saved_world)), n)) for p, n in zip(params, names)]
     keys = {group: [key for key, value in base["state"].get(group, {}).items()
                     if torch.is_tensor(value) and value.dim() > 0] for group in groups}
-    saved = _saved_parameters(read, rank, mine, world, saver_ep_size,
-                              {group: {sources[name] for _, name in pairs} for group, pairs in groups.items()}, keys)
-    base = {**base, "state": dict(base["state"])}
-    fp32, slices = list(mine[FP32_GROUPS]), list(mine[SLICES])
+    saved = _saved_parameters(read, {group: {where for _, where in pairs} for group, pairs in groups.items()}, keys)
+    state, fp32, slices = dict(base["state"]), list(template[FP32_GROUPS]), list(template[SLICES])
     for group, pairs in groups.items():
         partition = optimizer.single_partition_of_fp32_groups[group]
         target = {key: torch.zeros(partition.numel(), dtype=partition.dtype) for key in [FP32, *keys[group]]}
-        for param, name in pairs:
+        for param, where in pairs:
             mapping = param._hp_mapping
             if mapping is None:
                 continue  # this parameter lies wholly in another rank's partition
-            full = saved[group, sources[name]]
+            full = saved[group, where]
             if full[FP32].numel() != param.numel():
-                raise GraceInputError(f"{name}: saved with {full[FP32].numel()} values, served with {param.numel()}")
+                raise GraceInputError(f"{where[1]}: saved with {full[FP32].numel()} values, served with {param.numel()}")
             hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
             for key, values in full.items():
                 target[key][hp.start:hp.start + hp.numel] = values[lp.start:lp.start + lp.numel]
-        base["state"][group] = {**base["state"].get(group, {}), **{key: target[key] for key in keys[group]}}
+        state[group] = {**base["state"].get(group, {}), **{key: target[key] for key in keys[group]}}
         fp32[group] = target[FP32]
         slices[group] = optimizer._param_slice_mappings[group]
-    mine.update({BASE_STATE: base, FP32_GROUPS: fp32, SLICES: slices})
-    if PARAM_PADDINGS in mine:  # the served groups' alignment (DeepSpeed refuses a mismatch)
-        mine[PARAM_PADDINGS] = copy.deepcopy(optimizer.round_robin_bit16_padding)
-    out = list(state_dict_list)
-    out[rank] = mine
+    out = {**template, BASE_STATE: {**base, "state": state}, FP32_GROUPS: fp32, SLICES: slices}
+    if PARAM_PADDINGS in out:  # the served groups' alignment (DeepSpeed refuses a mismatch)
+        out[PARAM_PADDINGS] = copy.deepcopy(optimizer.round_robin_bit16_padding)
+    if not expert_groups_only:
+        out.update({GROUP_PADDINGS: list(optimizer.groups_padding), PARTITION_COUNT: list(optimizer.partition_count)})
     return out
 
 
-def _saved_parameters(read: Callable[[int], dict], rank: int, mine: dict, world: int, saver_ep_size: int,
-                      wanted: dict[int, set[Source]], keys: dict[int, list[str]]) -> dict:
-    """(group, source) -> {key: the saved parameter's flat values}, joined from its fragments in the
-    partitions of its expert-data-parallel group (DeepSpeed's groups: ranks r with r % ep_size equal to
-    the expert-parallel rank, partitions in rank order). Each needed file is read once."""
+def _saved_parameters(read: Callable[[int], dict], wanted: dict[int, set[tuple[tuple[int, ...], str]]],
+                      keys: dict[int, list[str]]) -> dict:
+    """(group, (ranks, name)) -> {key: the saved parameter's flat values}, joined from its fragments in
+    those saver ranks' partitions, in rank order (DeepSpeed partitions a group over its data-parallel
+    ranks in rank order; an expert group's are the ranks r with r % ep_size its expert-parallel rank).
+    Each file is read once, and only the fragments are kept."""
     pieces: dict = {}
-    needed = sorted({r for sources in wanted.values() for expert_rank, _ in sources
-                     for r in range(expert_rank, world, saver_ep_size)})
-    for other in needed:
-        saved = mine if other == rank else read(other)
-        for group, sources in wanted.items():
+    for other in sorted({r for entries in wanted.values() for ranks, _ in entries for r in ranks}):
+        saved = read(other)
+        for group, entries in wanted.items():
             flats = {FP32: saved[FP32_GROUPS][group],
                      **{key: saved[BASE_STATE]["state"][group][key] for key in keys[group]}}
-            for source in sources:
-                address = saved[SLICES][group].get(source[1]) if source[0] == other % saver_ep_size else None
+            for where in entries:
+                address = saved[SLICES][group].get(where[1]) if other in where[0] else None
                 if address is None:
                     continue
                 for key, flat in flats.items():
                     # A copy, not a view: the rest of the file is freed once it has been read.
                     part = flat.reshape(-1)[address.start:address.start + address.numel].to(torch.float32, copy=True)
-                    pieces.setdefault((group, source), {}).setdefault(key, []).append(part)
+                    pieces.setdefault((group, where), {}).setdefault(key, []).append(part)
         del saved
     out = {}
-    for group, sources in wanted.items():
-        for source in sources:
-            if (group, source) not in pieces:
-                raise GraceInputError(f"the checkpoint's ZeRO partitions hold no parameter {source[1]!r} "
-                                      f"(expert-parallel rank {source[0]})")
-            out[group, source] = {key: torch.cat(parts) for key, parts in pieces[group, source].items()}
+    for group, entries in wanted.items():
+        for where in entries:
+            if (group, where) not in pieces:
+                raise GraceInputError(f"the checkpoint's ZeRO partitions hold no parameter {where[1]!r} "
+                                      f"(saver ranks {list(where[0])})")
+            out[group, where] = {key: torch.cat(parts) for key, parts in pieces[group, where].items()}
     return out

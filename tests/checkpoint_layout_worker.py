@@ -101,25 +101,64 @@ def refused(load) -> str:
     return ""
 
 
-def save_between_steps(saver, net, rank: int, checkpoint: str) -> tuple[dict, torch.Tensor, dict]:
-    """STEPS steps, the checkpoint (tag "t"), one more step: (saved parameters, saved forward, parameters
-    after the saver's next step)."""
+def save_between_steps(saver, net, rank: int, checkpoint: str, at_save=None) -> tuple[dict, torch.Tensor, dict]:
+    """STEPS steps, the checkpoint (tag "t"), `at_save()` if given, one more step: (saved parameters, saved
+    forward, parameters after the saver's next step)."""
     for number in range(1, STEPS + 1):
         step(saver, rank, number)
     saved, saved_forward = parameters_of(net), forward(net, rank)
     saver.save_checkpoint(checkpoint, tag="t")
+    if at_save is not None:
+        at_save()
     step(saver, rank, STEPS + 1)
     return saved, saved_forward, parameters_of(net)
+
+
+def logical_optimizer_state(net, optimizer) -> dict[str, torch.Tensor]:
+    """ZeRO 1/2's fp32 masters and SGD momenta as one job-wide view (DeepSpeed's tensor-fragment API):
+    the dense parameters' as they are, each logical expert's from its primary copy ([E, values])."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    from tests.training_worker import ExpertMLP
+
+    def value(param, key: str) -> torch.Tensor:
+        full = safe_get_full_fp32_param(param) if key == "fp32" else safe_get_full_optimizer_state(param, "momentum_buffer")
+        return full.detach().reshape(-1).double()
+
+    # DeepSpeed links the fragments to the optimizer's state once, at the first group's first step, when
+    # later groups (the expert group) have no state yet: link again now that every group has one.
+    optimizer._hp_optimizer_states_linked = False
+    optimizer._lazy_init_hp_params_optimizer_state()
+    layer = net.moe.deepspeed_moe
+    runtime = layer._runtime
+    primary = runtime.plan.slot_is_primary[layer.layer, runtime.rank]
+    width = sum(p.numel() for p in ExpertMLP().parameters())
+    out = {}
+    for key in ("fp32", "momentum"):
+        out[f"upstream/{key}"], out[f"gate/{key}"] = value(net.inp.weight, key), value(layer.gate.wg.weight, key)
+        experts = torch.zeros(EXPERTS, width, dtype=torch.float64, device=DEVICE)
+        for slot, expert in enumerate(layer.held):  # every held slot: the same calls on every rank of a group
+            if expert >= 0:
+                flat = torch.cat([value(p, key) for p in layer.experts.deepspeed_experts[str(slot)].parameters()])
+                if bool(primary[slot]):
+                    experts[expert] = flat
+        dist.all_reduce(experts, group=runtime.group)
+        out[f"experts/{key}"] = experts
+    return {name: tensor.cpu() for name, tensor in out.items()}
 
 
 def check_stage(stage: int, plan_set: dict, rank: int, out_dir: str, dtype: str = "fp32") -> dict:
     """bf16: the saver and the other plan only (its fp32 masters are what the case checks)."""
     checkpoint = str(Path(out_dir, f"{dtype}-zero{stage}"))
     saver, net = engine_for(plan_set["saved"], stage, rank, seed=3, dtype=dtype)
-    saved, saved_forward, continued = save_between_steps(saver, net, rank, checkpoint)
+    states = {}
+    snapshot = ((lambda: states.update(logical_optimizer_state(net, saver.optimizer)))
+                if stage == 1 and dtype == "fp32" else None)
+    saved, saved_forward, continued = save_between_steps(saver, net, rank, checkpoint, snapshot)
     entry = {"record": Path(checkpoint, "t", "grace_layout.json").is_file()}
-    if stage == 1 and dtype == "fp32":  # for the job of another size (resize_main)
-        torch.save({"saved": saved, "forward": saved_forward}, Path(out_dir, f"zero1-saved-rank{rank}.pt"))
+    if states:  # for the job of another size (resize_main)
+        torch.save({"saved": saved, "forward": saved_forward, "optimizer": states},
+                   Path(out_dir, f"zero1-saved-rank{rank}.pt"))
 
     other, other_net = engine_for(plan_set[stage], stage, rank, dtype=dtype)
     initial = parameters_of(other_net)
@@ -305,8 +344,9 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
 
 def resize_main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
     """A job of another size (2 ranks as 2 nodes x 1) loads main's ZeRO-1 checkpoint of 4 ranks under a
-    GRACE plan for its 2 GPUs: with optimizer states refused by name (DeepSpeed keeps them per rank);
-    without, every copy holds its logical expert, the forward is the saver's, and a step trains from it."""
+    GRACE plan for its 2 GPUs, optimizer states included: every copy holds its logical expert, the forward
+    is the saver's, every fp32 master and momentum the saver's; the ZeRO-0 checkpoint's optimizer states
+    (torch's, in per-rank files) are refused by name."""
     _, backend = join_logical_node(rank, world, nodes, port, DEVICE.type)
     try:
         import deepspeed
@@ -316,13 +356,15 @@ def resize_main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> N
         profile = routing_profile(torch.randn(EXPERTS, HIDDEN), every_batch(world), K)
         plan = make_plan("grace", profile, Topology.uniform(nodes, world // nodes), replica_slots=1)
         reference = torch.load(Path(out_dir, f"zero1-saved-rank{rank}.pt"))
-        checkpoint = str(Path(out_dir, "fp32-zero1"))
         engine, net = engine_for(plan, 1, rank)
-        entry = {"refused": refused(lambda: engine.load_checkpoint(checkpoint, tag="t"))}
-        engine.load_checkpoint(checkpoint, tag="t", load_optimizer_states=False)
-        entry.update(loaded(engine, net, reference["saved"], reference["forward"], rank))
+        engine.load_checkpoint(str(Path(out_dir, "fp32-zero1")), tag="t")  # ZeRO 1: states cut anew for 2 ranks
+        entry = loaded(engine, net, reference["saved"], reference["forward"], rank)
+        entry["optimizer"] = differences(logical_optimizer_state(net, engine.optimizer), reference["optimizer"])
+        entry["momentum_size"] = max(float(v.abs().max()) for k, v in reference["optimizer"].items() if "momentum" in k)
         step(engine, rank, STEPS + 1)
         entry["step_size"] = max(differences(parameters_of(net), reference["saved"]).values())
+        without_zero, _ = engine_for(plan, 0, rank)  # torch's per-rank optimizer files: refused by name
+        entry["refused"] = refused(lambda: without_zero.load_checkpoint(str(Path(out_dir, "fp32-zero0")), tag="t"))
         Path(out_dir, f"resize-rank{rank}.json").write_text(json.dumps(entry))
         dist.barrier()
     finally:

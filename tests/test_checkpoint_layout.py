@@ -148,14 +148,19 @@ def test_converted_transformers_model_loads_under_another_plan(reports):
         assert entry["continued"] <= FP32 < 100 * FP32 < entry["step_size"], (rank, entry)
 
 
-def test_a_job_of_another_size_loads_the_weights_under_its_plan(run):
-    """The 4-rank ZeRO-1 checkpoint in a job of 2 ranks (2 nodes x 1) under a GRACE plan for 2 GPUs: its
-    optimizer states refused by name (DeepSpeed keeps them per rank); without them every copy holds its
-    logical expert and the forward is the saver's."""
+def test_a_job_of_another_size_loads_weights_and_zero_states_under_its_plan(run):
+    """The 4-rank ZeRO-1 checkpoint in a job of 2 ranks (2 nodes x 1) under a GRACE plan for 2 GPUs:
+    every copy of every logical expert and every dense weight the saver's, and so every fp32 master and
+    SGD momentum (ZeRO's partitions cut anew for 2 ranks; DeepSpeed alone refuses another size); the
+    ZeRO-0 checkpoint's optimizer states, in per-rank torch files, refused by name."""
     out, _ = run
     mp.spawn(checkpoint_layout_worker.resize_main, args=(2, 2, free_port(), str(out)), nprocs=2, join=True)
     for rank in range(2):
         entry = json.loads((out / f"resize-rank{rank}.json").read_text())
-        assert "a job of 2 ranks (saved by 4" in entry["refused"] and "load_optimizer_states=False" in entry["refused"]
         assert_loaded(entry, f"rank {rank} of 2", exact=False)
+        assert set(entry["optimizer"]) == {f"{kind}/{key}" for kind in ("upstream", "gate", "experts")
+                                           for key in ("fp32", "momentum")}, entry["optimizer"]
+        assert max(entry["optimizer"].values()) == 0.0 < entry["momentum_size"], entry
         assert entry["copies"] > 0 and entry["step_size"] <= STEP, entry
+        message = entry["refused"]
+        assert "a job of 2 ranks (saved by 4" in message and "load_optimizer_states=False" in message, message
