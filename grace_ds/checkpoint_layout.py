@@ -137,9 +137,14 @@ def describe_checkpoint(directory: str | os.PathLike, plan=None) -> list[str]:
         if len(served) != len(layouts):
             raise GraceInputError(f"{directory}: {len(layouts)} MoE layers saved, the plan has {len(served)}")
         change = difference(layouts, served)
+        if zero_files:
+            states = ", and its optimizer states (ZeRO partitions: in a job of any size)"
+        elif expert_rank_files and order is not None and world is not None:
+            states = f", and its optimizer states in a job of {world} ranks"
+        else:
+            states = ""
         lines.append("  under the plan: the same layout, loaded as saved" if not change else
-                     f"  under the plan: {change}; every slot loads its logical expert's weights"
-                     + (f", and its optimizer states in a job of {world} ranks" if world is not None else ""))
+                     f"  under the plan: {change}; every slot loads its logical expert's weights{states}")
     return lines
 
 

@@ -210,6 +210,6 @@ def test_checkpoint_info_describes_the_record_and_what_a_plan_remaps(shared_data
     assert "the same layout, loaded as saved" in same.stdout, same.stdout
     other = run_cli("checkpoint-info", tag, "--plan", plans["contiguous"])
     assert "MoE layer 0 was saved under a GRACE plan" in other.stdout, other.stdout
-    assert "optimizer states in a job of 4 ranks" in other.stdout, other.stdout
+    assert "optimizer states (ZeRO partitions: in a job of any size)" in other.stdout, other.stdout
     missing = run_cli("checkpoint-info", tmp_path)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "grace_layout.json" in missing.stderr
