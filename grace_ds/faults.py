@@ -142,8 +142,18 @@ def collective_device(group=None) -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce(tensor: torch.Tensor, phase: str, group=None) -> None:
-    guarded(phase, group, dist.all_reduce, tensor, group=group)
+def all_reduce(tensor: torch.Tensor, phase: str, group=None, op=dist.ReduceOp.SUM) -> None:
+    guarded(phase, group, dist.all_reduce, tensor, op=op, group=group)
+
+
+def all_reduced_on_host(tensor: torch.Tensor, phase: str, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """A host tensor all-reduced over `group` on the device its backend takes (NCCL: the GPU), back on
+    the host; as it is without torch.distributed."""
+    if not distributed():
+        return tensor
+    on_device = tensor.to(collective_device(group))
+    all_reduce(on_device, phase, group, op)
+    return on_device.cpu()
 
 
 def all_gather_tensor(tensor: torch.Tensor, phase: str, group=None) -> torch.Tensor:

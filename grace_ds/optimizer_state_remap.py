@@ -101,11 +101,8 @@ def optimizer_states_by_layout(engine, sources: dict[str, Source], saver_ep_size
                 state_dict_list = remap_zero_states(optimizer, state_dict_list, sources, saver_ep_size, read)
             return original(state_dict_list, *args, **kwargs)
 
-    optimizer.load_state_dict = load  # an instance attribute over the class's method, for this one load
-    try:
+    with _instead(optimizer, "load_state_dict", load):
         yield
-    finally:
-        del optimizer.load_state_dict
 
 
 def resizable(engine) -> bool:
@@ -130,11 +127,19 @@ def zero_states_across_sizes(engine, sources: dict[str, Source], saver_ep_size: 
                                          param_shapes=engine._get_zero_param_shapes())
         return True
 
-    engine._load_zero_checkpoint = load_zero_checkpoint  # an instance attribute over the method, for this load
+    with _instead(engine, "_load_zero_checkpoint", load_zero_checkpoint):
+        yield
+
+
+@contextlib.contextmanager
+def _instead(instance, method: str, replacement: Callable) -> Iterator[None]:
+    """During the block `instance.<method>` is `replacement` (an instance attribute over the class's
+    method, removed afterwards: nothing else changes for the rest of the run)."""
+    setattr(instance, method, replacement)
     try:
         yield
     finally:
-        del engine._load_zero_checkpoint
+        delattr(instance, method)
 
 
 def _zero_reader(engine, load_dir: str, tag: str) -> Callable[[int], dict]:

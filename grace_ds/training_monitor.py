@@ -59,10 +59,7 @@ class TrainingMonitor:
                 counts[0] += traffic.cross_node_bytes
                 counts[1] += traffic.intra_node_bytes
                 counts[2 + rank] += traffic.pairs_computed
-        if faults.distributed():
-            counts = counts.to(faults.collective_device())
-            dist.all_reduce(counts)
-            counts = counts.cpu()
+        counts = faults.all_reduced_on_host(counts, "training monitor (GRACE's figures over ranks)")
         pairs = counts[2:] / steps
         return {"forward_cross_node_MB_per_step": float(counts[0]) / world / steps / 1e6,
                 "forward_same_node_MB_per_step": float(counts[1]) / world / steps / 1e6,

@@ -119,31 +119,19 @@ def logical_optimizer_state(net, optimizer) -> dict[str, torch.Tensor]:
     the dense parameters' as they are, each logical expert's from its primary copy ([E, values])."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from tests.training_worker import ExpertMLP
+    from tests.training_worker import logical_expert_tensors
 
-    def value(param, key: str) -> torch.Tensor:
-        full = safe_get_full_fp32_param(param) if key == "fp32" else safe_get_full_optimizer_state(param, "momentum_buffer")
-        return full.detach().reshape(-1).double()
-
+    readers = {"fp32": safe_get_full_fp32_param,
+               "momentum": lambda param: safe_get_full_optimizer_state(param, "momentum_buffer")}
     # DeepSpeed links the fragments to the optimizer's state once, at the first group's first step, when
     # later groups (the expert group) have no state yet: link again now that every group has one.
     optimizer._hp_optimizer_states_linked = False
     optimizer._lazy_init_hp_params_optimizer_state()
-    layer = net.moe.deepspeed_moe
-    runtime = layer._runtime
-    primary = runtime.plan.slot_is_primary[layer.layer, runtime.rank]
-    width = sum(p.numel() for p in ExpertMLP().parameters())
     out = {}
-    for key in ("fp32", "momentum"):
-        out[f"upstream/{key}"], out[f"gate/{key}"] = value(net.inp.weight, key), value(layer.gate.wg.weight, key)
-        experts = torch.zeros(EXPERTS, width, dtype=torch.float64, device=DEVICE)
-        for slot, expert in enumerate(layer.held):  # every held slot: the same calls on every rank of a group
-            if expert >= 0:
-                flat = torch.cat([value(p, key) for p in layer.experts.deepspeed_experts[str(slot)].parameters()])
-                if bool(primary[slot]):
-                    experts[expert] = flat
-        dist.all_reduce(experts, group=runtime.group)
-        out[f"experts/{key}"] = experts
+    for key, read in readers.items():
+        out[f"upstream/{key}"] = read(net.inp.weight).reshape(-1).double()
+        out[f"gate/{key}"] = read(net.moe.deepspeed_moe.gate.wg.weight).reshape(-1).double()
+        out[f"experts/{key}"] = logical_expert_tensors(net, grads=False, value=read)
     return {name: tensor.cpu() for name, tensor in out.items()}
 
 

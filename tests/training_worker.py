@@ -53,18 +53,20 @@ def routing_profile(gate_weight: torch.Tensor, inputs: torch.Tensor, k: int) -> 
     return RoutingProfile.from_topk_ids(topk_ids.view(-1, 1, k), EXPERTS)
 
 
-def logical_expert_tensors(model: torch.nn.Module, grads: bool) -> torch.Tensor:
-    """[E, values] every logical expert's flattened parameters (or gradients), the same on every rank:
-    DeepSpeed's layer holds experts rank * E/ep + i; GraceMoE's primaries hold theirs (replicas left out,
-    their gradients being zero by design)."""
+def logical_expert_tensors(model: torch.nn.Module, grads: bool, value=None) -> torch.Tensor:
+    """[E, values] every logical expert's flattened parameters (or gradients, or `value(param)`), the same
+    on every rank: DeepSpeed's layer holds experts rank * E/ep + i; GraceMoE's primaries hold theirs
+    (replicas left out, their gradients being zero by design)."""
     from grace_ds.deepspeed_moe import GraceMoE
 
     moe = model.moe
     width = sum(p.numel() for p in ExpertMLP().parameters())
     out = torch.zeros(EXPERTS, width, dtype=torch.float64, device=DEVICE)
 
+    value = value or (lambda p: p.grad if grads else p)
+
     def flat(module):
-        return torch.cat([(p.grad if grads else p).detach().reshape(-1).double() for p in module.parameters()])
+        return torch.cat([value(p).detach().reshape(-1).double() for p in module.parameters()])
 
     experts = moe.deepspeed_moe.experts.deepspeed_experts
     if isinstance(moe, GraceMoE):
@@ -288,7 +290,7 @@ def check_monitor(rank: int, world: int, topology: Topology, out_dir: str) -> di
             engine.backward(loss)
             engine.step()
     finally:
-        dist.all_to_all_single, dist.all_reduce = wire._originals
+        wire.uninstall()
     moved = forward_bytes
     dist.all_reduce(moved)
     written = {}

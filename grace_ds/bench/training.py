@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from grace_ds import faults
 from grace_ds.bench.provenance import run_record
 from grace_ds.bench.training_report import parting_step, plot, print_table
 from grace_ds.bench.training_variants import REFERENCE, VARIANTS, WireBytes, engine_for, load_model
@@ -58,12 +59,8 @@ def batches(args, world: int, rank: int, device: torch.device):
 
 
 def reduced(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """`tensor` (on the host) all-reduced over the job on the device its backend takes (NCCL: the GPU)."""
-    from grace_ds import faults
-
-    on_device = tensor.to(faults.collective_device())
-    dist.all_reduce(on_device, op=op)
-    return on_device.cpu()
+    """A benchmark figure (on the host) all-reduced over the job."""
+    return faults.all_reduced_on_host(tensor, "training benchmark (figures over ranks)", op=op)
 
 
 def synchronize(device: torch.device) -> None:

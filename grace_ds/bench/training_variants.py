@@ -48,6 +48,9 @@ class WireBytes:
 
         dist.all_to_all_single, dist.all_reduce = counted_all_to_all, counted_all_reduce
 
+    def uninstall(self) -> None:
+        dist.all_to_all_single, dist.all_reduce = self._originals
+
     def _count_all_to_all(self, input: torch.Tensor, splits, group) -> None:
         peers = dist.get_world_size(group)
         row_bytes = math.prod(input.shape[1:]) * input.element_size()  # a rank may send no rows at all
