@@ -26,7 +26,8 @@ from grace_ds.plan_agreement import agree_on_plan, broadcast_plan
 from grace_ds.runtime import GraceRuntime
 from grace_ds.topology import LinkModel, Topology
 
-__all__ = ["init_inference", "initialize", "save_pretrained", "save_profile"]
+__all__ = ["attach_to_engine", "convert_for_training", "init_inference", "initialize", "moe_param_groups",
+           "save_pretrained", "save_profile"]
 
 
 def job_topology(links: LinkModel | None = None, group=None) -> Topology:
@@ -122,14 +123,20 @@ def initialize(model: torch.nn.Module, config: dict | str | os.PathLike | None =
     `grace_moe.profiling` the engine carries `grace_recorder`."""
     import deepspeed
 
-    from grace_ds.deepspeed_training import attach_training, runtimes_of
-
     rest, section = split_config(config)
     if section is not None and section.enabled and (section.plan or section.profile) and find_moe_blocks(model):
-        _convert_for_training(model, section)
+        convert_for_training(model, section)
         kwargs = _converted_model_parameters(model, kwargs)
     result = deepspeed.initialize(model=model, config=rest, **kwargs)
-    engine = result[0]
+    attach_to_engine(result[0], section)
+    return result
+
+
+def attach_to_engine(engine, section: GraceMoEConfig | None) -> None:
+    """GRACE's training hooks on a DeepSpeed engine whose module has GRACE layers (grace_ds.deepspeed_training),
+    and with `grace_moe.profiling` the routing recorder (`engine.grace_recorder`)."""
+    from grace_ds.deepspeed_training import attach_training, runtimes_of
+
     runtimes = runtimes_of(engine.module)
     if runtimes:
         attach_training(engine, runtimes, (section or GraceMoEConfig()).monitor_interval_steps)
@@ -138,11 +145,11 @@ def initialize(model: torch.nn.Module, config: dict | str | os.PathLike | None =
         engine.grace_recorder = attach_recorder(engine.module, runtimes[0] if len(runtimes) == 1 else None)
         engine.grace_config = section
         engine.grace_group = faults.fault_group(section.fault_timeout_s) if dist.is_initialized() else None
-    return result
 
 
-def _convert_for_training(model: torch.nn.Module, section: GraceMoEConfig) -> GraceRuntime:
-    """Give the model's transformers MoE blocks GRACE experts that DeepSpeed trains (this rank's slots)."""
+def convert_for_training(model: torch.nn.Module, section: GraceMoEConfig) -> GraceRuntime:
+    """Give the model's transformers MoE blocks GRACE experts that DeepSpeed trains (this rank's slots), in
+    DeepSpeed's expert-parallel group (made here as its MoE layers make it). Initialises distributed if needed."""
     import deepspeed
     from deepspeed.utils import groups
 
@@ -183,8 +190,6 @@ def _agreed_plan(section: GraceMoEConfig, topology: Topology, group) -> Placemen
 def _converted_model_parameters(model: torch.nn.Module, kwargs: dict) -> dict:
     """deepspeed.initialize's keyword arguments for the converted model: its parameters in DeepSpeed's
     MoE parameter groups unless given; an optimizer built before the conversion is refused."""
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
     if isinstance(kwargs.get("optimizer"), torch.optim.Optimizer):
         raise GraceInputError("grace_moe converts the model's experts before DeepSpeed starts, so an optimizer built "
                               "on the model's parameters would miss them: give the optimizer in the config or as a "
@@ -198,5 +203,15 @@ def _converted_model_parameters(model: torch.nn.Module, kwargs: dict) -> dict:
                                   "model_parameters out (grace_ds groups the converted model's) or build them after")
         return kwargs
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return {**kwargs, "model_parameters": split_params_into_different_moe_groups_for_optimizer(
-        {"params": trainable, "name": "parameters"})}
+    return {**kwargs, "model_parameters": moe_param_groups([{"params": trainable}])}
+
+
+def moe_param_groups(param_groups: list[dict]) -> list[dict]:
+    """Optimizer parameter groups with the expert parameters in DeepSpeed's MoE groups (one per expert-data-
+    parallel group, `moe: True`), each group's options kept: ZeRO reduces and partitions experts over their
+    own group, and refuses an MoE model whose groups are not split so."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    named = [{**group, "params": list(group["params"]), "name": group.get("name", "parameters" if index == 0 else f"parameters_{index}")}
+             for index, group in enumerate(param_groups)]
+    return split_params_into_different_moe_groups_for_optimizer(named)

@@ -25,8 +25,10 @@ EVENTS = "Train/Samples/grace_moe/"
 
 
 class TrainingMonitor:
-    """Counts GRACE's traffic and load between intervals and writes them to `engine.monitor`.
-    `last`: the latest interval's figures (also `pairs_per_rank_per_step`, which is not written)."""
+    """Counts GRACE's traffic and load between intervals and writes them to `engine.monitor` (`after_step`), or
+    hands them to a caller (`collect`: transformers' Trainer logs, grace_ds.transformers_trainer). Monitors of
+    one engine do not disturb each other: each keeps its own starting counts. `last`: the latest interval's
+    figures (also `pairs_per_rank_per_step`, which is not written)."""
 
     def __init__(self, engine, runtimes: list[GraceRuntime], interval_steps: int) -> None:
         self.engine, self.runtimes, self.interval_steps = engine, runtimes, interval_steps
@@ -36,21 +38,10 @@ class TrainingMonitor:
         self._start()
 
     def _start(self) -> None:
-        self.since_step = self.engine.global_steps
-        for runtime in self.runtimes:
-            runtime.traffic = [Traffic() for _ in runtime.traffic]
+        self.since_step, self.since_counts = self.engine.global_steps, self._counts()
 
-    def after_step(self) -> None:
-        """Call after each optimizer step on every rank (the interval's end is a collective)."""
-        steps = self.engine.global_steps - self.since_step
-        if steps < self.interval_steps:
-            return
-        self.last = self.figures(steps)
-        self.engine.monitor.write_events([(EVENTS + name, value, self.engine.global_samples)
-                                          for name, value in self.last.items() if not isinstance(value, list)])
-        self._start()
-
-    def figures(self, steps: int) -> dict[str, float | list[float]]:
+    def _counts(self) -> torch.Tensor:
+        """This rank's totals so far: [cross-node bytes, same-node bytes, then its pairs at its own index]."""
         world = dist.get_world_size() if faults.distributed() else 1
         rank = dist.get_rank() if faults.distributed() else 0
         counts = torch.zeros(2 + world, dtype=torch.float64)
@@ -59,9 +50,25 @@ class TrainingMonitor:
                 counts[0] += traffic.cross_node_bytes
                 counts[1] += traffic.intra_node_bytes
                 counts[2 + rank] += traffic.pairs_computed
-        counts = faults.all_reduced_on_host(counts, "training monitor (GRACE's figures over ranks)")
-        pairs = counts[2:] / steps
-        return {"forward_cross_node_MB_per_step": float(counts[0]) / world / steps / 1e6,
-                "forward_same_node_MB_per_step": float(counts[1]) / world / steps / 1e6,
-                "load_max_over_mean": float(pairs.max() / pairs.mean()) if pairs.sum() > 0 else 1.0,
-                "pairs_per_rank_per_step": pairs.tolist()}
+        return counts
+
+    def after_step(self) -> None:
+        """Call after each optimizer step on every rank (the interval's end is a collective)."""
+        if self.engine.global_steps - self.since_step < self.interval_steps:
+            return
+        self.engine.monitor.write_events([(EVENTS + name, value, self.engine.global_samples)
+                                          for name, value in self.collect().items() if not isinstance(value, list)])
+
+    def collect(self) -> dict[str, float | list[float]]:
+        """The figures since the last collect (or the start), per optimizer step; starts the next interval.
+        Collective: every rank calls it at the same step."""
+        counts, steps = self._counts(), max(1, self.engine.global_steps - self.since_step)
+        interval = faults.all_reduced_on_host(counts - self.since_counts, "training monitor (GRACE's figures over ranks)")
+        self.since_step, self.since_counts = self.engine.global_steps, counts
+        world = interval.numel() - 2
+        pairs = interval[2:] / steps
+        self.last = {"forward_cross_node_MB_per_step": float(interval[0]) / world / steps / 1e6,
+                     "forward_same_node_MB_per_step": float(interval[1]) / world / steps / 1e6,
+                     "load_max_over_mean": float(pairs.max() / pairs.mean()) if pairs.sum() > 0 else 1.0,
+                     "pairs_per_rank_per_step": pairs.tolist()}
+        return self.last

@@ -94,3 +94,44 @@ def test_launcher_gives_each_local_rank_its_share_of_the_cores_unless_set(tmp_pa
     (tmp_path / ".deepspeed_env").write_text("NCCL_DEBUG=INFO")  # no final newline
     assert _launch_threads(tmp_path, ["--hostfile", "hosts", "--num-nodes", "2", "--num-gpus", "64"], {}) == [
         "file:NCCL_DEBUG=INFO;OMP_NUM_THREADS=1;"]
+
+
+def test_transformers_trainer_script_under_the_deepspeed_launcher(tmp_path):
+    """scripts/finetune_trainer.py (GraceTrainer) on the embedded model as 2 emulated nodes x 2: it trains on
+    every rank's own batches, logs GRACE's figures, leaves checkpoint-N with the layout record and a final model
+    that from_pretrained loads as the unmodified OLMoE; then resumes from checkpoint-2 to step 4."""
+    import transformers
+
+    from grace_ds.checkpoint_layout import LAYOUT_FILE
+    from grace_ds.examples.corpus import stdlib_bytes
+    from grace_ds.profiling import load_model, profile_model
+
+    model_dir = ROOT / "grace_ds" / "examples" / "default_model"
+    model, _ = load_model(model_dir)
+    profile = profile_model(model, stdlib_bytes("heldout")[:4096], sequence_length=128, show_progress=False)
+    profile.save(tmp_path / "profile.safetensors")
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "gradient_clipping": "auto", "zero_optimization": {"stage": 1},
+              "grace_moe": {"profile": str(tmp_path / "profile.safetensors"), "communication": "auto"}}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+
+    def finetune(*extra: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(["bash", str(ROOT / "scripts" / "launch.sh"), "--emulate-nodes", "2", "--num-gpus", "2",
+                               "--master-port", str(free_port()), "--", str(ROOT / "scripts" / "finetune_trainer.py"),
+                               "--model", str(model_dir), "--deepspeed", str(tmp_path / "ds.json"), "--output-dir",
+                               str(tmp_path / "run"), "--sequence-length", "64", "--batch-size", "2", "--save-steps", "2",
+                               "--logging-steps", "1",
+                               *extra], capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=ROOT)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+
+    first = finetune("--max-steps", "2")
+    assert "trained 2 steps" in first.stdout and "forward_cross_node_MB_per_step" in first.stdout
+    assert (tmp_path / "run" / "checkpoint-2" / "global_step2" / LAYOUT_FILE).is_file()
+    resumed = finetune("--max-steps", "4", "--resume", str(tmp_path / "run" / "checkpoint-2"))
+    assert "trained 4 steps" in resumed.stdout
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    assert type(loaded).__name__ == "OlmoeForCausalLM"
+    trained = dict(loaded.named_parameters())
+    moved = [name for name, p in model.named_parameters() if not torch.equal(p, trained[name])]
+    assert any(".experts." in name for name in moved) and any("self_attn" in name for name in moved)

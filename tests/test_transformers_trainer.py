@@ -1,0 +1,90 @@
+"""transformers' Trainer through GRACE (grace_ds.transformers_trainer.GraceTrainer), on 4 gloo ranks as 2 nodes
+x 2: a converted Mixtral with replicated experts, router loss on, clipping on, trained as transformers' Trainer
+trains the unmodified model under the same DeepSpeed JSON (ZeRO 0/1/2, Trainer's AdamW or the config's,
+gradient accumulation); checkpoints that from_pretrained loads as the unmodified model; a run resumed from
+its checkpoint-N under another plan; GRACE's figures in every training log."""
+import pytest
+import torch.multiprocessing as mp
+
+from grace_ds.logical_nodes import free_port
+from tests import trainer_worker
+
+WORLD, NODES = 4, 2
+FP32 = 1e-5  # only summation order differs
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    import json
+
+    out = tmp_path_factory.mktemp("trainer")
+    mp.spawn(trainer_worker.main, args=(WORLD, NODES, free_port(), str(out)), nprocs=WORLD, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+CASES = ["zero1/trainer-adamw/accumulation2", "zero2/config-adamw", "zero0/trainer-adamw"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_trains_as_the_unmodified_model_under_transformers_trainer(report, case):
+    for rank_report in report:
+        entry = rank_report[case]
+        print(case, {k: entry[k] for k in ("loss", "grad_norms", "weights", "replicas_apart")})
+        assert entry["steps"] == list(range(1, trainer_worker.STEPS + 1))
+        assert entry["replicated_experts"] > 0 and entry["moe_groups"] > 0
+        assert entry["loss"] < FP32 * entry["first_loss"]
+        for mine, theirs in zip(entry["grad_norms"], entry["reference_grad_norms"]):
+            assert mine is not None and (theirs is None or abs(mine - theirs) < FP32 * theirs), (mine, theirs)
+        assert max(entry["weights"].values()) < FP32, entry["weights"]
+        assert entry["replicas_apart"] == 0.0
+
+
+def test_fp32_without_zero_logs_the_exact_global_norm(report):
+    """DeepSpeed's fp32 engine without ZeRO logs no norm; GRACE's clips by the exact global one and reports it:
+    at the first step (same weights, same batches) it is the norm ZeRO 2 reports for the unmodified model."""
+    mine, theirs = report[0]["zero0/trainer-adamw"]["grad_norms"][0], report[0]["zero2/config-adamw"]["reference_grad_norms"][0]
+    print(mine, theirs)
+    assert report[0]["zero0/trainer-adamw"]["reference_grad_norms"][0] is None
+    assert abs(mine - theirs) < FP32 * theirs
+
+
+def test_saved_checkpoints_load_as_the_unmodified_model(report):
+    entry = report[0][CASES[0]]
+    for label in ("saved_checkpoint", "saved_final"):
+        print(label, entry[label])
+        assert entry[label]["class"] == "MixtralForCausalLM" and entry[label]["same_names"]
+        assert entry[label]["difference"] < FP32
+    assert entry["layout_record"]
+
+
+def test_resumed_under_another_plan_continues_the_run(report):
+    """checkpoint-3 of the GRACE plan resumed under the contiguous plan: steps 4-6 and the final weights as the
+    uninterrupted unmodified run's (weights, AdamW states, scheduler and data position all restored)."""
+    for rank_report in report:
+        resumed = rank_report[CASES[0]]["resumed"]
+        print(resumed)
+        assert resumed["plan"] == "contiguous"
+        assert resumed["steps"] == list(range(1, trainer_worker.STEPS + 1))
+        assert resumed["loss"] < FP32 * 10 and max(resumed["weights"].values()) < FP32, resumed
+
+
+def test_grace_figures_in_every_training_log(report):
+    for case in CASES:
+        logged = [r[case]["logged"] for r in report]
+        assert all(rank_logs == logged[0] for rank_logs in logged), "ranks logged different figures"
+        for figures in logged[0]:
+            assert set(figures) == {"grace_moe/forward_cross_node_MB_per_step", "grace_moe/forward_same_node_MB_per_step",
+                                    "grace_moe/load_max_over_mean"}
+            assert figures["grace_moe/forward_cross_node_MB_per_step"] > 0 and figures["grace_moe/load_max_over_mean"] >= 1.0
+        # One log per optimizer step: the intervals add up to what the runtime counted over the run.
+        mean_logged = sum(f["grace_moe/forward_cross_node_MB_per_step"] for f in logged[0]) / len(logged[0])
+        assert abs(mean_logged - report[0][case]["counted_cross_node_MB"]) < 1e-9 * max(1.0, mean_logged)
+
+
+@pytest.mark.parametrize("case,words", [("zero3", "ZeRO stage 3"), ("dense model", "no transformers MoE block"),
+                                        ("one process of the job", "cpu_process_state"),
+                                        ("save on each node", "save_on_each_node=False")])
+def test_what_it_cannot_train_is_refused_by_name(report, case, words):
+    message = report[0]["refused"][case]
+    print(case, "->", message)
+    assert words in message, message

@@ -1,0 +1,197 @@
+"""Runs inside every spawned rank for tests/test_transformers_trainer.py: a converted Mixtral trained by
+GraceTrainer (transformers' Trainer through DeepSpeed) against transformers' Trainer on the unmodified model,
+same DeepSpeed JSON but the grace_moe section, same data order."""
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from grace_ds.logical_nodes import join_logical_node
+from grace_ds.topology import Topology
+
+STEPS, SAVE_AT = 6, 3
+
+
+def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
+    join_logical_node(rank, world, nodes, port)
+    try:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        report = check_trainer(rank, world, Topology.uniform(nodes, world // nodes), Path(out_dir))
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def routing_plans(start: torch.nn.Module, topology: Topology, out: Path, samples: list[dict]) -> dict[str, Path]:
+    """A GRACE plan with one replica slot per GPU from the model's own routing, and the contiguous layout."""
+    from grace_ds.models import find_moe_blocks
+    from grace_ds.planners import make_plan
+    from grace_ds.routing_stats import RoutingStats
+
+    model = copy.deepcopy(start)
+    blocks = find_moe_blocks(model)
+    recorder = RoutingStats(len(blocks), model.config.num_local_experts, model.config.num_experts_per_tok)
+    recorder.attach_to_routers(blocks)
+    with torch.no_grad():
+        model(torch.stack([s["input_ids"] for s in samples[:16]]))
+    recorder.detach()
+    plans = {"grace": out / "plan-grace.json", "contiguous": out / "plan-contiguous.json"}
+    if dist.get_rank() == 0:
+        profile = recorder.to_profile(reduce=False)
+        make_plan("grace", profile, topology, replica_slots=1).save(plans["grace"])
+        make_plan("contiguous", profile, topology).save(plans["contiguous"])
+    dist.barrier()
+    return plans
+
+
+def run_trainer(model, ds_config: dict, out: Path, samples: list[dict], grace: bool, **overrides):
+    """One Trainer run (GraceTrainer when `grace`); returns the trainer after train()."""
+    import transformers
+    from accelerate.state import AcceleratorState
+
+    from grace_ds.transformers_trainer import GraceTrainer, cpu_process_state
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # a fresh DeepSpeed plugin for this run's JSON
+    settings = dict(output_dir=str(out), per_device_train_batch_size=2, max_steps=STEPS, learning_rate=3e-3,
+                    weight_decay=0.01, max_grad_norm=0.05, logging_steps=1, save_strategy="no", report_to=[],
+                    disable_tqdm=True, seed=7, lr_scheduler_type="linear", warmup_steps=1)
+    settings.update(cpu_process_state(), **overrides)
+    resume = settings.pop("resume_from_checkpoint", None)
+    args = transformers.TrainingArguments(deepspeed=copy.deepcopy(ds_config), **settings)
+    trainer = (GraceTrainer if grace else transformers.Trainer)(model=model, args=args, train_dataset=samples)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def losses(trainer) -> dict[int, dict[str, float]]:
+    return {entry["step"]: entry for entry in trainer.state.log_history if "loss" in entry}
+
+
+def check_trainer(rank: int, world: int, topology: Topology, out: Path) -> dict:
+    from tests.tiny_models import tiny_model
+    from tests.training_hf_worker import grouped_differences, hf_tensors
+
+    generator = torch.Generator().manual_seed(3)
+    samples = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 128, (64, 12), generator=generator)]
+    start = tiny_model("mixtral")
+    start.config.output_router_logits = True  # the router's load-balancing loss trains too
+    plans = routing_plans(start, topology, out, samples)
+    zero = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "zero_allow_untested_optimizer": True}
+    ds_optimizer = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "betas": "auto", "eps": "auto"}}
+    cases = {  # name: (DeepSpeed JSON without grace_moe, exchange, Trainer overrides)
+        "zero1/trainer-adamw/accumulation2": ({**zero, "zero_optimization": {"stage": 1}}, "hierarchical",
+                                              {"gradient_accumulation_steps": 2}),
+        "zero2/config-adamw": ({**zero, "zero_optimization": {"stage": 2}, "optimizer": ds_optimizer}, "hierarchical",
+                               {}),
+        "zero0/trainer-adamw": ({**zero, "zero_optimization": {"stage": 0}}, "flat", {}),
+    }
+    report = {"refused": check_refusals(start, plans["grace"], zero, out, samples)}
+    for name, (ds_config, mode, overrides) in cases.items():
+        tag = name.replace("/", "_")
+        saving = dict(save_strategy="steps", save_steps=SAVE_AT) if name.startswith("zero1") else {}
+        reference = run_trainer(copy.deepcopy(start), ds_config, out / f"{tag}-reference", samples, False,
+                                **saving, **overrides)
+        section = {"plan": str(plans["grace"]), "communication": mode}
+        trainer = run_trainer(copy.deepcopy(start), {**ds_config, "grace_moe": section}, out / f"{tag}-grace",
+                              samples, True, **saving, **overrides)
+        want, got = losses(reference), losses(trainer)
+        entry = {
+            "steps": sorted(got),
+            "loss": max(abs(got[s]["loss"] - want[s]["loss"]) for s in want),
+            # The norm DeepSpeed clipped by, as Trainer logs it (DeepSpeed's fp32 engine without ZeRO logs none)
+            "grad_norms": [got[s].get("grad_norm") for s in sorted(got)],
+            "reference_grad_norms": [want[s].get("grad_norm") for s in sorted(want)],
+            "weights": grouped_differences(hf_tensors(trainer.model, False, True), hf_tensors(reference.model, False, False)),
+            "replicas_apart": trainer.grace_engine.max_replica_difference(),
+            "replicated_experts": int((trainer.grace_runtime.plan.copies_per_expert() > 1).sum()),
+            "moe_groups": sum(bool(g.get("moe")) for g in trainer.grace_engine.optimizer.param_groups),
+            "first_loss": want[min(want)]["loss"],
+        }
+        figures = [{k: v for k, v in got[s].items() if k.startswith("grace_moe/")} for s in sorted(got)]
+        entry["logged"] = figures
+        entry["counted_cross_node_MB"] = counted_cross_node_MB(trainer, world)
+        if saving:
+            reference.save_model()
+            trainer.save_model()
+            entry.update(check_saved(out / f"{tag}-reference", out / f"{tag}-grace", rank))
+            # Resume from checkpoint-3 under the contiguous plan: the slots and their optimizer states follow.
+            resumed = run_trainer(copy.deepcopy(start), {**ds_config, "grace_moe": {**section, "plan": str(plans["contiguous"])}},
+                                  out / f"{tag}-grace", samples, True, **overrides,
+                                  resume_from_checkpoint=str(out / f"{tag}-grace" / f"checkpoint-{SAVE_AT}"))
+            after = losses(resumed)
+            entry["resumed"] = {
+                "steps": sorted(after),  # 1-3 from the checkpoint's trainer_state.json, 4-6 trained here
+                "loss": max(abs(after[s]["loss"] - want[s]["loss"]) for s in after if s > SAVE_AT),
+                "weights": grouped_differences(hf_tensors(resumed.model, False, True),
+                                               hf_tensors(reference.model, False, False)),
+                "plan": resumed.grace_runtime.plan.policy,
+            }
+        report[name] = entry
+        dist.barrier()
+    return report
+
+
+def check_refusals(start, plan: Path, zero: dict, out: Path, samples: list[dict]) -> dict[str, str]:
+    """GraceTrainer's construction under what it cannot train: the message each refusal gives."""
+    import transformers
+    from accelerate.state import AcceleratorState
+
+    from grace_ds.errors import GraceInputError
+    from grace_ds.transformers_trainer import GraceTrainer, cpu_process_state
+
+    dense = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2))
+    section = {"grace_moe": {"plan": str(plan)}}
+    cases = {  # name: (model, DeepSpeed JSON, TrainingArguments keywords, accelerate's state over gloo)
+        "zero3": (start, {**zero, "zero_optimization": {"stage": 3}, **section}, {}, True),
+        "dense model": (dense, {**zero, "zero_optimization": {"stage": 1}, **section}, {}, True),
+        "one process of the job": (start, {**zero, "zero_optimization": {"stage": 1}, **section}, {}, False),
+        "save on each node": (start, {**zero, "zero_optimization": {"stage": 1}, **section},
+                              {"save_on_each_node": True}, True),
+    }
+    messages = {}
+    for name, (model, ds_config, keywords, configured) in cases.items():
+        AcceleratorState._reset_state(reset_partial_state=False)
+        args = transformers.TrainingArguments(output_dir=str(out / "refused"), deepspeed=ds_config, report_to=[],
+                                              per_device_train_batch_size=2, **keywords,
+                                              **(cpu_process_state() if configured else {}))
+        try:
+            GraceTrainer(model=copy.deepcopy(model), args=args, train_dataset=samples)
+            messages[name] = "accepted"
+        except GraceInputError as error:
+            messages[name] = str(error)
+    return messages
+
+
+def counted_cross_node_MB(trainer, world: int) -> float:
+    """What the runtime counted over the whole run, per rank and step: the logged intervals must sum to it."""
+    total = torch.tensor([sum(t.cross_node_bytes for t in trainer.grace_runtime.traffic)], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total) / world / trainer.state.global_step / 1e6
+
+
+def check_saved(reference_dir: Path, grace_dir: Path, rank: int) -> dict:
+    """The exported checkpoints (checkpoint-3's model files and the final save_model) against transformers'
+    own from the unmodified run, both loaded without GRACE by from_pretrained."""
+    import transformers
+
+    from grace_ds.checkpoint_layout import LAYOUT_FILE
+
+    out: dict = {}
+    if rank == 0:
+        for label, sub in (("checkpoint", f"checkpoint-{SAVE_AT}"), ("final", ".")):
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(grace_dir / sub)
+            want = transformers.AutoModelForCausalLM.from_pretrained(reference_dir / sub).state_dict()
+            got = loaded.state_dict()
+            out[f"saved_{label}"] = {"class": type(loaded).__name__, "same_names": sorted(got) == sorted(want),
+                                     "difference": max(float((got[k] - want[k]).abs().max()) for k in want)}
+        out["layout_record"] = (grace_dir / f"checkpoint-{SAVE_AT}" / f"global_step{SAVE_AT}" / LAYOUT_FILE).is_file()
+    dist.barrier()
+    return out
