@@ -17,7 +17,7 @@ python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d .whl \
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 \
-  hjson==3.1.0 kneed==0.9.0 transformers==5.24.0 tokenizers==0.23.3 megatron-core==0.19.2
+  hjson==3.1.0 kneed==0.9.0 transformers==5.24.0 tokenizers==0.23.3 megatron-core==0.19.2 accelerate==1.15.0
 cp ../shared/data/routing/olmoe_*.safetensors .bench_data/
 python -c "from grace_ds.examples.corpus import write_heldout_text; write_heldout_text('.bench_data/heldout.txt')"
 grace-ds profile --model grace_ds/examples/default_model --data .bench_data/heldout.txt --max-tokens 65536 \

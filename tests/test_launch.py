@@ -97,9 +97,10 @@ def test_launcher_gives_each_local_rank_its_share_of_the_cores_unless_set(tmp_pa
 
 
 def test_transformers_trainer_script_under_the_deepspeed_launcher(tmp_path):
-    """scripts/finetune_trainer.py (GraceTrainer) on the embedded model as 2 emulated nodes x 2: it trains on
+    """scripts/finetune_trainer.py (GraceTrainer) on the embedded model as 2 emulated nodes x 2 (x 1 on 2 GPUs): it trains on
     every rank's own batches, logs GRACE's figures, leaves checkpoint-N with the layout record and a final model
     that from_pretrained loads as the unmodified OLMoE; then resumes from checkpoint-2 to step 4."""
+    per_node = int(os.environ.get("GRACE_TEST_LAUNCH_GPUS_PER_NODE", "2"))
     import transformers
 
     from grace_ds.checkpoint_layout import LAYOUT_FILE
@@ -116,7 +117,7 @@ def test_transformers_trainer_script_under_the_deepspeed_launcher(tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps(config))
 
     def finetune(*extra: str) -> subprocess.CompletedProcess:
-        done = subprocess.run(["bash", str(ROOT / "scripts" / "launch.sh"), "--emulate-nodes", "2", "--num-gpus", "2",
+        done = subprocess.run(["bash", str(ROOT / "scripts" / "launch.sh"), "--emulate-nodes", "2", "--num-gpus", str(per_node),
                                "--master-port", str(free_port()), "--", str(ROOT / "scripts" / "finetune_trainer.py"),
                                "--model", str(model_dir), "--deepspeed", str(tmp_path / "ds.json"), "--output-dir",
                                str(tmp_path / "run"), "--sequence-length", "64", "--batch-size", "2", "--save-steps", "2",

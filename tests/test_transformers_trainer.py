@@ -1,16 +1,21 @@
 """transformers' Trainer through GRACE (grace_ds.transformers_trainer.GraceTrainer), on 4 gloo ranks as 2 nodes
-x 2: a converted Mixtral with replicated experts, router loss on, clipping on, trained as transformers' Trainer
+x 2 (on GPUs, scripts/gpu_exactness.sh: the largest layout of GRACE_TEST_LAYOUTS, NCCL, plus bf16): a converted Mixtral with replicated experts, router loss on, clipping on, trained as transformers' Trainer
 trains the unmodified model under the same DeepSpeed JSON (ZeRO 0/1/2, Trainer's AdamW or the config's,
 gradient accumulation); checkpoints that from_pretrained loads as the unmodified model; a run resumed from
 its checkpoint-N under another plan; GRACE's figures in every training log."""
+import os
+
 import pytest
 import torch.multiprocessing as mp
 
 from grace_ds.logical_nodes import free_port
 from tests import trainer_worker
 
-WORLD, NODES = 4, 2
+NODES, PER_NODE = map(int, os.environ.get("GRACE_TEST_LAYOUTS", "2x2").split(",")[-1].split("x"))
+WORLD = NODES * PER_NODE
 FP32 = 1e-5  # only summation order differs
+BF16 = 2 ** -6  # two bf16 roundings, relative
+ON_GPU = trainer_worker.DEVICE.type == "cuda"
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +30,24 @@ def report(tmp_path_factory):
 CASES = ["zero1/trainer-adamw/accumulation2", "zero2/config-adamw", "zero0/trainer-adamw"]
 
 
+@pytest.mark.skipif(not ON_GPU, reason="transformers refuses bf16 on a CPU run that uses DeepSpeed")
+def test_bf16_trains_as_the_unmodified_model_within_bf16_rounding(report):
+    for rank_report in report:
+        entry = rank_report["zero1/bf16"]
+        print({k: entry[k] for k in ("loss", "first_loss", "weights", "weight_scale", "replicas_apart")})
+        assert entry["steps"] == list(range(1, trainer_worker.STEPS + 1))
+        assert entry["loss"] < BF16 * entry["first_loss"]
+        assert max(entry["weights"].values()) < BF16 * entry["weight_scale"], entry["weights"]
+        assert entry["replicas_apart"] == 0.0
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_trains_as_the_unmodified_model_under_transformers_trainer(report, case):
     for rank_report in report:
         entry = rank_report[case]
         print(case, {k: entry[k] for k in ("loss", "grad_norms", "weights", "replicas_apart")})
         assert entry["steps"] == list(range(1, trainer_worker.STEPS + 1))
-        assert entry["replicated_experts"] > 0 and entry["moe_groups"] > 0
+        assert entry["moe_groups"] > 0 and (entry["replicated_experts"] > 0 or WORLD == 1)  # one GPU: no copies
         assert entry["loss"] < FP32 * entry["first_loss"]
         for mine, theirs in zip(entry["grad_norms"], entry["reference_grad_norms"]):
             assert mine is not None and (theirs is None or abs(mine - theirs) < FP32 * theirs), (mine, theirs)
@@ -75,7 +91,8 @@ def test_grace_figures_in_every_training_log(report):
         for figures in logged[0]:
             assert set(figures) == {"grace_moe/forward_cross_node_MB_per_step", "grace_moe/forward_same_node_MB_per_step",
                                     "grace_moe/load_max_over_mean"}
-            assert figures["grace_moe/forward_cross_node_MB_per_step"] > 0 and figures["grace_moe/load_max_over_mean"] >= 1.0
+            assert (figures["grace_moe/forward_cross_node_MB_per_step"] > 0) == (NODES > 1)
+            assert figures["grace_moe/load_max_over_mean"] >= 1.0
         # One log per optimizer step: the intervals add up to what the runtime counted over the run.
         mean_logged = sum(f["grace_moe/forward_cross_node_MB_per_step"] for f in logged[0]) / len(logged[0])
         assert abs(mean_logged - report[0][case]["counted_cross_node_MB"]) < 1e-9 * max(1.0, mean_logged)
@@ -85,6 +102,8 @@ def test_grace_figures_in_every_training_log(report):
                                         ("one process of the job", "cpu_process_state"),
                                         ("save on each node", "save_on_each_node=False")])
 def test_what_it_cannot_train_is_refused_by_name(report, case, words):
+    if case == "one process of the job" and (ON_GPU or WORLD == 1):
+        pytest.skip("accelerate's own state counts every GPU rank; one rank cannot see fewer")
     message = report[0]["refused"][case]
     print(case, "->", message)
     assert words in message, message

@@ -1,6 +1,8 @@
 """Runs inside every spawned rank for tests/test_transformers_trainer.py: a converted Mixtral trained by
 GraceTrainer (transformers' Trainer through DeepSpeed) against transformers' Trainer on the unmodified model,
-same DeepSpeed JSON but the grace_moe section, same data order."""
+same DeepSpeed JSON but the grace_moe section, same data order. On CPU over gloo (accelerate's state set up by
+cpu_process_state); with GRACE_TEST_DEVICE=cuda over NCCL, accelerate's own GPU path, plus a bf16 case
+(transformers refuses bf16 on a CPU run that uses DeepSpeed)."""
 import copy
 import json
 from pathlib import Path
@@ -10,16 +12,17 @@ import torch.distributed as dist
 
 from grace_ds.logical_nodes import join_logical_node
 from grace_ds.topology import Topology
+from tests.training_worker import DEVICE
 
 STEPS, SAVE_AT = 6, 3
 
 
 def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
-    join_logical_node(rank, world, nodes, port)
+    _, backend = join_logical_node(rank, world, nodes, port, DEVICE.type)
     try:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed.init_distributed(dist_backend=backend)
         report = check_trainer(rank, world, Topology.uniform(nodes, world // nodes), Path(out_dir))
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
         dist.barrier()
@@ -38,7 +41,7 @@ def routing_plans(start: torch.nn.Module, topology: Topology, out: Path, samples
     recorder = RoutingStats(len(blocks), model.config.num_local_experts, model.config.num_experts_per_tok)
     recorder.attach_to_routers(blocks)
     with torch.no_grad():
-        model(torch.stack([s["input_ids"] for s in samples[:16]]))
+        model(torch.stack([s["input_ids"] for s in samples[:16]]).to(DEVICE))
     recorder.detach()
     plans = {"grace": out / "plan-grace.json", "contiguous": out / "plan-contiguous.json"}
     if dist.get_rank() == 0:
@@ -60,7 +63,7 @@ def run_trainer(model, ds_config: dict, out: Path, samples: list[dict], grace: b
     settings = dict(output_dir=str(out), per_device_train_batch_size=2, max_steps=STEPS, learning_rate=3e-3,
                     weight_decay=0.01, max_grad_norm=0.05, logging_steps=1, save_strategy="no", report_to=[],
                     disable_tqdm=True, seed=7, lr_scheduler_type="linear", warmup_steps=1)
-    settings.update(cpu_process_state(), **overrides)
+    settings.update(cpu_process_state() if DEVICE.type == "cpu" else {}, **overrides)
     resume = settings.pop("resume_from_checkpoint", None)
     args = transformers.TrainingArguments(deepspeed=copy.deepcopy(ds_config), **settings)
     trainer = (GraceTrainer if grace else transformers.Trainer)(model=model, args=args, train_dataset=samples)
@@ -78,19 +81,24 @@ def check_trainer(rank: int, world: int, topology: Topology, out: Path) -> dict:
 
     generator = torch.Generator().manual_seed(3)
     samples = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 128, (64, 12), generator=generator)]
-    start = tiny_model("mixtral")
+    start = tiny_model("mixtral").to(DEVICE)
     start.config.output_router_logits = True  # the router's load-balancing loss trains too
     plans = routing_plans(start, topology, out, samples)
     zero = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto", "zero_allow_untested_optimizer": True}
-    ds_optimizer = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "betas": "auto", "eps": "auto"}}
+    # torch_adam: torch's AdamW, not DeepSpeed's FusedAdam (a JIT-built CUDA op)
+    ds_optimizer = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "betas": "auto", "eps": "auto",
+                                                "torch_adam": True}}
+    across = "hierarchical" if topology.num_nodes > 1 else "flat"
     cases = {  # name: (DeepSpeed JSON without grace_moe, exchange, Trainer overrides)
-        "zero1/trainer-adamw/accumulation2": ({**zero, "zero_optimization": {"stage": 1}}, "hierarchical",
+        "zero1/trainer-adamw/accumulation2": ({**zero, "zero_optimization": {"stage": 1}}, across,
                                               {"gradient_accumulation_steps": 2}),
-        "zero2/config-adamw": ({**zero, "zero_optimization": {"stage": 2}, "optimizer": ds_optimizer}, "hierarchical",
-                               {}),
+        "zero2/config-adamw": ({**zero, "zero_optimization": {"stage": 2}, "optimizer": ds_optimizer}, across, {}),
         "zero0/trainer-adamw": ({**zero, "zero_optimization": {"stage": 0}}, "flat", {}),
     }
+    if DEVICE.type == "cuda":
+        cases["zero1/bf16"] = ({**zero, "zero_optimization": {"stage": 1}, "bf16": {"enabled": "auto"}}, across,
+                               {"bf16": True})
     report = {"refused": check_refusals(start, plans["grace"], zero, out, samples)}
     for name, (ds_config, mode, overrides) in cases.items():
         tag = name.replace("/", "_")
@@ -112,6 +120,7 @@ def check_trainer(rank: int, world: int, topology: Topology, out: Path) -> dict:
             "replicated_experts": int((trainer.grace_runtime.plan.copies_per_expert() > 1).sum()),
             "moe_groups": sum(bool(g.get("moe")) for g in trainer.grace_engine.optimizer.param_groups),
             "first_loss": want[min(want)]["loss"],
+            "weight_scale": max(float(t.abs().max()) for t in hf_tensors(reference.model, False, False).values()),
         }
         figures = [{k: v for k, v in got[s].items() if k.startswith("grace_moe/")} for s in sorted(got)]
         entry["logged"] = figures
@@ -152,16 +161,17 @@ def check_refusals(start, plan: Path, zero: dict, out: Path, samples: list[dict]
     cases = {  # name: (model, DeepSpeed JSON, TrainingArguments keywords, accelerate's state over gloo)
         "zero3": (start, {**zero, "zero_optimization": {"stage": 3}, **section}, {}, True),
         "dense model": (dense, {**zero, "zero_optimization": {"stage": 1}, **section}, {}, True),
-        "one process of the job": (start, {**zero, "zero_optimization": {"stage": 1}, **section}, {}, False),
         "save on each node": (start, {**zero, "zero_optimization": {"stage": 1}, **section},
                               {"save_on_each_node": True}, True),
     }
+    if DEVICE.type == "cpu" and dist.get_world_size() > 1:  # accelerate's own state on CPU: one process of the job
+        cases["one process of the job"] = (start, {**zero, "zero_optimization": {"stage": 1}, **section}, {}, False)
     messages = {}
     for name, (model, ds_config, keywords, configured) in cases.items():
         AcceleratorState._reset_state(reset_partial_state=False)
         args = transformers.TrainingArguments(output_dir=str(out / "refused"), deepspeed=ds_config, report_to=[],
                                               per_device_train_batch_size=2, **keywords,
-                                              **(cpu_process_state() if configured else {}))
+                                              **(cpu_process_state() if configured and DEVICE.type == "cpu" else {}))
         try:
             GraceTrainer(model=copy.deepcopy(model), args=args, train_dataset=samples)
             messages[name] = "accepted"
@@ -172,7 +182,8 @@ def check_refusals(start, plan: Path, zero: dict, out: Path, samples: list[dict]
 
 def counted_cross_node_MB(trainer, world: int) -> float:
     """What the runtime counted over the whole run, per rank and step: the logged intervals must sum to it."""
-    total = torch.tensor([sum(t.cross_node_bytes for t in trainer.grace_runtime.traffic)], dtype=torch.float64)
+    total = torch.tensor([sum(t.cross_node_bytes for t in trainer.grace_runtime.traffic)], dtype=torch.float64,
+                         device=DEVICE)
     dist.all_reduce(total)
     return float(total) / world / trainer.state.global_step / 1e6
 
