@@ -1,8 +1,10 @@
 """transformers' Trainer through GRACE (grace_ds.transformers_trainer.GraceTrainer), on 4 gloo ranks as 2 nodes
-x 2 (on GPUs, scripts/gpu_exactness.sh: the largest layout of GRACE_TEST_LAYOUTS, NCCL, plus bf16): a converted Mixtral with replicated experts, router loss on, clipping on, trained as transformers' Trainer
-trains the unmodified model under the same DeepSpeed JSON (ZeRO 0/1/2, Trainer's AdamW or the config's,
-gradient accumulation); checkpoints that from_pretrained loads as the unmodified model; a run resumed from
-its checkpoint-N under another plan; GRACE's figures in every training log."""
+x 2 (on GPUs, scripts/gpu_exactness.sh: the largest layout of GRACE_TEST_LAYOUTS, NCCL, plus bf16): a converted
+Mixtral with replicated experts, router loss on, clipping on, trained as transformers' Trainer trains the
+unmodified model under the same DeepSpeed JSON (ZeRO 0/1/2, Trainer's AdamW or the config's, gradient
+accumulation, gradient checkpointing); checkpoints that from_pretrained loads as the unmodified model; a run
+resumed from its checkpoint-N under another plan; GRACE's figures in every training log; an accelerate loop
+through GraceAccelerator against accelerate's own on the unmodified model."""
 import os
 
 import pytest
@@ -27,7 +29,7 @@ def report(tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
-CASES = ["zero1/trainer-adamw/accumulation2", "zero2/config-adamw", "zero0/trainer-adamw"]
+CASES = ["zero1/trainer-adamw/accumulation2", "zero2/config-adamw", "zero0/trainer-adamw/gradient-checkpointing"]
 
 
 @pytest.mark.skipif(not ON_GPU, reason="transformers refuses bf16 on a CPU run that uses DeepSpeed")
@@ -58,9 +60,9 @@ def test_trains_as_the_unmodified_model_under_transformers_trainer(report, case)
 def test_fp32_without_zero_logs_the_exact_global_norm(report):
     """DeepSpeed's fp32 engine without ZeRO logs no norm; GRACE's clips by the exact global one and reports it:
     at the first step (same weights, same batches) it is the norm ZeRO 2 reports for the unmodified model."""
-    mine, theirs = report[0]["zero0/trainer-adamw"]["grad_norms"][0], report[0]["zero2/config-adamw"]["reference_grad_norms"][0]
+    mine, theirs = report[0][CASES[2]]["grad_norms"][0], report[0]["zero2/config-adamw"]["reference_grad_norms"][0]
     print(mine, theirs)
-    assert report[0]["zero0/trainer-adamw"]["reference_grad_norms"][0] is None
+    assert report[0][CASES[2]]["reference_grad_norms"][0] is None
     assert abs(mine - theirs) < FP32 * theirs
 
 
@@ -96,6 +98,18 @@ def test_grace_figures_in_every_training_log(report):
         # One log per optimizer step: the intervals add up to what the runtime counted over the run.
         mean_logged = sum(f["grace_moe/forward_cross_node_MB_per_step"] for f in logged[0]) / len(logged[0])
         assert abs(mean_logged - report[0][case]["counted_cross_node_MB"]) < 1e-9 * max(1.0, mean_logged)
+
+
+def test_an_accelerate_loop_trains_as_the_unmodified_model(report):
+    """grace_ds.hf_accelerate.GraceAccelerator: convert, prepare, backward, step, as accelerate's own loop on the
+    unmodified model (ZeRO 2, torch's AdamW, clipping 0.05)."""
+    for rank_report in report:
+        entry = rank_report["accelerate-loop"]
+        print({k: entry[k] for k in ("loss", "weights", "replicas_apart", "figures")})
+        assert entry["losses"] == trainer_worker.STEPS
+        assert entry["loss"] < FP32 * entry["first_loss"] and max(entry["weights"].values()) < FP32, entry
+        assert entry["replicas_apart"] == 0.0
+        assert (entry["figures"]["forward_cross_node_MB_per_step"] > 0) == (NODES > 1)
 
 
 @pytest.mark.parametrize("case,words", [("zero3", "ZeRO stage 3"), ("dense model", "no transformers MoE block"),

@@ -94,7 +94,8 @@ def check_trainer(rank: int, world: int, topology: Topology, out: Path) -> dict:
         "zero1/trainer-adamw/accumulation2": ({**zero, "zero_optimization": {"stage": 1}}, across,
                                               {"gradient_accumulation_steps": 2}),
         "zero2/config-adamw": ({**zero, "zero_optimization": {"stage": 2}, "optimizer": ds_optimizer}, across, {}),
-        "zero0/trainer-adamw": ({**zero, "zero_optimization": {"stage": 0}}, "flat", {}),
+        "zero0/trainer-adamw/gradient-checkpointing": ({**zero, "zero_optimization": {"stage": 0}}, "flat",
+                                                       {"gradient_checkpointing": True}),
     }
     if DEVICE.type == "cuda":
         cases["zero1/bf16"] = ({**zero, "zero_optimization": {"stage": 1}, "bf16": {"enabled": "auto"}}, across,
@@ -143,7 +144,54 @@ def check_trainer(rank: int, world: int, topology: Topology, out: Path) -> dict:
             }
         report[name] = entry
         dist.barrier()
+    report["accelerate-loop"] = check_accelerate_loop(start, plans["grace"], across, samples)
     return report
+
+
+def check_accelerate_loop(start, plan: Path, mode: str, samples: list[dict]) -> dict:
+    """A training loop written with accelerate: GraceAccelerator on the converted model against Accelerator on the
+    unmodified one, same JSON less the section (ZeRO 2, torch's AdamW, clipping), same sharded batches."""
+    from tests.training_hf_worker import grouped_differences, hf_tensors
+
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.05,
+                 "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+    runs = {}
+    for grace in (False, True):
+        config = {**ds_config, "grace_moe": {"plan": str(plan), "communication": mode}} if grace else ds_config
+        runs[grace] = run_loop(copy.deepcopy(start), config, samples, grace)
+    (_, want_losses, want_model, _), (accelerator, got_losses, got_model, figures) = runs[False], runs[True]
+    return {"losses": len(got_losses), "loss": max(abs(a - b) for a, b in zip(got_losses, want_losses)),
+            "first_loss": want_losses[0],
+            "weights": grouped_differences(hf_tensors(got_model, False, True), hf_tensors(want_model, False, False)),
+            "replicas_apart": accelerator.grace_engine.max_replica_difference(), "figures": figures}
+
+
+def run_loop(model, ds_config: dict, samples: list[dict], grace: bool):
+    """STEPS optimizer steps of a plain accelerate loop; (accelerator, per-step losses, the model, GRACE figures)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin
+
+    from grace_ds.hf_accelerate import GraceAccelerator, cpu_process_state
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    if DEVICE.type == "cpu":
+        cpu_process_state()
+    accelerator = (GraceAccelerator if grace else Accelerator)(
+        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=copy.deepcopy(ds_config)))
+    if grace:
+        model = accelerator.convert(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    loader = torch.utils.data.DataLoader(samples, batch_size=2)
+    engine, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    losses = []
+    for _, batch in zip(range(STEPS), loader):
+        loss = engine(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    return accelerator, losses, model, accelerator.grace_figures() if grace else {}
 
 
 def check_refusals(start, plan: Path, zero: dict, out: Path, samples: list[dict]) -> dict[str, str]:
