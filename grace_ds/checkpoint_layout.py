@@ -139,8 +139,8 @@ def describe_checkpoint(directory: str | os.PathLike, plan=None) -> list[str]:
         change = difference(layouts, served)
         if zero_files:
             states = ", and its optimizer states (ZeRO partitions: in a job of any size)"
-        elif expert_rank_files and order is not None and world is not None:
-            states = f", and its optimizer states in a job of {world} ranks"
+        elif expert_rank_files and order is not None:
+            states = ", and its optimizer states (per parameter, by name: in a job of any size)"
         else:
             states = ""
         lines.append("  under the plan: the same layout, loaded as saved" if not change else

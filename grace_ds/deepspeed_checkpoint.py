@@ -33,7 +33,7 @@ from grace_ds.checkpoint_layout import difference as layout_difference
 from grace_ds.errors import GraceInputError
 from grace_ds.files import atomic_write_bytes, atomic_write_text
 from grace_ds.optimizer_state_remap import (Source, expert_parallel_rank, optimizer_states_by_layout,
-                                            parameter_order, per_parameter_groups, remappable, resizable,
+                                            parameter_order, per_parameter_groups, remappable,
                                             zero_states_across_sizes)
 
 EXPERTS_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
@@ -209,9 +209,7 @@ def attach_checkpointing(engine) -> None:
             result = call()
         elif optimizer_states:
             # Decided from files, the plan and the config alone: every rank stops here, before any collective.
-            reason = remappable(engine) or unrecorded(saved) or (
-                f"a job of {dist.get_world_size()} ranks (saved by {saved_world}; without ZeRO 1/2 the optimizer "
-                "files follow the saver's ranks)" if resized and not resizable(engine) else "")
+            reason = remappable(engine) or unrecorded(saved)
             if reason:
                 raise GraceInputError(
                     f"{Path(load_dir, resolved)}: {difference}; its optimizer states follow the saved physical "
@@ -219,7 +217,8 @@ def attach_checkpointing(engine) -> None:
                     "remapped, optimizer state fresh) or load_module_only=True, or load under the plan it was saved with")
             order = read_optimizer_order(record) if record.is_file() else None
             sources, saver_ep_size = expert_sources(engine.module, saved, served), saved_expert_parallel_size(saved)
-            states = (zero_states_across_sizes(engine, sources, saver_ep_size) if resized else
+            states = (zero_states_across_sizes(engine, sources, saver_ep_size)
+                      if resized and per_parameter_groups(engine.optimizer) is None else
                       optimizer_states_by_layout(engine, sources, saver_ep_size, str(load_dir), resolved, order))
             with expert_files_by_layout(saved, served), states:
                 result = call()

@@ -10,8 +10,9 @@ while DeepSpeed loads (`optimizer_states_by_layout`) its optimizer's `load_state
 state rewritten for the served layout: each expert parameter's states and fp32 master are cut out of
 the fragments of its logical expert's saved primary and placed where the served slot's parameter lives
 (replicas get their primary's). DeepSpeed then loads it as a checkpoint of its own layout. In a job of
-another size (`zero_states_across_sizes`, ZeRO 1/2 only) every group is cut anew at this rank's
-partitions, dense ones too, each parameter joined by name from the saver ranks' fragments.
+another size, ZeRO 1/2 (`zero_states_across_sizes`) cut every group anew at this rank's partitions, dense
+ones too, each parameter joined by name from the saver ranks' fragments; per-parameter optimizers take
+every parameter's state by name as at the same size, a larger job's extra ranks reading a saver rank's file.
 """
 from __future__ import annotations
 
@@ -75,24 +76,39 @@ def remappable(engine) -> str:
 @contextlib.contextmanager
 def optimizer_states_by_layout(engine, sources: dict[str, Source], saver_ep_size: int, load_dir: str, tag: str,
                                saved_order: dict[int, list[str]] | None) -> Iterator[None]:
-    """During the block, the engine's optimizer loads the saved states rewritten for the served layout."""
+    """During the block, the engine's optimizer loads the saved states rewritten for the served layout. A
+    per-parameter optimizer in a job of another size reads its dense states from the file of expert-parallel
+    rank (its own mod the saver's size): a larger job's extra ranks have none of their own, and dense states
+    are alike on every saver rank; its groups keep their served names (DeepSpeed's MoE groups are named by
+    expert-parallel size)."""
     optimizer = engine.optimizer
     original = optimizer.load_state_dict
     groups = per_parameter_groups(optimizer)
+    swaps = []
     if groups is not None:
         if saved_order is None:
             raise GraceInputError(f"{Path(load_dir, tag)}: saved without the optimizer's parameter order (a "
                                   "checkpoint from an older grace_ds): its optimizer states cannot be remapped")
+        file_name = engine._get_optimizer_ckpt_name  # DeepSpeed's own, before the swap below
+        own_rank = expert_parallel_rank() % saver_ep_size
+        served_names = [{key: group[key] for key in ("name", "moe") if key in group}
+                        for group in _torch_param_groups(optimizer)]
 
         def read(expert_rank: int) -> dict:
-            path = engine._get_optimizer_ckpt_name(load_dir, tag, expert_rank)
+            path = file_name(load_dir, tag, expert_rank)
             return engine.checkpoint_engine.load(path, map_location=torch.device("cpu"))["optimizer"]
 
         def load(state_dict, *args, **kwargs):
-            own_rank = expert_parallel_rank()
             where = _saved_positions(parameter_order(engine), sources, own_rank, saved_order)
-            return original(remap_per_parameter_state(state_dict, own_rank, where, [len(g) for g in groups], read),
-                            *args, **kwargs)
+            remapped = remap_per_parameter_state(state_dict, own_rank, where, [len(g) for g in groups], read)
+            torch_state = remapped.get("optimizer_state_dict", remapped)
+            torch_state["param_groups"] = [{**group, **names}
+                                           for group, names in zip(torch_state["param_groups"], served_names)]
+            return original(remapped, *args, **kwargs)
+
+        if own_rank != expert_parallel_rank():
+            swaps.append((engine, "_get_optimizer_ckpt_name",
+                          lambda directory, tag_, _rank: file_name(directory, tag_, own_rank)))
     else:
         read = _zero_reader(engine, load_dir, tag)  # DeepSpeed reads only this rank's file; sources may be in others
 
@@ -101,14 +117,15 @@ def optimizer_states_by_layout(engine, sources: dict[str, Source], saver_ep_size
                 state_dict_list = remap_zero_states(optimizer, state_dict_list, sources, saver_ep_size, read)
             return original(state_dict_list, *args, **kwargs)
 
-    with _instead(optimizer, "load_state_dict", load):
+    with contextlib.ExitStack() as stack:
+        for instance, method, replacement in [(optimizer, "load_state_dict", load), *swaps]:
+            stack.enter_context(_instead(instance, method, replacement))
         yield
 
 
-def resizable(engine) -> bool:
-    """Whether this engine's optimizer states can be cut anew for a job of another size (ZeRO 1/2's
-    partitions are named fragments; per-parameter optimizers' files follow the saver's ranks)."""
-    return per_parameter_groups(engine.optimizer) is None and not remappable(engine)
+def _torch_param_groups(optimizer) -> list[dict]:
+    """The torch optimizer's groups: the optimizer's own, or those of the one inside FP16_UnfusedOptimizer."""
+    return optimizer.param_groups if isinstance(optimizer, torch.optim.Optimizer) else optimizer.optimizer.param_groups
 
 
 @contextlib.contextmanager

@@ -115,18 +115,22 @@ def save_between_steps(saver, net, rank: int, checkpoint: str, at_save=None) -> 
 
 
 def logical_optimizer_state(net, optimizer) -> dict[str, torch.Tensor]:
-    """ZeRO 1/2's fp32 masters and SGD momenta as one job-wide view (DeepSpeed's tensor-fragment API):
-    the dense parameters' as they are, each logical expert's from its primary copy ([E, values])."""
+    """The optimizer's states as one job-wide view: ZeRO 1/2's fp32 masters and SGD momenta (DeepSpeed's
+    tensor-fragment API), or a torch AdamW's per-parameter exp_avg and exp_avg_sq (without ZeRO); the dense
+    parameters' as they are, each logical expert's from its primary copy ([E, values])."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from tests.training_worker import logical_expert_tensors
 
-    readers = {"fp32": safe_get_full_fp32_param,
-               "momentum": lambda param: safe_get_full_optimizer_state(param, "momentum_buffer")}
-    # DeepSpeed links the fragments to the optimizer's state once, at the first group's first step, when
-    # later groups (the expert group) have no state yet: link again now that every group has one.
-    optimizer._hp_optimizer_states_linked = False
-    optimizer._lazy_init_hp_params_optimizer_state()
+    if isinstance(optimizer, torch.optim.Optimizer):
+        readers = {key: (lambda param, key=key: optimizer.state[param][key]) for key in ("exp_avg", "exp_avg_sq")}
+    else:
+        readers = {"fp32": safe_get_full_fp32_param,
+                   "momentum": lambda param: safe_get_full_optimizer_state(param, "momentum_buffer")}
+        # DeepSpeed links the fragments to the optimizer's state once, at the first group's first step, when
+        # later groups (the expert group) have no state yet: link again now that every group has one.
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
     out = {}
     for key, read in readers.items():
         out[f"upstream/{key}"] = read(net.inp.weight).reshape(-1).double()
@@ -141,12 +145,12 @@ def check_stage(stage: int, plan_set: dict, rank: int, out_dir: str, dtype: str 
     saver, net = engine_for(plan_set["saved"], stage, rank, seed=3, dtype=dtype)
     states = {}
     snapshot = ((lambda: states.update(logical_optimizer_state(net, saver.optimizer)))
-                if stage == 1 and dtype == "fp32" else None)
+                if stage in (0, 1) and dtype == "fp32" else None)
     saved, saved_forward, continued = save_between_steps(saver, net, rank, checkpoint, snapshot)
     entry = {"record": Path(checkpoint, "t", "grace_layout.json").is_file()}
-    if states:  # for the job of another size (resize_main)
-        torch.save({"saved": saved, "forward": saved_forward, "optimizer": states},
-                   Path(out_dir, f"zero1-saved-rank{rank}.pt"))
+    if states:  # for the jobs of another size (resize_main, grow_main)
+        torch.save({"saved": saved, "forward": saved_forward, "optimizer": states, "continued": continued},
+                   Path(out_dir, f"zero{stage}-saved-rank{rank}.pt"))
 
     other, other_net = engine_for(plan_set[stage], stage, rank, dtype=dtype)
     initial = parameters_of(other_net)
@@ -331,10 +335,10 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
 
 
 def resize_main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
-    """A job of another size (2 ranks as 2 nodes x 1) loads main's ZeRO-1 checkpoint of 4 ranks under a
-    GRACE plan for its 2 GPUs, optimizer states included: every copy holds its logical expert, the forward
-    is the saver's, every fp32 master and momentum the saver's; the ZeRO-0 checkpoint's optimizer states
-    (torch's, in per-rank files) are refused by name."""
+    """A job of another size (2 ranks as 2 nodes x 1) loads main's checkpoints of 4 ranks under a GRACE plan
+    for its 2 GPUs, optimizer states included: ZeRO 1 (partitions cut anew) and ZeRO 0 (torch's AdamW, states
+    taken by name from the saver ranks' files). Every copy holds its logical expert, the forward is the saver's,
+    every optimizer state the saver's. The ZeRO-0 job saves again at once, for grow_main."""
     _, backend = join_logical_node(rank, world, nodes, port, DEVICE.type)
     try:
         import deepspeed
@@ -343,17 +347,46 @@ def resize_main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> N
         torch.manual_seed(3)
         profile = routing_profile(torch.randn(EXPERTS, HIDDEN), every_batch(world), K)
         plan = make_plan("grace", profile, Topology.uniform(nodes, world // nodes), replica_slots=1)
-        reference = torch.load(Path(out_dir, f"zero1-saved-rank{rank}.pt"))
-        engine, net = engine_for(plan, 1, rank)
-        engine.load_checkpoint(str(Path(out_dir, "fp32-zero1")), tag="t")  # ZeRO 1: states cut anew for 2 ranks
+        out = {}
+        for stage in (1, 0):
+            reference = torch.load(Path(out_dir, f"zero{stage}-saved-rank{rank}.pt"))
+            engine, net = engine_for(plan, stage, rank)
+            engine.load_checkpoint(str(Path(out_dir, f"fp32-zero{stage}")), tag="t")
+            entry = loaded(engine, net, reference["saved"], reference["forward"], rank)
+            entry["optimizer"] = differences(logical_optimizer_state(net, engine.optimizer), reference["optimizer"])
+            entry["state_size"] = min(float(v.abs().max()) for v in reference["optimizer"].values())
+            if stage == 0:
+                engine.save_checkpoint(str(Path(out_dir, "resized-zero0")), tag="t")
+            step(engine, rank, STEPS + 1)
+            entry["step_size"] = max(differences(parameters_of(net), reference["saved"]).values())
+            out[f"zero{stage}"] = entry
+        Path(out_dir, f"resize-rank{rank}.json").write_text(json.dumps(out))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def grow_main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
+    """A larger job (4 ranks as 2 x 2) loads resize_main's 2-rank ZeRO-0 checkpoint under the contiguous plan
+    with replica slots: its ranks 2 and 3 have no optimizer file of their own there. Every weight and AdamW
+    state is main's 4-rank saver's (the states went 4 -> 2 -> 4 ranks through three layouts), and the next
+    step is the saver's next step."""
+    _, backend = join_logical_node(rank, world, nodes, port, DEVICE.type)
+    try:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+        plan = plans(world, Topology.uniform(nodes, world // nodes))[0]
+        reference = torch.load(Path(out_dir, f"zero0-saved-rank{rank}.pt"))
+        engine, net = engine_for(plan, 0, rank)
+        engine.load_checkpoint(str(Path(out_dir, "resized-zero0")), tag="t")
         entry = loaded(engine, net, reference["saved"], reference["forward"], rank)
         entry["optimizer"] = differences(logical_optimizer_state(net, engine.optimizer), reference["optimizer"])
-        entry["momentum_size"] = max(float(v.abs().max()) for k, v in reference["optimizer"].items() if "momentum" in k)
+        entry["groups"] = [group.get("name") for group in engine.optimizer.param_groups]
         step(engine, rank, STEPS + 1)
-        entry["step_size"] = max(differences(parameters_of(net), reference["saved"]).values())
-        without_zero, _ = engine_for(plan, 0, rank)  # torch's per-rank optimizer files: refused by name
-        entry["refused"] = refused(lambda: without_zero.load_checkpoint(str(Path(out_dir, "fp32-zero0")), tag="t"))
-        Path(out_dir, f"resize-rank{rank}.json").write_text(json.dumps(entry))
+        entry["continued"] = differences(parameters_of(net), reference["continued"])
+        entry["step_size"] = max(differences(reference["continued"], reference["saved"]).values())
+        Path(out_dir, f"grow-rank{rank}.json").write_text(json.dumps(entry))
         dist.barrier()
     finally:
         dist.destroy_process_group()

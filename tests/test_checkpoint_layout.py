@@ -148,19 +148,36 @@ def test_converted_transformers_model_loads_under_another_plan(reports):
         assert entry["continued"] <= FP32 < 100 * FP32 < entry["step_size"], (rank, entry)
 
 
-def test_a_job_of_another_size_loads_weights_and_zero_states_under_its_plan(run):
-    """The 4-rank ZeRO-1 checkpoint in a job of 2 ranks (2 nodes x 1) under a GRACE plan for 2 GPUs:
-    every copy of every logical expert and every dense weight the saver's, and so every fp32 master and
-    SGD momentum (ZeRO's partitions cut anew for 2 ranks; DeepSpeed alone refuses another size); the
-    ZeRO-0 checkpoint's optimizer states, in per-rank torch files, refused by name."""
+def test_a_job_of_another_size_loads_weights_and_optimizer_states_under_its_plan(run):
+    """The 4-rank checkpoints in a job of 2 ranks (2 nodes x 1) under a GRACE plan for 2 GPUs: every copy of
+    every logical expert and every dense weight the saver's, and so every optimizer state: ZeRO 1's fp32
+    masters and SGD momenta (partitions cut anew for 2 ranks; DeepSpeed alone refuses another size) and ZeRO 0's
+    torch AdamW exp_avg and exp_avg_sq (per-rank files, taken by name)."""
     out, _ = run
     mp.spawn(checkpoint_layout_worker.resize_main, args=(2, 2, free_port(), str(out)), nprocs=2, join=True)
     for rank in range(2):
-        entry = json.loads((out / f"resize-rank{rank}.json").read_text())
-        assert_loaded(entry, f"rank {rank} of 2", exact=False)
-        assert set(entry["optimizer"]) == {f"{kind}/{key}" for kind in ("upstream", "gate", "experts")
-                                           for key in ("fp32", "momentum")}, entry["optimizer"]
-        assert max(entry["optimizer"].values()) == 0.0 < entry["momentum_size"], entry
-        assert entry["copies"] > 0 and entry["step_size"] <= STEP, entry
-        message = entry["refused"]
-        assert "a job of 2 ranks (saved by 4" in message and "load_optimizer_states=False" in message, message
+        report = json.loads((out / f"resize-rank{rank}.json").read_text())
+        for stage, keys in ((1, ("fp32", "momentum")), (0, ("exp_avg", "exp_avg_sq"))):
+            entry = report[f"zero{stage}"]
+            print(f"rank {rank} zero{stage}", entry["optimizer"])
+            assert_loaded(entry, f"rank {rank} of 2, zero{stage}", exact=False)
+            assert set(entry["optimizer"]) == {f"{kind}/{key}" for kind in ("upstream", "gate", "experts")
+                                               for key in keys}, entry["optimizer"]
+            assert max(entry["optimizer"].values()) == 0.0 < entry["state_size"], entry
+            assert entry["copies"] > 0 and entry["step_size"] <= STEP, entry
+
+
+def test_a_larger_job_loads_per_parameter_states_its_extra_ranks_have_no_file_for(run):
+    """4 -> 2 -> 4 ranks: the 2-rank job's ZeRO-0 checkpoint (saved right after loading the 4-rank one) in a job
+    of 4 under a third layout (contiguous, empty slots): ranks 2 and 3 read a saver rank's file for the dense
+    states; every weight and AdamW state is the original saver's, the groups keep this job's names, and the
+    next step is the saver's next step."""
+    out, _ = run
+    mp.spawn(checkpoint_layout_worker.grow_main, args=(4, 2, free_port(), str(out)), nprocs=4, join=True)
+    for rank in range(4):
+        entry = json.loads((out / f"grow-rank{rank}.json").read_text())
+        print(f"rank {rank}", entry["optimizer"], entry["continued"], entry["groups"])
+        assert_loaded(entry, f"rank {rank} of 4", exact=False)
+        assert max(entry["optimizer"].values()) == 0.0, entry["optimizer"]
+        assert "ep_size_4" in entry["groups"], entry["groups"]
+        assert max(entry["continued"].values()) <= FP32 < 100 * FP32 < entry["step_size"], entry
