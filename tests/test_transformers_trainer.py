@@ -2,7 +2,7 @@
 x 2 (on GPUs, scripts/gpu_exactness.sh: the largest layout of GRACE_TEST_LAYOUTS, NCCL, plus bf16): a converted
 Mixtral with replicated experts, router loss on, clipping on, trained as transformers' Trainer trains the
 unmodified model under the same DeepSpeed JSON (ZeRO 0/1/2, Trainer's AdamW or the config's, gradient
-accumulation, gradient checkpointing); checkpoints that from_pretrained loads as the unmodified model; a run
+accumulation, gradient checkpointing, evaluation during training); checkpoints that from_pretrained loads as the unmodified model; a run
 resumed from its checkpoint-N under another plan; GRACE's figures in every training log; an accelerate loop
 through GraceAccelerator against accelerate's own on the unmodified model."""
 import os
@@ -29,7 +29,8 @@ def report(tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
-CASES = ["zero1/trainer-adamw/accumulation2", "zero2/config-adamw", "zero0/trainer-adamw/gradient-checkpointing"]
+CASES = ["zero1/trainer-adamw/accumulation2", "zero2/config-adamw/evaluation",
+         "zero0/trainer-adamw/gradient-checkpointing"]
 
 
 @pytest.mark.skipif(not ON_GPU, reason="transformers refuses bf16 on a CPU run that uses DeepSpeed")
@@ -55,12 +56,15 @@ def test_trains_as_the_unmodified_model_under_transformers_trainer(report, case)
             assert mine is not None and (theirs is None or abs(mine - theirs) < FP32 * theirs), (mine, theirs)
         assert max(entry["weights"].values()) < FP32, entry["weights"]
         assert entry["replicas_apart"] == 0.0
+        mine, theirs = entry["eval_losses"], entry["reference_eval_losses"]
+        assert [step for step, _ in mine] == [step for step, _ in theirs] == ([3, 6] if "evaluation" in case else [])
+        assert all(abs(a - b) < FP32 * b for (_, a), (_, b) in zip(mine, theirs)), (mine, theirs)
 
 
 def test_fp32_without_zero_logs_the_exact_global_norm(report):
     """DeepSpeed's fp32 engine without ZeRO logs no norm; GRACE's clips by the exact global one and reports it:
     at the first step (same weights, same batches) it is the norm ZeRO 2 reports for the unmodified model."""
-    mine, theirs = report[0][CASES[2]]["grad_norms"][0], report[0]["zero2/config-adamw"]["reference_grad_norms"][0]
+    mine, theirs = report[0][CASES[2]]["grad_norms"][0], report[0][CASES[1]]["reference_grad_norms"][0]
     print(mine, theirs)
     assert report[0][CASES[2]]["reference_grad_norms"][0] is None
     assert abs(mine - theirs) < FP32 * theirs

@@ -66,7 +66,9 @@ def run_trainer(model, ds_config: dict, out: Path, samples: list[dict], grace: b
     settings.update(cpu_process_state() if DEVICE.type == "cpu" else {}, **overrides)
     resume = settings.pop("resume_from_checkpoint", None)
     args = transformers.TrainingArguments(deepspeed=copy.deepcopy(ds_config), **settings)
-    trainer = (GraceTrainer if grace else transformers.Trainer)(model=model, args=args, train_dataset=samples)
+    evaluated = samples[:16] if args.eval_strategy != "no" else None  # held apart from nothing: a fixed set
+    trainer = (GraceTrainer if grace else transformers.Trainer)(model=model, args=args, train_dataset=samples,
+                                                                eval_dataset=evaluated)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -93,7 +95,8 @@ def check_trainer(rank: int, world: int, topology: Topology, out: Path) -> dict:
     cases = {  # name: (DeepSpeed JSON without grace_moe, exchange, Trainer overrides)
         "zero1/trainer-adamw/accumulation2": ({**zero, "zero_optimization": {"stage": 1}}, across,
                                               {"gradient_accumulation_steps": 2}),
-        "zero2/config-adamw": ({**zero, "zero_optimization": {"stage": 2}, "optimizer": ds_optimizer}, across, {}),
+        "zero2/config-adamw/evaluation": ({**zero, "zero_optimization": {"stage": 2}, "optimizer": ds_optimizer},
+                                          across, {"eval_strategy": "steps", "eval_steps": 3}),
         "zero0/trainer-adamw/gradient-checkpointing": ({**zero, "zero_optimization": {"stage": 0}}, "flat",
                                                        {"gradient_checkpointing": True}),
     }
@@ -123,6 +126,9 @@ def check_trainer(rank: int, world: int, topology: Topology, out: Path) -> dict:
             "first_loss": want[min(want)]["loss"],
             "weight_scale": max(float(t.abs().max()) for t in hf_tensors(reference.model, False, False).values()),
         }
+        entry["eval_losses"] = [(e["step"], e["eval_loss"]) for e in trainer.state.log_history if "eval_loss" in e]
+        entry["reference_eval_losses"] = [(e["step"], e["eval_loss"]) for e in reference.state.log_history
+                                          if "eval_loss" in e]
         figures = [{k: v for k, v in got[s].items() if k.startswith("grace_moe/")} for s in sorted(got)]
         entry["logged"] = figures
         entry["counted_cross_node_MB"] = counted_cross_node_MB(trainer, world)
