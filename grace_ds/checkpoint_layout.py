@@ -117,8 +117,8 @@ def describe_checkpoint(directory: str | os.PathLike, plan=None) -> list[str]:
     record = directory / LAYOUT_FILE
     if not record.is_file():
         raise GraceInputError(f"{directory}: no {LAYOUT_FILE}: not a checkpoint saved by a grace_ds engine")
-    layouts = read_layout(record)
-    order, world = read_optimizer_order(record), read_world_size(record)
+    saved = read_record(record)
+    layouts, order, world = saved.layers, saved.optimizer_order, saved.world_size
     zero_files = sorted(directory.glob("*zero_pp_rank_*_optim_states.pt"))
     expert_rank_files = sorted(directory.glob("expp_rank_*_optim_states.pt"))
     lines = [f"{directory}: saved by {world if world is not None else 'an unrecorded number of'} ranks, "
@@ -160,7 +160,17 @@ def write_layout(path: str | os.PathLike, layouts: list[LayerLayout],
     atomic_write_text(path, json.dumps(record, indent=1))
 
 
-def read_layout(path: str | os.PathLike) -> list[LayerLayout]:
+@dataclass(frozen=True)
+class LayoutRecord:
+    """What a checkpoint says of its layout: the MoE layers', the per-parameter optimizer's parameter names in
+    index order per expert-parallel rank (None: not recorded), and the saving job's ranks (None: not recorded)."""
+    layers: list[LayerLayout]
+    optimizer_order: dict[int, list[str]] | None = None
+    world_size: int | None = None
+
+
+def read_record(path: str | os.PathLike) -> LayoutRecord:
+    """The record file, read and checked once."""
     record = read_json(path, "checkpoint layout")
     if not isinstance(record, dict) or record.get("format") != LAYOUT_FORMAT:
         raise GraceInputError(f"{path}: not a {LAYOUT_FORMAT} record")
@@ -169,13 +179,12 @@ def read_layout(path: str | os.PathLike) -> list[LayerLayout]:
     layers = record.get("layers")
     if not isinstance(layers, list):
         raise GraceInputError(f"{path}: 'layers' must be a list of MoE layer entries")
-    return [LayerLayout.from_json(entry, str(path)) for entry in layers]
+    return LayoutRecord([LayerLayout.from_json(entry, str(path)) for entry in layers],
+                        _optimizer_order(record.get("optimizer_parameters"), path),
+                        _world_size(record.get("world_size"), path))
 
 
-def read_optimizer_order(path: str | os.PathLike) -> dict[int, list[str]] | None:
-    """The recorded per-parameter optimizer's parameter order per expert-parallel rank (None: not recorded)."""
-    record = read_json(path, "checkpoint layout")
-    order = record.get("optimizer_parameters") if isinstance(record, dict) else None
+def _optimizer_order(order, path) -> dict[int, list[str]] | None:
     if order is None:
         return None
     if not isinstance(order, dict) or any(not isinstance(names, list) or not all(isinstance(n, str) for n in names)
@@ -187,10 +196,7 @@ def read_optimizer_order(path: str | os.PathLike) -> dict[int, list[str]] | None
         raise GraceInputError(f"{path}: optimizer_parameters has a rank that is not a number ({error})") from None
 
 
-def read_world_size(path: str | os.PathLike) -> int | None:
-    """The saving job's number of ranks (None: not recorded)."""
-    record = read_json(path, "checkpoint layout")
-    world = record.get("world_size") if isinstance(record, dict) else None
+def _world_size(world, path) -> int | None:
     if world is not None and (not isinstance(world, int) or isinstance(world, bool) or world < 1):
         raise GraceInputError(f"{path}: world_size must be a positive whole number, got {world!r}")
     return world
@@ -202,14 +208,15 @@ def _flag(value) -> bool:
     return value
 
 
-def saved_layout(directory: str | os.PathLike, served: list[LayerLayout]) -> list[LayerLayout]:
-    """The layout a checkpoint tag directory was saved under; without a record, told from its files."""
+def saved_layout(directory: str | os.PathLike, served: list[LayerLayout]) -> LayoutRecord:
+    """The layout a checkpoint tag directory was saved under: its record, or without one told from its files
+    (no optimizer order, no job size)."""
     directory = Path(directory)
     if (directory / LAYOUT_FILE).is_file():
-        saved = read_layout(directory / LAYOUT_FILE)
-        if len(saved) != len(served):
-            raise GraceInputError(f"{directory}: saved with {len(saved)} MoE layers, the model has {len(served)}")
-        return saved
+        record = read_record(directory / LAYOUT_FILE)
+        if len(record.layers) != len(served):
+            raise GraceInputError(f"{directory}: saved with {len(record.layers)} MoE layers, the model has {len(served)}")
+        return record
     inferred = []
     for layer_id, layout in enumerate(served):
         files = len(list(directory.glob(f"layer_{layer_id}_expert_*_mp_rank_00_model_states.pt")))
@@ -221,7 +228,7 @@ def saved_layout(directory: str | os.PathLike, served: list[LayerLayout]) -> lis
             raise GraceInputError(f"{directory}: MoE layer {layer_id} has {files} expert files and no {LAYOUT_FILE}: "
                                   f"neither DeepSpeed's layout ({layout.num_experts} experts) nor the served one "
                                   f"({len(layout.file_experts())} slots)")
-    return inferred
+    return LayoutRecord(inferred)
 
 
 def unrecorded(saved: list[LayerLayout]) -> str:

@@ -26,8 +26,8 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from grace_ds.checkpoint_layout import (LAYOUT_FILE, LayerLayout, plan_layer_layout, read_layout, read_optimizer_order,
-                                        read_world_size, saved_expert_parallel_size, saved_layout, unrecorded,
+from grace_ds.checkpoint_layout import (LAYOUT_FILE, LayerLayout, plan_layer_layout, read_record,
+                                        saved_expert_parallel_size, saved_layout, unrecorded,
                                         write_layout)
 from grace_ds.checkpoint_layout import difference as layout_difference
 from grace_ds.errors import GraceInputError
@@ -198,9 +198,8 @@ def attach_checkpointing(engine) -> None:
         if resolved is None or not Path(load_dir, resolved).is_dir():
             return call()  # DeepSpeed's own answer (a warning and (None, None), or its error)
         served = served_layout(engine.module)
-        saved = saved_layout(Path(load_dir, resolved), served)
-        record = Path(load_dir, resolved, LAYOUT_FILE)
-        saved_world = read_world_size(record) if record.is_file() else None
+        record = saved_layout(Path(load_dir, resolved), served)  # the record read once
+        saved, saved_world = record.layers, record.world_size
         resized = saved_world not in (None, dist.get_world_size())
         difference = layout_difference(saved, served) or (
             f"saved by a job of {saved_world} ranks, this one has {dist.get_world_size()}" if resized else "")
@@ -215,7 +214,7 @@ def attach_checkpointing(engine) -> None:
                     f"{Path(load_dir, resolved)}: {difference}; its optimizer states follow the saved physical "
                     f"slots and are not remapped for {reason}: pass load_optimizer_states=False (expert weights "
                     "remapped, optimizer state fresh) or load_module_only=True, or load under the plan it was saved with")
-            order = read_optimizer_order(record) if record.is_file() else None
+            order = record.optimizer_order
             sources, saver_ep_size = expert_sources(engine.module, saved, served), saved_expert_parallel_size(saved)
             states = (zero_states_across_sizes(engine, sources, saver_ep_size)
                       if resized and per_parameter_groups(engine.optimizer) is None else
@@ -251,7 +250,7 @@ def export_deepspeed_checkpoint(directory: str | os.PathLike, out_dir: str | os.
     directory, out_dir = Path(directory), Path(out_dir)
     if not (directory / LAYOUT_FILE).is_file():
         raise GraceInputError(f"{directory}: no {LAYOUT_FILE}: not a GRACE checkpoint saved by grace_ds")
-    saved = read_layout(directory / LAYOUT_FILE)
+    saved = read_record(directory / LAYOUT_FILE).layers
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for model_state in sorted(directory.glob("*mp_rank_*_model_states.pt")):

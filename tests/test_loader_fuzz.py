@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grace_ds.checkpoint_layout import LayerLayout, read_layout, read_optimizer_order, read_world_size, write_layout
+from grace_ds.checkpoint_layout import LayerLayout, read_record, write_layout
 from grace_ds.deepspeed_config import split_config
 from grace_ds.errors import GraceInputError
 from grace_ds.plan import PlacementPlan
@@ -59,7 +59,7 @@ LOADERS = {
     "loads.json": lambda path: RoutingProfile.from_logical_counts(path, top_k=2),
     "ds.json": split_config,
     "model.safetensors": load_checkpoint_weights,
-    "grace_layout.json": lambda path: (read_layout(path), read_optimizer_order(path), read_world_size(path)),
+    "grace_layout.json": read_record,
 }
 
 
@@ -109,7 +109,7 @@ def assert_usable(name: str, loaded, path) -> None:
         logits = model(torch.tensor([[1, 2, 3]])).logits
         assert logits.shape == (1, 3, model.config.vocab_size)
     elif name == "grace_layout.json":
-        layouts, order, world = loaded
+        layouts, order, world = loaded.layers, loaded.optimizer_order, loaded.world_size
         assert world is None or (isinstance(world, int) and world >= 1)
         assert order is None or all(isinstance(rank, int) and all(isinstance(n, str) for n in names)
                                     for rank, names in order.items())  # a load can look up each parameter

@@ -2,9 +2,9 @@
 x 2 (on GPUs, scripts/gpu_exactness.sh: the largest layout of GRACE_TEST_LAYOUTS, NCCL, plus bf16): a converted
 Mixtral with replicated experts, router loss on, clipping on, trained as transformers' Trainer trains the
 unmodified model under the same DeepSpeed JSON (ZeRO 0/1/2, Trainer's AdamW or the config's, gradient
-accumulation, gradient checkpointing, evaluation during training); checkpoints that from_pretrained loads as the unmodified model; a run
-resumed from its checkpoint-N under another plan; GRACE's figures in every training log; an accelerate loop
-through GraceAccelerator against accelerate's own on the unmodified model."""
+accumulation, gradient checkpointing, evaluation during training); checkpoints that from_pretrained loads as
+the unmodified model; a run resumed from its checkpoint-N under another plan; GRACE's figures in every training
+log; an accelerate loop through GraceAccelerator against accelerate's own on the unmodified model."""
 import os
 
 import pytest
