@@ -13,6 +13,9 @@ What it changes in Trainer, and why:
   resumes under any plan;
 - `save_model` (also each checkpoint's model files): the unmodified transformers checkpoint, every expert gathered
   (grace_ds.models.export), which `from_pretrained` loads without GRACE;
+- with `"profiling": true`: each `checkpoint-N/` also holds the run's routing so far (`routing_profile.safetensors`,
+  every rank's tokens), so `grace-ds plan --profile checkpoint-N/routing_profile.safetensors` makes a plan from the
+  run's own routing to resume under; `profile_out`, if set, gets the whole run's at the end;
 - `log`: each training log carries GRACE's traffic and load over the steps since the previous one
   (`grace_moe/forward_cross_node_MB_per_step`, `grace_moe/forward_same_node_MB_per_step`,
   `grace_moe/load_max_over_mean`), so every `report_to` integration (W&B, TensorBoard, ...) plots them.
@@ -23,12 +26,14 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
 from grace_ds.deepspeed import attach_to_engine
+from grace_ds.deepspeed_monitoring import save_profile
 from grace_ds.deepspeed_config import GraceMoEConfig, split_config
 from grace_ds.errors import GraceInputError
 from grace_ds.hf_accelerate import convert_for_deepspeed_plugin, cpu_process_state, prepare_through_grace
@@ -36,9 +41,10 @@ from grace_ds.models.export import save_pretrained
 from grace_ds.runtime import GraceRuntime
 from grace_ds.training_monitor import TrainingMonitor
 
-__all__ = ["GraceTrainer", "GraceTrainerMixin", "LOG_PREFIX", "cpu_process_state"]
+__all__ = ["GraceTrainer", "GraceTrainerMixin", "LOG_PREFIX", "PROFILE_FILE", "cpu_process_state"]
 
 LOG_PREFIX = "grace_moe/"
+PROFILE_FILE = "routing_profile.safetensors"  # in each checkpoint-N/ of a run with grace_moe.profiling
 
 
 class GraceTrainerMixin:
@@ -60,6 +66,8 @@ class GraceTrainerMixin:
             raise GraceInputError("grace_moe: the exported checkpoint is written by the job's first rank alone; "
                                   "set save_on_each_node=False (output_dir on storage every node reads)")
         self.grace_runtime = convert_for_deepspeed_plugin(self.model, plugin, self.args.world_size)
+        if self.grace_runtime is not None and section.profiling:
+            self.add_callback(_RoutingProfiles(self))
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -95,3 +103,22 @@ class GraceTrainerMixin:
 
 class GraceTrainer(GraceTrainerMixin, transformers.Trainer):
     """transformers.Trainer with GRACE-MoE (see the module's docstring)."""
+
+
+class _RoutingProfiles(transformers.TrainerCallback):
+    """The routing recorded so far into each checkpoint, and into `profile_out` at the end. Trainer calls these on
+    every rank at the same step: the profile's reduction over ranks rides on that."""
+
+    def __init__(self, trainer: GraceTrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        engine = self.trainer.grace_engine
+        if engine is not None and getattr(engine, "grace_recorder", None) is not None:
+            checkpoint = Path(args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            save_profile(engine, checkpoint / PROFILE_FILE)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        engine = self.trainer.grace_engine
+        if engine is not None and getattr(engine, "grace_recorder", None) is not None and self.trainer.grace_config.profile_out:
+            save_profile(engine)

@@ -79,13 +79,26 @@ def test_saved_checkpoints_load_as_the_unmodified_model(report):
     assert entry["layout_record"]
 
 
+def test_profiling_puts_the_runs_routing_in_every_checkpoint(report):
+    """`"profiling": true`: checkpoint-3 holds the routing of steps 1-3, profile_out that of the whole run, the
+    same tokens and per-expert loads as hooks on the unmodified model's routers counted."""
+    for rank_report in report:
+        profile = rank_report[CASES[0]]["profile"]
+        print(profile)
+        tokens = trainer_worker.STEPS * 2 * 2 * 12 * WORLD  # steps x accumulation x batch x length x ranks
+        assert profile["tokens"] == profile["reference_tokens"] == [tokens] * 2
+        assert profile["checkpoint_tokens"] == [tokens * trainer_worker.SAVE_AT // trainer_worker.STEPS] * 2
+        assert profile["load_difference"] == 0.0
+
+
 def test_resumed_under_another_plan_continues_the_run(report):
-    """checkpoint-3 of the GRACE plan resumed under the contiguous plan: steps 4-6 and the final weights as the
-    uninterrupted unmodified run's (weights, AdamW states, scheduler and data position all restored)."""
+    """checkpoint-3 of the GRACE plan resumed under a plan made from checkpoint-3's own routing profile (two
+    replica slots a GPU): steps 4-6 and the final weights as the uninterrupted unmodified run's (weights, AdamW
+    states, scheduler and data position all restored)."""
     for rank_report in report:
         resumed = rank_report[CASES[0]]["resumed"]
         print(resumed)
-        assert resumed["plan"] == "contiguous"
+        assert resumed["plan"] == "grace" and resumed["slots_per_gpu"][0] != resumed["slots_per_gpu"][1]
         assert resumed["steps"] == list(range(1, trainer_worker.STEPS + 1))
         assert resumed["loss"] < FP32 * 10 and max(resumed["weights"].values()) < FP32, resumed
 

@@ -11,7 +11,10 @@ import torch
 import torch.distributed as dist
 
 from grace_ds.logical_nodes import join_logical_node
+from grace_ds.planners import make_plan
+from grace_ds.routing_profile import RoutingProfile
 from grace_ds.topology import Topology
+from grace_ds.transformers_trainer import PROFILE_FILE
 from tests.training_worker import DEVICE
 
 STEPS, SAVE_AT = 6, 3
@@ -33,7 +36,6 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
 def routing_plans(start: torch.nn.Module, topology: Topology, out: Path, samples: list[dict]) -> dict[str, Path]:
     """A GRACE plan with one replica slot per GPU from the model's own routing, and the contiguous layout."""
     from grace_ds.models import find_moe_blocks
-    from grace_ds.planners import make_plan
     from grace_ds.routing_stats import RoutingStats
 
     model = copy.deepcopy(start)
@@ -107,9 +109,13 @@ def check_trainer(rank: int, world: int, topology: Topology, out: Path) -> dict:
     for name, (ds_config, mode, overrides) in cases.items():
         tag = name.replace("/", "_")
         saving = dict(save_strategy="steps", save_steps=SAVE_AT) if name.startswith("zero1") else {}
-        reference = run_trainer(copy.deepcopy(start), ds_config, out / f"{tag}-reference", samples, False,
-                                **saving, **overrides)
+        reference_model, recorder = copy.deepcopy(start), None
         section = {"plan": str(plans["grace"]), "communication": mode}
+        if saving:  # the run's routing, recorded by GRACE and (on the unmodified model) by hooks on its routers
+            recorder = routing_recorder(reference_model)
+            section.update(profiling=True, profile_out=str(out / f"{tag}-profile.safetensors"))
+        reference = run_trainer(reference_model, ds_config, out / f"{tag}-reference", samples, False,
+                                **saving, **overrides)
         trainer = run_trainer(copy.deepcopy(start), {**ds_config, "grace_moe": section}, out / f"{tag}-grace",
                               samples, True, **saving, **overrides)
         want, got = losses(reference), losses(trainer)
@@ -136,8 +142,17 @@ def check_trainer(rank: int, world: int, topology: Topology, out: Path) -> dict:
             reference.save_model()
             trainer.save_model()
             entry.update(check_saved(out / f"{tag}-reference", out / f"{tag}-grace", rank))
-            # Resume from checkpoint-3 under the contiguous plan: the slots and their optimizer states follow.
-            resumed = run_trainer(copy.deepcopy(start), {**ds_config, "grace_moe": {**section, "plan": str(plans["contiguous"])}},
+            entry["profile"] = check_profiles(recorder, out / f"{tag}-profile.safetensors",
+                                              out / f"{tag}-grace" / f"checkpoint-{SAVE_AT}" / PROFILE_FILE)
+            # Re-planned from checkpoint-3's own routing (two replica slots a GPU) and resumed there: the slots and
+            # their optimizer states follow.
+            replanned = out / f"{tag}-replanned.json"
+            if rank == 0:
+                profile = RoutingProfile.load(out / f"{tag}-grace" / f"checkpoint-{SAVE_AT}" / PROFILE_FILE)
+                make_plan("grace", profile, topology, replica_slots=2).save(replanned)
+            dist.barrier()
+            resumed = run_trainer(copy.deepcopy(start), {**ds_config, "grace_moe": {**section, "plan": str(replanned),
+                                                                                    "profiling": False}},
                                   out / f"{tag}-grace", samples, True, **overrides,
                                   resume_from_checkpoint=str(out / f"{tag}-grace" / f"checkpoint-{SAVE_AT}"))
             after = losses(resumed)
@@ -147,11 +162,30 @@ def check_trainer(rank: int, world: int, topology: Topology, out: Path) -> dict:
                 "weights": grouped_differences(hf_tensors(resumed.model, False, True),
                                                hf_tensors(reference.model, False, False)),
                 "plan": resumed.grace_runtime.plan.policy,
+                "slots_per_gpu": [trainer.grace_runtime.plan.slots_per_gpu, resumed.grace_runtime.plan.slots_per_gpu],
             }
         report[name] = entry
         dist.barrier()
     report["accelerate-loop"] = check_accelerate_loop(start, plans["grace"], across, samples)
     return report
+
+
+def routing_recorder(model):
+    from grace_ds.models import find_moe_blocks
+    from grace_ds.routing_stats import RoutingStats
+
+    blocks = find_moe_blocks(model)
+    return RoutingStats(len(blocks), model.config.num_local_experts, model.config.num_experts_per_tok).attach_to_routers(blocks)
+
+
+def check_profiles(recorder, final: Path, at_checkpoint: Path) -> dict:
+    """GRACE's profiles of the run (profile_out at the end, checkpoint-3's) against the routing hooks on the
+    unmodified model's routers over the same steps: the same tokens, the same per-expert loads."""
+    want = recorder.to_profile()  # reduced over the job's ranks, as GRACE's
+    got, half = RoutingProfile.load(final), RoutingProfile.load(at_checkpoint)
+    return {"tokens": got.num_tokens.tolist(), "reference_tokens": want.num_tokens.tolist(),
+            "checkpoint_tokens": half.num_tokens.tolist(),
+            "load_difference": float((got.expert_load - want.expert_load).abs().sum() / want.expert_load.sum())}
 
 
 def check_accelerate_loop(start, plan: Path, mode: str, samples: list[dict]) -> dict:
