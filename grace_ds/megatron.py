@@ -6,7 +6,8 @@ token once per GPU or node; this rank computes only the slots it holds (replicas
 grouped GEMM. `grace_layer_spec` swaps it into a megatron layer spec; `sharded_state_dict` files every
 slot under its logical expert with megatron's own names, so a checkpoint does not depend on the plan
 (replicas are saved once, through their primary, and all copies load from it) and moves both ways
-between this layer and megatron's MoELayer.
+between this layer and megatron's MoELayer; megatron's optimizers file their states through the same
+entries, so those follow the experts into any plan too.
 Training: gradients flow to megatron's router and through the exchange; the slots are expert parameters
 (allreduce=False: megatron's DDP reduces them over expert data parallel); a replica's gradient is summed
 into its primary in the backward (grace_ds.replica_sync), and `runtime.sync_replica_weights()` after each
@@ -93,61 +94,84 @@ class GraceMegatronMoELayer(nn.Module):
         ways between it and GRACE: experts `{prefix}experts.experts.linear_fc1.weight` [E, 2I, H]
         (gate and up halves as megatron splits them) and `.linear_fc2.weight` [E, H, I], each slot at
         its logical expert's offset, or one key per expert with metadata `singleton_local_shards`. A
-        replica carries a nonzero replica id, so it is loaded but never saved (its primary is)."""
-        from megatron.core.transformer.utils import sharded_state_dict_default
+        replica carries a nonzero replica id, so it is loaded but never saved (its primary is).
+        Each fused slot tensor is one ShardedTensorFactory over its parameter (`experts.gate_up_proj`,
+        `experts.down_proj`), built into those per-slot entries: megatron's optimizer maps a parameter's
+        states through the entry that holds the parameter, so the states (Adam's moments, ...) are filed
+        per logical expert too and follow the experts into any plan."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+        from megatron.core.transformer.utils import make_sharded_object_for_checkpoint, sharded_state_dict_default
 
         out = sharded_state_dict_default(self.router, f"{prefix}router.", sharded_offsets, metadata)
         if self.shared_experts is not None:
             out.update(sharded_state_dict_default(self.shared_experts, f"{prefix}shared_experts.", sharded_offsets,
                                                   metadata))
         plan = self._runtime.plan
-        slot_expert = plan.slot_expert[self.plan_layer]
-        primary = plan.slot_is_primary[self.plan_layer]
+        slot_expert, primary = plan.slot_expert[self.plan_layer], plan.slot_is_primary[self.plan_layer]
         singleton = bool((metadata or {}).get("singleton_local_shards", False))
-        rank, row = self._runtime.rank, 0
-        for slot, expert in enumerate(slot_expert[rank].tolist()):
-            if expert < 0:
-                continue
-            replica_id = (0, _copy_index(slot_expert, primary, rank, slot), self._expert_dp_rank)
-            entries = megatron_expert_entries(f"{prefix}experts.experts.", expert, plan.num_experts,
-                                              self.experts.gate_up_proj[row], self.experts.down_proj[row],
-                                              sharded_offsets, replica_id, singleton)
-            out.update({f"{prefix}experts.slot{slot}.{name}": entry for name, entry in entries.items()})
-            row += 1
+        rank = self._runtime.rank
+        held = [(slot, expert, (0, _copy_index(slot_expert, primary, rank, slot), self._expert_dp_rank))
+                for slot, expert in enumerate(slot_expert[rank].tolist()) if expert >= 0]  # one row each, in order
+
+        def build(linear: str):
+            def build_fn(key: str, data: torch.Tensor, replica_id, flattened_range) -> dict:
+                key_prefix = key[: -len(f"{linear}.weight")]  # also under the optimizer's state prefixes
+                return {f"slot{slot}.{name}": entry for row, (slot, expert, copy_id) in enumerate(held)
+                        for name, entry in megatron_expert_tensors(key_prefix, linear, expert, plan.num_experts,
+                                                                   data[row], sharded_offsets, copy_id,
+                                                                   singleton).items()}
+            return build_fn
+
+        def merge(linear: str):
+            def merge_fn(loaded: dict) -> torch.Tensor:
+                rows = [torch.cat([loaded[f"slot{slot}.gate"], loaded[f"slot{slot}.up"]]) if linear == "linear_fc1"
+                        else loaded[f"slot{slot}.weight"] for slot, _, _ in held]
+                return torch.stack(rows)
+            return merge_fn
+
+        base = f"{prefix}experts.experts."
+        for name, linear, data in (("gate_up_proj", "linear_fc1", self.experts.gate_up_proj),
+                                   ("down_proj", "linear_fc2", self.experts.down_proj)):
+            out[f"{prefix}experts.{name}"] = ShardedTensorFactory(f"{base}{linear}.weight", data, build(linear),
+                                                                  merge(linear), (0, 0, self._expert_dp_rank))
+        for slot, expert, copy_id in held:  # the linears' empty extra states, which megatron's layer asks for
+            key_prefix = f"{base}{expert}." if singleton else base
+            offsets = _expert_offsets(expert, plan.num_experts, sharded_offsets, singleton)
+            for linear in ("linear_fc1", "linear_fc2"):
+                out[f"{prefix}experts.slot{slot}.{linear}._extra_state"] = make_sharded_object_for_checkpoint(
+                    None, f"{key_prefix}{linear}._extra_state", offsets, copy_id)
         return out
 
 
-def megatron_expert_entries(key_prefix: str, expert: int, num_experts: int, fc1: torch.Tensor, fc2: torch.Tensor,
+def _expert_offsets(expert: int, num_experts: int, sharded_offsets: tuple, singleton: bool) -> tuple:
+    """An expert's global offsets: along the expert axis, or none with one key per expert."""
+    return tuple(sharded_offsets) if singleton else (*sharded_offsets, (len(sharded_offsets), expert, num_experts))
+
+
+def megatron_expert_tensors(key_prefix: str, linear: str, expert: int, num_experts: int, data: torch.Tensor,
                             sharded_offsets: tuple, replica_id: tuple, singleton: bool) -> dict:
-    """One expert's dist-checkpointing entries as megatron's SequentialMLP files them (tensor parallel 1):
-    fc1 [2I, H] as its gate and up halves (megatron's SwiGLU factory: the same key, offsets 0 and 1 of 2
-    along the rows; `_w` / `_v` keys with singleton shards), fc2 [H, I], and the linears' empty extra
-    states, which megatron's layer asks for when it loads."""
+    """One expert's tensor of one linear as megatron's SequentialMLP files it (tensor parallel 1): linear_fc1
+    [2I, H] as its gate and up halves (megatron's SwiGLU factory: the same key, offsets 0 and 1 of 2 along the
+    rows; `_w` / `_v` keys with singleton shards), linear_fc2 [H, I] as it is. `data` may be the weight or an
+    optimizer state of its shape."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 
-    if singleton:  # one key per expert, no expert axis
-        key_prefix, offsets = f"{key_prefix}{expert}.", tuple(sharded_offsets)
-    else:
-        offsets = (*sharded_offsets, (len(sharded_offsets), expert, num_experts))
+    offsets = _expert_offsets(expert, num_experts, sharded_offsets, singleton)
+    if singleton:
+        key_prefix = f"{key_prefix}{expert}."
     axis = len(offsets)  # the first axis of the expert's own tensors
-    gate, up = fc1.chunk(2, dim=0)
 
-    def tensor(key: str, data: torch.Tensor, *extra) -> ShardedTensor:
-        return ShardedTensor.from_rank_offsets(key, data, *offsets, *extra, replica_id=replica_id,
+    def tensor(key: str, part: torch.Tensor, *extra) -> ShardedTensor:
+        return ShardedTensor.from_rank_offsets(key, part, *offsets, *extra, replica_id=replica_id,
                                                prepend_axis_num=axis)
 
-    fc1_key = f"{key_prefix}linear_fc1.weight"
+    key = f"{key_prefix}{linear}.weight"
+    if linear == "linear_fc2":
+        return {"weight": tensor(key, data)}
+    gate, up = data.chunk(2, dim=0)
     if singleton:
-        halves = {"gate": tensor(f"{fc1_key}_w", gate), "up": tensor(f"{fc1_key}_v", up)}
-    else:
-        halves = {"gate": tensor(fc1_key, gate, (axis, 0, 2)), "up": tensor(fc1_key, up, (axis, 1, 2))}
-    out = {f"linear_fc1.weight.{half}": entry for half, entry in halves.items()}
-    out["linear_fc2.weight"] = tensor(f"{key_prefix}linear_fc2.weight", fc2)
-    for linear in ("linear_fc1", "linear_fc2"):
-        out[f"{linear}._extra_state"] = make_sharded_object_for_checkpoint(
-            None, f"{key_prefix}{linear}._extra_state", offsets, replica_id)
-    return out
+        return {"gate": tensor(f"{key}_w", gate), "up": tensor(f"{key}_v", up)}
+    return {"gate": tensor(key, gate, (axis, 0, 2)), "up": tensor(key, up, (axis, 1, 2))}
 
 
 def _copy_index(slot_expert: torch.Tensor, primary: torch.Tensor, gpu: int, slot: int) -> int:

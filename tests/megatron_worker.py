@@ -57,12 +57,18 @@ def checkpoint_round_trip(saved_layer, spec, config, profile, topology, rank, x,
 
 def saved_entries(sharded: dict) -> list[list]:
     """[key, global offset, replica id] of every expert tensor or object a sharded state dict files
-    (megatron's SwiGLU factories built into the tensors they save)."""
+    (factories, megatron's SwiGLU ones and GRACE's fused slots, built into the tensors they save)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    def built(entry) -> list:
+        if not isinstance(entry, ShardedTensorFactory):
+            return [entry]
+        made = entry.build()  # megatron's build a list, GRACE's fused slots a dict of per-slot entries
+        return [item for part in (made.values() if isinstance(made, dict) else made) for item in built(part)]
 
     out = []
     for entry in sharded.values():
-        for item in (entry.build() if isinstance(entry, ShardedTensorFactory) else [entry]):
+        for item in built(entry):
             if ".experts." in item.key:
                 out.append([item.key, list(item.global_offset), list(item.replica_id)])
     return out
@@ -105,6 +111,97 @@ def checkpoint_interchange(reference, spec, config, plan, rank, x, expected, dir
         with torch.no_grad():
             results[f"grace -> megatron{tag}"] = relative_error(back(x)[0], expected)
     return results
+
+
+def logical_optimizer_states(layer, optimizer) -> dict[str, torch.Tensor]:
+    """Adam's exp_avg and exp_avg_sq of the router and of every logical expert (from its primary), [E, ...] the
+    same on every rank."""
+    runtime = layer._runtime
+    slots = runtime.plan.slot_expert[layer.plan_layer, runtime.rank].tolist()
+    primary = runtime.plan.slot_is_primary[layer.plan_layer, runtime.rank]
+    held = [(row, expert) for row, expert in enumerate(e for e in slots if e >= 0)]
+    primaries = [bool(primary[slot]) for slot, expert in enumerate(slots) if expert >= 0]
+    out = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        out[f"router/{key}"] = optimizer.state[layer.router.weight][key].detach().double().cpu()
+        for name in ("gate_up_proj", "down_proj"):
+            state = optimizer.state[getattr(layer.experts, name)][key]
+            full = torch.zeros((EXPERTS, *state.shape[1:]), dtype=torch.float64, device=DEVICE)
+            for (row, expert), is_primary in zip(held, primaries):
+                if is_primary:
+                    full[expert] = state[row].double()
+            dist.all_reduce(full)
+            out[f"experts.{name}/{key}"] = full.cpu()
+    return out
+
+
+def optimizer_states_across_plans(spec, config, reference, fc1, fc2, profile, topology, rank, x,
+                                  directory: Path) -> dict:
+    """The GRACE layer under a GRACE plan with replicas trains 2 Adam steps; the model and its optimizer states
+    go to one megatron dist-checkpoint (megatron's optimizer mapping: optim_state_to_sharding_state) and load
+    into a layer under the contiguous plan with a fresh Adam. Every state of every logical expert (and the
+    router's) must be the saver's, and the next step the saver's next step."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                            optim_state_to_sharding_state)
+
+    def train_step(layer, optimizer, runtime) -> None:
+        optimizer.zero_grad()
+        layer(x)[0].pow(2).mean().backward()
+        dist.all_reduce(layer.router.weight.grad)  # as megatron's DDP reduces the dense parameters' (experts:
+        layer.router.weight.grad /= dist.get_world_size()  # expert data parallel, one rank each here)
+        optimizer.step()
+        runtime.sync_replica_weights()
+
+    def sharded(layer, optimizer) -> dict:
+        """As megatron's FP32Optimizer.sharded_state_dict: the states by the model's entries, one common step."""
+        model = layer.sharded_state_dict("mlp.")
+        state = optimizer.state_dict()
+        state["state"] = {pid: dict(param_state) for pid, param_state in state["state"].items()}  # not the live ones
+        steps = [param_state.pop("step") for param_state in state["state"].values()]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model, params))
+        state["state"]["common_step"] = steps[0]
+        return {"model": model, "optimizer": state}
+
+    saver_runtime, saver = grace_layer(spec, config, make_plan("grace", profile, topology, replica_slots=1), rank,
+                                       "flat", reference, fc1, fc2)
+    saver.train()
+    # eps well above the smallest second moments: Adam divides by sqrt(v) + eps, so with v near 0 it would
+    # magnify the plans' fp32 summation-order differences in the gradients (1e-9 here) past the bound below
+    saver_adam = torch.optim.Adam(saver.parameters(), lr=1.0, eps=1e-4)
+    for _ in range(2):
+        train_step(saver, saver_adam, saver_runtime)
+    saved_states, saved_weights = logical_optimizer_states(saver, saver_adam), logical_experts(saver, False)
+    if rank == 0:
+        directory.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(sharded(saver, saver_adam), str(directory))
+    train_step(saver, saver_adam, saver_runtime)
+    continued = logical_experts(saver, False)
+
+    runtime = GraceRuntime(make_plan("contiguous", profile, topology, replica_slots=1), rank=rank,
+                           communication="flat", device=DEVICE)
+    torch.manual_seed(77 + rank)
+    loaded = grace_layer_spec(spec, runtime).submodules.mlp(config, layer_number=1).to(DEVICE).train()
+    adam = torch.optim.Adam(loaded.parameters(), lr=1.0, eps=1e-4)
+    for param in loaded.parameters():  # the states the checkpoint fills, as megatron's init_state_fn makes them
+        adam.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                             "exp_avg_sq": torch.zeros_like(param)}
+    state = dist_checkpointing.load(sharded(loaded, adam), str(directory))["optimizer"]
+    step = state["state"].pop("common_step")
+    for param_state in state["state"].values():
+        param_state["step"] = step.clone()
+    adam.load_state_dict(state)
+    entry = {"weights": float((logical_experts(loaded, False) - saved_weights).abs().max()),
+             "states": {name: float((value - saved_states[name]).abs().max())
+                        for name, value in logical_optimizer_states(loaded, adam).items()},
+             "state_size": min(float(v.abs().max()) for v in saved_states.values()),
+             "replicated_experts": int((saver_runtime.plan.copies_per_expert() > 1).sum())}
+    train_step(loaded, adam, runtime)
+    entry["continued"] = float((logical_experts(loaded, False) - continued).abs().max())
+    entry["step_size"] = float((continued - saved_weights).abs().max())
+    return entry
 
 
 def online_switches(layer, reference, runtime: GraceRuntime, rank: int) -> dict:
@@ -257,6 +354,8 @@ def main(rank: int, world: int, nodes: int, port: int, out_dir: str) -> None:
                 report["interchange"] = checkpoint_interchange(reference, spec, config, plan, rank, x, expected,
                                                                Path(out_dir, "interchange"))
                 report["online"] = online_switches(layer, reference, runtime, rank)
+                report["optimizer_states"] = optimizer_states_across_plans(
+                    spec, config, reference, fc1, fc2, plan_profile, topology, rank, x, Path(out_dir, "optimizer"))
         # Training, with megatron's load-balancing loss on: gradients and a step against MoELayer's.
         config = TransformerConfig(
             num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=INNER, moe_ffn_hidden_size=INNER,

@@ -78,6 +78,18 @@ def test_checkpoints_move_between_megatrons_layer_and_grace(report):
         assert max(results.values()) < 1e-5, results
 
 
+def test_optimizer_states_follow_the_experts_into_another_plan(report):
+    """Adam's states of the GRACE layer (a plan with replicas) through megatron's own optimizer mapping into one
+    dist-checkpoint, loaded under the contiguous plan: every logical expert's and the router's states exactly
+    the saver's, weights too, and the next step the saver's next step."""
+    for rank_report in report:
+        entry = rank_report["optimizer_states"]
+        print(entry)
+        assert entry["replicated_experts"] > 0 and entry["weights"] == 0.0
+        assert max(entry["states"].values()) == 0.0 < entry["state_size"], entry["states"]
+        assert entry["continued"] < 1e-5 < 100 * 1e-5 < entry["step_size"], entry
+
+
 @pytest.mark.skipif(megatron_worker.DEVICE.type == "cuda", reason="the patch is for machines without CUDA")
 def test_cpu_patch_is_applied_explicitly_and_undone(monkeypatch):
     import megatron.core
