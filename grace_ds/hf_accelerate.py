@@ -119,7 +119,7 @@ def prepare_through_grace(accelerator, prepare: Callable, on_engine: Callable, *
 def cpu_process_state() -> dict[str, Any]:
     """DeepSpeed on CPU (DS_ACCELERATOR=cpu over gloo: emulated nodes, tests): accelerate finds no device backend
     there and counts one process of the job. This sets accelerate's process state up over gloo for the launched
-    job (initialising distributed if needed) and returns TrainingArguments' keyword arguments that make Trainer
+    job (initialising distributed if needed; in plain `python`, a job of this one process) and returns TrainingArguments' keyword arguments that make Trainer
     use it: `TrainingArguments(..., **cpu_process_state())`; an Accelerator made after it uses it as it is. On
     GPUs nothing of this is needed."""
     from accelerate import PartialState
@@ -128,6 +128,12 @@ def cpu_process_state() -> dict[str, Any]:
     if PartialState._shared_state and (PartialState().backend != "gloo" or not faults.distributed()):
         AcceleratorState._reset_state(reset_partial_state=True)  # set up otherwise before: anew, as
         # TrainingArguments itself does
+    if not faults.distributed() and "WORLD_SIZE" not in os.environ:  # plain `python`: a job of this one process
+        from grace_ds.logical_nodes import free_port
+
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_SIZE", "1"),
+                            ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+            os.environ.setdefault(name, value)
     previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # as TrainingArguments sets it while it builds the state
     try:

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -136,3 +137,9 @@ def test_transformers_trainer_script_under_the_deepspeed_launcher(tmp_path):
     trained = dict(loaded.named_parameters())
     moved = [name for name, p in model.named_parameters() if not torch.equal(p, trained[name])]
     assert any(".experts." in name for name in moved) and any("self_attn" in name for name in moved)
+    # Plain `python`, no launcher: a job of this one process (accelerate's state set up by cpu_process_state).
+    alone = subprocess.run([sys.executable, str(ROOT / "scripts" / "finetune_trainer.py"), "--model", str(model_dir),
+                            "--deepspeed", str(tmp_path / "ds.json"), "--output-dir", str(tmp_path / "alone"),
+                            "--sequence-length", "64", "--batch-size", "2", "--max-steps", "1", "--logging-steps", "1"],
+                           capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=ROOT)
+    assert alone.returncode == 0 and "trained 1 steps" in alone.stdout, alone.stdout[-2000:] + alone.stderr[-3000:]
