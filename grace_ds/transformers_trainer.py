@@ -16,7 +16,8 @@ What it changes in Trainer, and why:
 - with `"profiling": true`: each `checkpoint-N/` also holds the run's routing so far (`routing_profile.safetensors`,
   every rank's tokens), so `grace-ds plan --profile checkpoint-N/routing_profile.safetensors` makes a plan from the
   run's own routing to resume under; `profile_out`, if set, gets the whole run's at the end;
-- `log`: each training log carries GRACE's traffic and load over the steps since the previous one
+- `log`: each training log carries GRACE's traffic and load over the training steps since the previous one
+  (evaluation and prediction forwards are not counted)
   (`grace_moe/forward_cross_node_MB_per_step`, `grace_moe/forward_same_node_MB_per_step`,
   `grace_moe/load_max_over_mean`), so every `report_to` integration (W&B, TensorBoard, ...) plots them.
 Without a `grace_moe` section (or with `"enabled": false`) it is transformers' Trainer. On CPU (DeepSpeed's CPU
@@ -24,6 +25,7 @@ accelerator, gloo) pass `**cpu_process_state()` to TrainingArguments (grace_ds.h
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -86,6 +88,26 @@ class GraceTrainerMixin:
             logs = {**logs, **{LOG_PREFIX + name: value for name, value in self.grace_monitor.collect().items()
                                if not isinstance(value, list)}}
         super().log(logs, *args, **kwargs)
+
+    def evaluate(self, *args: Any, **kwargs: Any):
+        with self._forwards_uncounted():  # the logged figures are the training steps' alone
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any):
+        with self._forwards_uncounted():
+            return super().predict(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _forwards_uncounted(self):
+        runtimes = getattr(self.grace_engine, "grace_runtimes", [])
+        counting = [runtime.count_traffic for runtime in runtimes]
+        for runtime in runtimes:
+            runtime.count_traffic = False
+        try:
+            yield
+        finally:
+            for runtime, flag in zip(runtimes, counting):
+                runtime.count_traffic = flag
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The unmodified transformers checkpoint (collective: every rank calls it, as Trainer does)."""
