@@ -215,7 +215,8 @@ def saved_layout(directory: str | os.PathLike, served: list[LayerLayout]) -> Lay
     if (directory / LAYOUT_FILE).is_file():
         record = read_record(directory / LAYOUT_FILE)
         if len(record.layers) != len(served):
-            raise GraceInputError(f"{directory}: saved with {len(record.layers)} MoE layers, the model has {len(served)}")
+            raise GraceInputError(f"{directory}: saved with {len(record.layers)} MoE layers, "
+                                  f"the model has {len(served)}")
         return record
     inferred = []
     for layer_id, layout in enumerate(served):

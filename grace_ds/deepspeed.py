@@ -212,6 +212,7 @@ def moe_param_groups(param_groups: list[dict]) -> list[dict]:
     own group, and refuses an MoE model whose groups are not split so."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    named = [{**group, "params": list(group["params"]), "name": group.get("name", "parameters" if index == 0 else f"parameters_{index}")}
+    named = [{**group, "params": list(group["params"]),
+              "name": group.get("name", "parameters" if index == 0 else f"parameters_{index}")}
              for index, group in enumerate(param_groups)]
     return split_params_into_different_moe_groups_for_optimizer(named)

@@ -119,9 +119,9 @@ def prepare_through_grace(accelerator, prepare: Callable, on_engine: Callable, *
 def cpu_process_state() -> dict[str, Any]:
     """DeepSpeed on CPU (DS_ACCELERATOR=cpu over gloo: emulated nodes, tests): accelerate finds no device backend
     there and counts one process of the job. This sets accelerate's process state up over gloo for the launched
-    job (initialising distributed if needed; in plain `python`, a job of this one process) and returns TrainingArguments' keyword arguments that make Trainer
-    use it: `TrainingArguments(..., **cpu_process_state())`; an Accelerator made after it uses it as it is. On
-    GPUs nothing of this is needed."""
+    job (initialising distributed if needed; in plain `python`, a job of this one process) and returns
+    TrainingArguments' keyword arguments that make Trainer use it: `TrainingArguments(..., **cpu_process_state())`;
+    an Accelerator made after it uses it as it is. On GPUs nothing of this is needed."""
     from accelerate import PartialState
     from accelerate.state import AcceleratorState
 

@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 from grace_ds import faults
-from grace_ds.exchange.traffic import Traffic
 from grace_ds.runtime import GraceRuntime
 
 EVENTS = "Train/Samples/grace_moe/"

@@ -17,9 +17,9 @@ What it changes in Trainer, and why:
   every rank's tokens), so `grace-ds plan --profile checkpoint-N/routing_profile.safetensors` makes a plan from the
   run's own routing to resume under; `profile_out`, if set, gets the whole run's at the end;
 - `log`: each training log carries GRACE's traffic and load over the training steps since the previous one
-  (evaluation and prediction forwards are not counted)
   (`grace_moe/forward_cross_node_MB_per_step`, `grace_moe/forward_same_node_MB_per_step`,
-  `grace_moe/load_max_over_mean`), so every `report_to` integration (W&B, TensorBoard, ...) plots them.
+  `grace_moe/load_max_over_mean`; evaluation and prediction forwards are not counted), so every `report_to`
+  integration (W&B, TensorBoard, ...) plots them.
 Without a `grace_moe` section (or with `"enabled": false`) it is transformers' Trainer. On CPU (DeepSpeed's CPU
 accelerator, gloo) pass `**cpu_process_state()` to TrainingArguments (grace_ds.hf_accelerate says why).
 """
@@ -35,8 +35,8 @@ import torch
 import transformers
 
 from grace_ds.deepspeed import attach_to_engine
-from grace_ds.deepspeed_monitoring import save_profile
 from grace_ds.deepspeed_config import GraceMoEConfig, split_config
+from grace_ds.deepspeed_monitoring import save_profile
 from grace_ds.errors import GraceInputError
 from grace_ds.hf_accelerate import convert_for_deepspeed_plugin, cpu_process_state, prepare_through_grace
 from grace_ds.models.export import save_pretrained
@@ -64,7 +64,8 @@ class GraceTrainerMixin:
         plugin = self.accelerator.state.deepspeed_plugin
         _, self.grace_config = split_config(plugin.deepspeed_config)  # DeepSpeed itself ignores the section
         section = self.grace_config
-        if section is not None and section.enabled and (section.plan or section.profile) and self.args.save_on_each_node:
+        serving = section is not None and section.enabled and bool(section.plan or section.profile)
+        if serving and self.args.save_on_each_node:
             raise GraceInputError("grace_moe: the exported checkpoint is written by the job's first rank alone; "
                                   "set save_on_each_node=False (output_dir on storage every node reads)")
         self.grace_runtime = convert_for_deepspeed_plugin(self.model, plugin, self.args.world_size)
@@ -137,10 +138,12 @@ class _RoutingProfiles(transformers.TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         engine = self.trainer.grace_engine
         if engine is not None and getattr(engine, "grace_recorder", None) is not None:
-            checkpoint = Path(args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            prefix = transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
+            checkpoint = Path(args.output_dir, f"{prefix}-{state.global_step}")
             save_profile(engine, checkpoint / PROFILE_FILE)
 
     def on_train_end(self, args, state, control, **kwargs):
         engine = self.trainer.grace_engine
-        if engine is not None and getattr(engine, "grace_recorder", None) is not None and self.trainer.grace_config.profile_out:
+        recording = engine is not None and getattr(engine, "grace_recorder", None) is not None
+        if recording and self.trainer.grace_config.profile_out:
             save_profile(engine)

@@ -108,8 +108,9 @@ def test_grace_figures_in_every_training_log(report):
         logged = [r[case]["logged"] for r in report]
         assert all(rank_logs == logged[0] for rank_logs in logged), "ranks logged different figures"
         for figures in logged[0]:
-            assert set(figures) == {"grace_moe/forward_cross_node_MB_per_step", "grace_moe/forward_same_node_MB_per_step",
-                                    "grace_moe/load_max_over_mean"}
+            assert set(figures) == {f"grace_moe/{name}" for name in ("forward_cross_node_MB_per_step",
+                                                                      "forward_same_node_MB_per_step",
+                                                                      "load_max_over_mean")}
             assert (figures["grace_moe/forward_cross_node_MB_per_step"] > 0) == (NODES > 1)
             assert figures["grace_moe/load_max_over_mean"] >= 1.0
         # One log per optimizer step: the intervals add up to what the runtime counted over the run.

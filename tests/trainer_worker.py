@@ -125,7 +125,8 @@ def check_trainer(rank: int, world: int, topology: Topology, out: Path) -> dict:
             # The norm DeepSpeed clipped by, as Trainer logs it (DeepSpeed's fp32 engine without ZeRO logs none)
             "grad_norms": [got[s].get("grad_norm") for s in sorted(got)],
             "reference_grad_norms": [want[s].get("grad_norm") for s in sorted(want)],
-            "weights": grouped_differences(hf_tensors(trainer.model, False, True), hf_tensors(reference.model, False, False)),
+            "weights": grouped_differences(hf_tensors(trainer.model, False, True),
+                                           hf_tensors(reference.model, False, False)),
             "replicas_apart": trainer.grace_engine.max_replica_difference(),
             "replicated_experts": int((trainer.grace_runtime.plan.copies_per_expert() > 1).sum()),
             "moe_groups": sum(bool(g.get("moe")) for g in trainer.grace_engine.optimizer.param_groups),
@@ -175,7 +176,8 @@ def routing_recorder(model):
     from grace_ds.routing_stats import RoutingStats
 
     blocks = find_moe_blocks(model)
-    return RoutingStats(len(blocks), model.config.num_local_experts, model.config.num_experts_per_tok).attach_to_routers(blocks)
+    recorder = RoutingStats(len(blocks), model.config.num_local_experts, model.config.num_experts_per_tok)
+    return recorder.attach_to_routers(blocks)
 
 
 def check_profiles(recorder, final: Path, at_checkpoint: Path) -> dict:
