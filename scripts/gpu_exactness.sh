@@ -19,7 +19,8 @@ esac
 echo "GPUs: $GPUS, layouts (nodes x GPUs per node): $GRACE_TEST_LAYOUTS"
 python3 -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)'
 tests=(tests/test_runtime_exactness.py tests/test_megatron.py tests/test_online_replanning.py tests/test_export.py
-       tests/test_checkpoint_one_rank.py tests/test_transformers_trainer.py)
+       tests/test_checkpoint_one_rank.py tests/test_transformers_trainer.py
+       tests/test_megatron_one_rank.py)
 [ "$GPUS" -ge 2 ] && tests+=(tests/test_launch.py)
 [ "$GPUS" -ge 4 ] && tests+=(tests/test_training.py tests/test_checkpoint_layout.py)  # 4 ranks as 2 x 2, fixed
 [ $# -gt 0 ] && tests=("$@")  # a subset, e.g. one test file

@@ -135,15 +135,34 @@ def logical_optimizer_states(layer, optimizer) -> dict[str, torch.Tensor]:
     return out
 
 
-def optimizer_states_across_plans(spec, config, reference, fc1, fc2, profile, topology, rank, x,
-                                  directory: Path) -> dict:
+def optimizer_states_across_plans(spec, config, reference, fc1, fc2, profile, topology, rank, x, directory: Path,
+                                  megatron_optimizer: bool = False, other_plan_slots: int = 1) -> dict:
     """The GRACE layer under a GRACE plan with replicas trains 2 Adam steps; the model and its optimizer states
-    go to one megatron dist-checkpoint (megatron's optimizer mapping: optim_state_to_sharding_state) and load
-    into a layer under the contiguous plan with a fresh Adam. Every state of every logical expert (and the
-    router's) must be the saver's, and the next step the saver's next step."""
+    go to one megatron dist-checkpoint and load into a layer under the contiguous plan with a fresh Adam. Every
+    state of every logical expert (and the router's) must be the saver's, and the next step the saver's next step.
+    The optimizer: megatron's FP32Optimizer over torch's Adam (`megatron_optimizer`; its constructor needs CUDA),
+    or torch's Adam through megatron's mapping functions as FP32Optimizer.sharded_state_dict calls them."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                             optim_state_to_sharding_state)
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
+    def init_states(adam) -> None:  # the states a checkpoint fills, as megatron's init_state_fn for Adam makes them
+        for group in adam.param_groups:
+            for param in group["params"]:
+                if not adam.state[param]:
+                    adam.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                                         "exp_avg_sq": torch.zeros_like(param)}
+
+    def make_optimizer(layer):
+        # eps well above the smallest second moments: Adam divides by sqrt(v) + eps, so with v near 0 it would
+        # magnify the plans' fp32 summation-order differences in the gradients (1e-9 here) past the bound below
+        adam = torch.optim.Adam(layer.parameters(), lr=1.0, eps=1e-4)
+        if not megatron_optimizer:
+            return adam, adam
+        settings = OptimizerConfig(optimizer="adam", lr=1.0, adam_eps=1e-4, clip_grad=0.0)
+        return FP32Optimizer(adam, settings, lambda opt, config=None: init_states(opt)), adam
 
     def train_step(layer, optimizer, runtime) -> None:
         optimizer.zero_grad()
@@ -153,55 +172,97 @@ def optimizer_states_across_plans(spec, config, reference, fc1, fc2, profile, to
         optimizer.step()
         runtime.sync_replica_weights()
 
-    def sharded(layer, optimizer) -> dict:
-        """As megatron's FP32Optimizer.sharded_state_dict: the states by the model's entries, one common step."""
+    def sharded(layer, optimizer, loading: bool) -> dict:
         model = layer.sharded_state_dict("mlp.")
-        state = optimizer.state_dict()
+        if megatron_optimizer:
+            return {"model": model, "optimizer": optimizer.sharded_state_dict(model, is_loading=loading)}
+        if loading:
+            init_states(optimizer)
+        state = optimizer.state_dict()  # as FP32Optimizer.sharded_state_dict: states by the model's entries
         state["state"] = {pid: dict(param_state) for pid, param_state in state["state"].items()}  # not the live ones
         steps = [param_state.pop("step") for param_state in state["state"].values()]
         params = [p for group in optimizer.param_groups for p in group["params"]]
         optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model, params))
-        state["state"]["common_step"] = steps[0]
+        state["state"]["common_step"] = steps[0]  # one common step
         return {"model": model, "optimizer": state}
+
+    def load(optimizer, state: dict) -> None:
+        if megatron_optimizer:
+            optimizer.load_state_dict(state)
+            return
+        step = state["state"].pop("common_step")
+        for param_state in state["state"].values():
+            param_state["step"] = step.clone()
+        optimizer.load_state_dict(state)
 
     saver_runtime, saver = grace_layer(spec, config, make_plan("grace", profile, topology, replica_slots=1), rank,
                                        "flat", reference, fc1, fc2)
     saver.train()
-    # eps well above the smallest second moments: Adam divides by sqrt(v) + eps, so with v near 0 it would
-    # magnify the plans' fp32 summation-order differences in the gradients (1e-9 here) past the bound below
-    saver_adam = torch.optim.Adam(saver.parameters(), lr=1.0, eps=1e-4)
+    saver_optimizer, saver_adam = make_optimizer(saver)
     for _ in range(2):
-        train_step(saver, saver_adam, saver_runtime)
+        train_step(saver, saver_optimizer, saver_runtime)
     saved_states, saved_weights = logical_optimizer_states(saver, saver_adam), logical_experts(saver, False)
     if rank == 0:
         directory.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(sharded(saver, saver_adam), str(directory))
-    train_step(saver, saver_adam, saver_runtime)
+    dist_checkpointing.save(sharded(saver, saver_optimizer, False), str(directory))
+    train_step(saver, saver_optimizer, saver_runtime)
     continued = logical_experts(saver, False)
 
-    runtime = GraceRuntime(make_plan("contiguous", profile, topology, replica_slots=1), rank=rank,
-                           communication="flat", device=DEVICE)
+    plan = make_plan("contiguous", profile, topology, replica_slots=other_plan_slots)
+    runtime = GraceRuntime(plan, rank=rank, communication="flat", device=DEVICE)
     torch.manual_seed(77 + rank)
     loaded = grace_layer_spec(spec, runtime).submodules.mlp(config, layer_number=1).to(DEVICE).train()
-    adam = torch.optim.Adam(loaded.parameters(), lr=1.0, eps=1e-4)
-    for param in loaded.parameters():  # the states the checkpoint fills, as megatron's init_state_fn makes them
-        adam.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
-                             "exp_avg_sq": torch.zeros_like(param)}
-    state = dist_checkpointing.load(sharded(loaded, adam), str(directory))["optimizer"]
-    step = state["state"].pop("common_step")
-    for param_state in state["state"].values():
-        param_state["step"] = step.clone()
-    adam.load_state_dict(state)
+    optimizer, adam = make_optimizer(loaded)
+    load(optimizer, dist_checkpointing.load(sharded(loaded, optimizer, True), str(directory))["optimizer"])
     entry = {"weights": float((logical_experts(loaded, False) - saved_weights).abs().max()),
              "states": {name: float((value - saved_states[name]).abs().max())
                         for name, value in logical_optimizer_states(loaded, adam).items()},
              "state_size": min(float(v.abs().max()) for v in saved_states.values()),
-             "replicated_experts": int((saver_runtime.plan.copies_per_expert() > 1).sum())}
-    train_step(loaded, adam, runtime)
+             "replicated_experts": int((saver_runtime.plan.copies_per_expert() > 1).sum()),
+             "slots_per_gpu": [saver_runtime.plan.slots_per_gpu, plan.slots_per_gpu],
+             "optimizer": type(optimizer).__name__}
+    train_step(loaded, optimizer, runtime)
     entry["continued"] = float((logical_experts(loaded, False) - continued).abs().max())
     entry["step_size"] = float((continued - saved_weights).abs().max())
     return entry
+
+
+def one_rank_main(rank: int, port: int, out_dir: str) -> None:
+    """One rank (one GPU): megatron's own FP32Optimizer through the GRACE layer's checkpoint, across plans of
+    other slot counts (tests/test_megatron_one_rank.py)."""
+    join_logical_node(rank, 1, 1, port, DEVICE.type)
+    handle = megatron_core_cpu.apply() if DEVICE.type == "cpu" else contextlib.nullcontext()
+    try:
+        from megatron.core import parallel_state
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        parallel_state.initialize_model_parallel(expert_model_parallel_size=1)
+        config = TransformerConfig(
+            num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=INNER, moe_ffn_hidden_size=INNER,
+            num_attention_heads=2, num_moe_experts=EXPERTS, moe_router_topk=TOP_K,
+            moe_token_dispatcher_type="alltoall", add_bias_linear=False, gated_linear_unit=True,
+            activation_func=torch.nn.functional.silu, use_cpu_initialization=True, params_dtype=torch.float32,
+            expert_model_parallel_size=1, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
+        spec = get_gpt_layer_local_spec(num_experts=EXPERTS, moe_grouped_gemm=False)
+        torch.manual_seed(100)
+        reference = spec.submodules.mlp(config, layer_number=1).to(DEVICE).eval()
+        with torch.no_grad():
+            reference.router.weight.copy_(torch.randn(EXPERTS, HIDDEN, generator=torch.Generator().manual_seed(5)))
+            x = torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+            probs, routing_map = reference.router(x)
+        fc1 = torch.stack([e.linear_fc1.weight.detach() for e in reference.experts.local_experts])
+        fc2 = torch.stack([e.linear_fc2.weight.detach() for e in reference.experts.local_experts])
+        ids = top_k_from_routing(probs, routing_map, TOP_K)[0]
+        profile = RoutingProfile.from_topk_ids(ids.view(-1, 1, TOP_K).cpu(), EXPERTS)
+        report = optimizer_states_across_plans(spec, config, reference, fc1, fc2, profile, Topology.uniform(1, 1), rank,
+                                               x, Path(out_dir, "optimizer"), megatron_optimizer=True,
+                                               other_plan_slots=2)
+        Path(out_dir, "one-rank.json").write_text(json.dumps(report))
+    finally:
+        handle.__exit__(None, None, None)
+        dist.destroy_process_group()
 
 
 def online_switches(layer, reference, runtime: GraceRuntime, rank: int) -> dict:
