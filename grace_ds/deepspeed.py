@@ -21,6 +21,7 @@ from grace_ds.deepspeed_monitoring import attach_recorder, log_replan, save_prof
 from grace_ds.errors import GraceInputError
 from grace_ds.models import convert_model, find_moe_blocks
 from grace_ds.models.export import save_pretrained
+from grace_ds.models.generation import keep_ranks_in_step
 from grace_ds.plan import PlacementPlan
 from grace_ds.plan_agreement import agree_on_plan, broadcast_plan
 from grace_ds.runtime import GraceRuntime
@@ -58,9 +59,17 @@ def load_or_make_plan(section: GraceMoEConfig, topology: Topology) -> PlacementP
     return plan
 
 
-def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | None = None, **kwargs: Any):
+def init_inference(model: torch.nn.Module | str | os.PathLike,
+                   config: dict | str | os.PathLike | None = None, **kwargs: Any):
     """deepspeed.init_inference with GRACE-MoE. Returns the InferenceEngine; its module's MoE blocks
-    hold this rank's expert slots. Each rank serves its own tokens (data-parallel attention)."""
+    hold this rank's expert slots. Each rank serves its own tokens (data-parallel attention).
+
+    model: a transformers model, or its checkpoint directory (safetensors). A directory is read rank by
+    rank (grace_ds.models.rank_load): each rank reads the dense weights and only its slots' experts, straight
+    into its device in the config's dtype, so a model larger than one GPU can be served; what it read is in
+    `engine.grace_load`. A model object is converted after DeepSpeed has moved the whole of it to the device.
+    Its generate keeps the ranks in step (grace_ds.models.generation): ranks may finish at different steps,
+    or have no prompt."""
     import deepspeed
 
     rest, section = split_config(config)
@@ -69,23 +78,65 @@ def init_inference(model: torch.nn.Module, config: dict | str | os.PathLike | No
         raise GraceInputError("grace_moe serves the dense part data-parallel: set tensor_parallel.tp_size to 1")
     # Monitor sections (wandb, ...) belong to training configs; the inference config rejects them.
     rest = {k: v for k, v in rest.items() if k not in MONITOR_SECTIONS}
-    engine = deepspeed.init_inference(model, config=rest, **kwargs)
+    from_directory = isinstance(model, (str, os.PathLike))
     if section is None or not section.enabled:
-        return engine
-    _single_process_group()
-    group = faults.fault_group(section.fault_timeout_s) if faults.distributed() else None
-    topology = job_topology(LinkModel(inter_node_bandwidth_Gbps=section.inter_node_gbps), group)
-    plan = _agreed_plan(section, topology, group)
-    device = next(engine.module.parameters()).device
-    runtime = GraceRuntime(plan, rank=faults.job_rank(), group=group, router=section.router, router_sampling=section.router_sampling,
-                           communication=section.communication, device=device)
-    convert_model(engine.module, runtime)
+        if from_directory:
+            from grace_ds.profiling import load_model
+
+            model = load_model(model, _inference_dtype(rest, kwargs))[0]
+        return deepspeed.init_inference(model, config=rest, **kwargs)
+    load_stats = None
+    if from_directory:
+        from deepspeed.accelerator import get_accelerator
+
+        from grace_ds.models.rank_load import load_for_rank
+
+        _start_job()
+        runtime, group = _serving_runtime(section, torch.device(get_accelerator().current_device_name()))
+        model, load_stats = load_for_rank(model, runtime, dtype=_inference_dtype(rest, kwargs), device=runtime.device)
+        engine = deepspeed.init_inference(model, config=rest, **kwargs)
+    else:
+        engine = deepspeed.init_inference(model, config=rest, **kwargs)
+        _single_process_group()
+        runtime, group = _serving_runtime(section, next(engine.module.parameters()).device)
+        convert_model(engine.module, runtime)
     engine.grace_runtime, engine.grace_config, engine.grace_group = runtime, section, group
+    engine.grace_load = load_stats
+    keep_ranks_in_step(engine.module, dist.get_world_size(group) if faults.distributed() else 1)
     if section.profiling:
         engine.grace_recorder = attach_recorder(engine.module, runtime)
     if section.online is not None and section.online.enabled:
         engine.grace_replanner = start_online_replanning(engine.module, runtime, section, group)
     return engine
+
+
+def _serving_runtime(section: GraceMoEConfig, device: torch.device) -> tuple[GraceRuntime, Any]:
+    """The job's fault-guarded group and the GraceRuntime serving its agreed plan on `device`."""
+    group = faults.fault_group(section.fault_timeout_s) if faults.distributed() else None
+    topology = job_topology(LinkModel(inter_node_bandwidth_Gbps=section.inter_node_gbps), group)
+    plan = _agreed_plan(section, topology, group)
+    runtime = GraceRuntime(plan, rank=faults.job_rank(), group=group, router=section.router,
+                           router_sampling=section.router_sampling, communication=section.communication, device=device)
+    return runtime, group
+
+
+def _inference_dtype(rest: dict, kwargs: dict) -> torch.dtype:
+    """The dtype deepspeed.init_inference gives the model for this config (DeepSpeed's own parsing)."""
+    from deepspeed.inference.config import DeepSpeedInferenceConfig
+
+    return DeepSpeedInferenceConfig(**{**rest, **kwargs}).dtype
+
+
+def _start_job() -> None:
+    """The job's process group before anything is built: DeepSpeed's under a launcher (WORLD_SIZE set), else
+    one of this process alone."""
+    if dist.is_available() and not dist.is_initialized() and "WORLD_SIZE" in os.environ:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))  # each local rank its own GPU
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    _single_process_group()
 
 
 def _single_process_group() -> None:
@@ -111,12 +162,15 @@ def start_online_replanning(model: torch.nn.Module, runtime: GraceRuntime, secti
     return OnlineReplanner(runtime, section.online.settings(), group, transfer_group, log_replan).attach(model)
 
 
-def initialize(model: torch.nn.Module, config: dict | str | os.PathLike | None = None, **kwargs: Any):
+def initialize(model: torch.nn.Module | str | os.PathLike, config: dict | str | os.PathLike | None = None,
+               **kwargs: Any):
     """deepspeed.initialize with GRACE-MoE training. Returns DeepSpeed's tuple.
 
     A transformers model with a `grace_moe` plan (or profile) has its MoE blocks' experts converted to
     GRACE layers that DeepSpeed trains as its own MoE layers (grace_ds.deepspeed_moe.GraceExpertsMoE);
-    models written with GraceMoE come as they are. Either way the engine keeps the copies of every
+    given as its checkpoint directory, each rank reads only the dense weights and its slots' experts
+    (grace_ds.models.rank_load; `engine.module.grace_load` says what). Models written with GraceMoE come
+    as they are. Either way the engine keeps the copies of every
     replicated expert equal after each optimizer step and after load_checkpoint, and clips fp32 without
     ZeRO by the exact global norm (grace_ds.deepspeed_training). The optimizer must be built from the
     converted model: give it in the config, or as a callable (params -> optimizer). With
@@ -124,7 +178,16 @@ def initialize(model: torch.nn.Module, config: dict | str | os.PathLike | None =
     import deepspeed
 
     rest, section = split_config(config)
-    if section is not None and section.enabled and (section.plan or section.profile) and find_moe_blocks(model):
+    grace = section is not None and section.enabled and (section.plan or section.profile)
+    if isinstance(model, (str, os.PathLike)):
+        if grace:  # read rank by rank: the dense weights and this rank's slots' experts, in fp32 as from_pretrained
+            model = _load_for_training(model, section)
+            kwargs = _converted_model_parameters(model, kwargs)
+        else:
+            from grace_ds.profiling import load_model
+
+            model = load_model(model)[0]
+    elif grace and find_moe_blocks(model):
         convert_for_training(model, section)
         kwargs = _converted_model_parameters(model, kwargs)
     result = deepspeed.initialize(model=model, config=rest, **kwargs)
@@ -150,10 +213,35 @@ def attach_to_engine(engine, section: GraceMoEConfig | None) -> None:
 def convert_for_training(model: torch.nn.Module, section: GraceMoEConfig) -> GraceRuntime:
     """Give the model's transformers MoE blocks GRACE experts that DeepSpeed trains (this rank's slots), in
     DeepSpeed's expert-parallel group (made here as its MoE layers make it). Initialises distributed if needed."""
-    import deepspeed
-    from deepspeed.utils import groups
+    from grace_ds.deepspeed_moe import GraceExpertsMoE
+
+    runtime = _training_runtime(section, next(model.parameters()).device)
+    convert_model(model, runtime, GraceExpertsMoE.convert)
+    return runtime
+
+
+def _load_for_training(directory: str | os.PathLike, section: GraceMoEConfig) -> torch.nn.Module:
+    """convert_for_training for a checkpoint directory: the model built with this rank's slots only, read
+    rank by rank (grace_ds.models.rank_load) in fp32 onto the device DeepSpeed trains on, in train mode."""
+    from deepspeed.accelerator import get_accelerator
 
     from grace_ds.deepspeed_moe import GraceExpertsMoE
+    from grace_ds.experts import PerSlotExperts
+    from grace_ds.models.rank_load import empty_slot_experts, load_for_rank
+
+    _start_job()
+    device = torch.device(get_accelerator().current_device_name())
+    runtime = _training_runtime(section, device)
+    make = empty_slot_experts(torch.float32, device, PerSlotExperts, GraceExpertsMoE)
+    model, stats = load_for_rank(directory, runtime, dtype=torch.float32, device=device, make_experts=make)
+    model.grace_load = stats
+    return model.train()
+
+
+def _training_runtime(section: GraceMoEConfig, device: torch.device) -> GraceRuntime:
+    """The GraceRuntime of a training job: the agreed plan over DeepSpeed's expert-parallel group."""
+    import deepspeed
+    from deepspeed.utils import groups
 
     if not dist.is_initialized():
         deepspeed.init_distributed()
@@ -167,13 +255,10 @@ def convert_for_training(model: torch.nn.Module, section: GraceMoEConfig) -> Gra
     ep_group = groups._get_expert_parallel_group(name)
     topology = job_topology(LinkModel(inter_node_bandwidth_Gbps=section.inter_node_gbps), ep_group)
     plan = _agreed_plan(section, topology, faults.fault_group(section.fault_timeout_s))
-    device = next(model.parameters()).device
     # Training runs eagerly: no CUDA graphs (gather calls under autograd go flat anyway).
     communication = section.communication.model_copy(update={"cuda_graphs": False})
-    runtime = GraceRuntime(plan, group=ep_group, router=section.router, router_sampling=section.router_sampling,
-                           communication=communication, device=device)
-    convert_model(model, runtime, GraceExpertsMoE.convert)
-    return runtime
+    return GraceRuntime(plan, group=ep_group, router=section.router, router_sampling=section.router_sampling,
+                        communication=communication, device=device)
 
 
 def _agreed_plan(section: GraceMoEConfig, topology: Topology, group) -> PlacementPlan:

@@ -9,7 +9,6 @@ Launch with scripts/launch.sh.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -48,6 +47,7 @@ def main() -> int:
 
     import grace_ds.deepspeed as grace_deepspeed
     from grace_ds.errors import GraceInputError
+    from grace_ds.models.rank_load import meta_model
     from grace_ds.profiling import load_model
 
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
@@ -56,23 +56,25 @@ def main() -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        model, _ = load_model(args.model)
         with open(args.config) as handle:
             config = json.load(handle)
-        ids = prompts(args, model.config.vocab_size, world)
+        model_config = meta_model(args.model, torch.float32).config
+        ids = prompts(args, model_config.vocab_size, world)
         mine = ids[rank * args.sequences_per_rank:(rank + 1) * args.sequences_per_rank].to(device)
         generate = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                         pad_token_id=0, eos_token_id=None)
         reference = reference_text = None
-        if args.check:
-            plain = copy.deepcopy(model).to(device)
+        if args.check:  # the unmodified model, whole, on this rank: only for the comparison
+            plain = load_model(args.model)[0].to(device)
             with torch.no_grad():
                 reference = plain(mine).logits
                 if args.new_tokens:
                     reference_text = plain.generate(mine, **generate)[:, mine.shape[1]:]
             del plain
-        engine = grace_deepspeed.init_inference(model.to(device), config)
+        # From the directory: this rank reads the dense weights and its slots' experts only.
+        engine = grace_deepspeed.init_inference(args.model, config)
         runtime = engine.grace_runtime
+        print(f"rank {rank}: {engine.grace_load.describe()}", flush=True)
         with torch.no_grad():
             engine(mine)  # warm-up
             runtime.measure = True
@@ -86,7 +88,9 @@ def main() -> int:
                 text = engine.module.generate(mine, **generate)[:, mine.shape[1]:]
                 decode_seconds = time.perf_counter() - start
         line = {"rank": rank, "world": world, "topology": runtime.plan.topology.describe(), "comm": runtime.modes_used(),
-                "comm_resolved": runtime.comm_mode, "forward_ms": round(prefill_seconds * 1e3, 2)}
+                "comm_resolved": runtime.comm_mode, "forward_ms": round(prefill_seconds * 1e3, 2),
+                "read_bytes": engine.grace_load.read_bytes,
+                "checkpoint_bytes": engine.grace_load.read_bytes + engine.grace_load.skipped_expert_bytes}
         if reference is not None:
             line["max_abs_diff"] = float((logits - reference).abs().max())
             line["relative"] = float((logits - reference).abs().max() / reference.abs().max())
@@ -110,14 +114,15 @@ def write_report(args, runtime, line, prefill_seconds, decode_seconds, mine, tex
     mine_stats = torch.tensor([[t.cross_node_bytes, t.intra_node_bytes, t.pairs_computed, s]
                                for t, s in zip(runtime.traffic, runtime.seconds)], dtype=torch.float64, device=device)
     scalars = torch.tensor([prefill_seconds, decode_seconds, line.get("max_abs_diff", float("nan")),
-                            float(line.get("text_equal", True))], dtype=torch.float64, device=device)
+                            float(line.get("text_equal", True)), line["read_bytes"], line["checkpoint_bytes"]],
+                           dtype=torch.float64, device=device)
     stats = [torch.empty_like(mine_stats) for _ in range(world)]
     every = [torch.empty_like(scalars) for _ in range(world)]
     torch.distributed.all_gather(stats, mine_stats)
     torch.distributed.all_gather(every, scalars)
     if rank != 0:
         return
-    stats, every = torch.stack(stats).cpu(), torch.stack(every).cpu()  # [world, L, 4], [world, 4]
+    stats, every = torch.stack(stats).cpu(), torch.stack(every).cpu()  # [world, L, 4], [world, 6]
     pairs = stats[:, :, 2]
     prefill_tokens = mine.numel() * world
     report = {
@@ -133,6 +138,7 @@ def write_report(args, runtime, line, prefill_seconds, decode_seconds, mine, tex
         "max_over_mean_gpu_load_per_layer": (pairs.max(0).values / pairs.mean(0)).tolist(),
         "max_abs_logit_diff": float(every[:, 2].max()), "generated_text_equal": bool(every[:, 3].min() > 0),
         "generated_bytes_rank0": text[0].tolist() if text is not None else None,
+        "checkpoint_bytes": float(every[0, 5]), "checkpoint_bytes_read_per_rank": every[:, 4].tolist(),
     }
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(json.dumps(report, indent=1) + "\n")

@@ -177,6 +177,25 @@ def check_deepspeed(rank: int, world: int, topology: Topology, policies, ks) -> 
     return {"errors": results}
 
 
+def check_generation(engine, reference: torch.nn.Module, rank: int, world: int) -> dict:
+    """transformers' generate on every rank at once, each with its own prompts and stopping point: rank r
+    generates up to 2 + 3r tokens and stops at an EOS that one of its sequences meets early; the last rank
+    (of several) has no prompt. Each rank's result must be the unmodified model's on its own prompts."""
+    prompts = torch.randint(3, 128, (2, 5 + rank), generator=torch.Generator().manual_seed(70 + rank)).to(DEVICE)
+    if world > 1 and rank == world - 1:
+        prompts = prompts[:0]
+    settings = dict(do_sample=False, pad_token_id=2, max_new_tokens=2 + 3 * rank)
+    eos = None
+    if prompts.shape[0]:
+        with torch.no_grad():
+            free = reference.generate(prompts, eos_token_id=None, **settings)
+        eos = int(free[0, prompts.shape[1] + 1])  # the first sequence's second new token
+    with torch.no_grad():
+        want = reference.generate(prompts, eos_token_id=eos, **settings) if prompts.shape[0] else prompts
+        got = engine.module.generate(prompts, eos_token_id=eos, **settings)
+    return {"equal": torch.equal(got, want), "shape": list(got.shape)}
+
+
 def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str) -> dict:
     """grace_ds.init_inference with a DeepSpeed config dict holding the grace_moe section."""
     import grace_ds.deepspeed as grace_deepspeed
@@ -201,6 +220,24 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
     with torch.no_grad():
         out = engine(ids[mine]).logits
     profile_path = grace_deepspeed.save_profile(engine, Path(out_dir, "served.safetensors"))
+    # From the checkpoint directory: each rank reads the dense weights and its slots' experts only.
+    checkpoint = Path(out_dir, "olmoe-checkpoint")
+    if rank == 0:
+        reference.save_pretrained(checkpoint)
+    dist.barrier()
+    from_directory = grace_deepspeed.init_inference(str(checkpoint), {**config, "grace_moe": {
+        "plan": str(plan_path), "fault_timeout_s": 60}})  # a rank left behind stops the job in a minute
+    with torch.no_grad():
+        directory_error = relative_error(from_directory(ids[mine]).logits, ref_logits[mine])
+    generated = check_generation(from_directory, reference, rank, world)
+    converted = engine.module.state_dict()
+    read = from_directory.grace_load
+    directory = {"error": directory_error, "read_bytes": read.read_bytes, "expert_bytes": read.expert_bytes,
+                 "skipped_expert_bytes": read.skipped_expert_bytes,
+                 "weights_apart": max(float((converted[k].float() - v.float()).abs().max())
+                                      for k, v in from_directory.module.state_dict().items() if v.numel()),
+                 "same_names": sorted(converted) == sorted(from_directory.module.state_dict()),
+                 "generated": generated}
     # `auto` by batch size: with thresholds of 20 (hierarchical) and 4 (gather) tokens, full batches (24 a
     # rank) go hierarchical, short ones (8) flat, uneven ones (rank 0 full, the others 4) follow the largest
     # rank; the shortest (4 a rank, and 2 on rank 0 with 4 elsewhere: padded) take the gather exchange.
@@ -261,6 +298,7 @@ def check_init_inference(rank: int, world: int, topology: Topology, out_dir: str
     except GraceInputError as error:
         refused = str(error)
     return {"error": relative_error(out, ref_logits[mine]), "error_planned_at_startup": from_profile,
+            "from_directory": directory,
             "by_size": by_size, "base_mode": runtime.comm_mode, "padded_gather_calls": exchange.graphs.calls,
             "graph_check": graph_check,
             "node_group": exchange.node_group and dist.get_process_group_ranks(exchange.node_group.group),

@@ -39,6 +39,7 @@ def _valid_files(directory):
     (directory / "ds.json").write_text(json.dumps({"dtype": "fp32", "grace_moe": {"plan": "p.json"}}))
     tiny_model("olmoe").save_pretrained(directory / "checkpoint")
     shutil.copy(directory / "checkpoint" / "model.safetensors", directory / "model.safetensors")
+    shutil.copy(directory / "checkpoint" / "model.safetensors", directory / "rank-model.safetensors")
 
 
 def load_checkpoint_weights(path):
@@ -52,6 +53,24 @@ def load_checkpoint_weights(path):
     return load_model(checkpoint)
 
 
+def _rank_runtime():
+    from grace_ds.runtime import GraceRuntime
+
+    return GraceRuntime(make_plan("grace", RoutingProfile.from_topk_ids(tiny_trace(tokens=40), 8),
+                                  Topology.uniform(2, 2), 1), rank=1)
+
+
+def load_checkpoint_for_rank(path):
+    """The same checkpoint read rank by rank (grace_ds.models.rank_load) for rank 1 of a 2 x 2 plan."""
+    from grace_ds.models.rank_load import load_for_rank
+
+    checkpoint = path.parent / "rank_checkpoint_under_test"
+    checkpoint.mkdir(exist_ok=True)
+    (checkpoint / "config.json").write_text(tiny_model("olmoe").config.to_json_string())
+    shutil.copy(path, checkpoint / "model.safetensors")
+    return load_for_rank(checkpoint, _rank_runtime(), progress=False)[0]
+
+
 LOADERS = {
     "profile.safetensors": RoutingProfile.load,
     "plan.json": PlacementPlan.load,
@@ -60,6 +79,7 @@ LOADERS = {
     "ds.json": split_config,
     "model.safetensors": load_checkpoint_weights,
     "grace_layout.json": read_record,
+    "rank-model.safetensors": load_checkpoint_for_rank,
 }
 
 
@@ -108,6 +128,26 @@ def assert_usable(name: str, loaded, path) -> None:
         model, _ = loaded
         logits = model(torch.tensor([[1, 2, 3]])).logits
         assert logits.shape == (1, 3, model.config.vocab_size)
+    elif name == "rank-model.safetensors":  # every weight the rank holds as the safetensors package reads it
+        try:
+            official = load_file(str(path))
+        except Exception as error:  # noqa: BLE001 (whatever the official reader raises)
+            raise AssertionError(f"read rank by rank, but the safetensors package refuses it: {error}") from None
+
+        def bits(tensor):
+            return tensor.to(torch.float32).view(torch.int32)
+
+        got = loaded.state_dict()
+        dense = [key for key in got if ".experts." not in key]
+        assert all(torch.equal(bits(got[key]), bits(official[key])) for key in dense)
+        for layer, block in enumerate(block.mlp for block in loaded.model.layers):
+            for slot, expert in enumerate(_rank_runtime().local_slots(layer).tolist()):
+                if expert >= 0:
+                    gate_up, down = block.experts.slots.slot_weights(slot)
+                    stored = f"model.layers.{layer}.mlp.experts.{expert}."
+                    assert torch.equal(bits(gate_up), bits(torch.cat([official[stored + "gate_proj.weight"],
+                                                                      official[stored + "up_proj.weight"]])))
+                    assert torch.equal(bits(down), bits(official[stored + "down_proj.weight"]))
     elif name == "grace_layout.json":
         layouts, order, world = loaded.layers, loaded.optimizer_order, loaded.world_size
         assert world is None or (isinstance(world, int) and world >= 1)
@@ -133,7 +173,8 @@ def test_mutated_files_are_refused_cleanly_or_load_usable(originals, tmp_path, n
         loaded = LOADERS[name](path)
     except GraceInputError as error:
         assert (name in str(error) or name == "ds.json" and "grace_moe" in str(error)
-                or name == "model.safetensors" and "cannot load the model" in str(error))
+                or name == "model.safetensors" and "cannot load the model" in str(error)
+                or name == "rank-model.safetensors" and "rank_checkpoint_under_test" in str(error))
     else:
         assert_usable(name, loaded, path)
 

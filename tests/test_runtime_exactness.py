@@ -56,6 +56,13 @@ def test_outputs_match_the_unmodified_model(world, nodes, tmp_path):
         assert restored["profiled_tokens"] == restored["expected_tokens"]
         served = report.pop("init_inference")
         assert served["error"] < TOLERANCE and served["error_planned_at_startup"] < TOLERANCE
+        # init_inference on the checkpoint directory: the same weights, read rank by rank.
+        loaded = served["from_directory"]
+        assert loaded["error"] < TOLERANCE and loaded["weights_apart"] == 0.0 and loaded["same_names"], loaded
+        assert (loaded["skipped_expert_bytes"] > 0) == (world > 1), loaded
+        # generate on every rank at once, ranks stopping at different steps (the last of several with no prompt)
+        assert loaded["generated"]["equal"], loaded["generated"]
+        assert loaded["generated"]["shape"][0] == (0 if world > 1 and rank == world - 1 else 2)
         assert all(call["error"] < TOLERANCE for call in served["by_size"]), served["by_size"]
         assert served["base_mode"] == ("hierarchical" if nodes > 1 and world > nodes else "flat")
         exchanges = [call["modes"] for call in served["by_size"]]

@@ -107,7 +107,7 @@ def test_deepspeed_moe_arguments_are_honoured_or_refused_by_name(reports):
 def test_transformers_models_train_as_the_unmodified_model(reports):
     """grace_ds.deepspeed.initialize on converted Mixtral, Qwen3-MoE and DeepSeek-V3 (GRACE plan with
     replicas, flat and hierarchical, ZeRO 0 and 2, clipping on; Mixtral also with transformers' gradient
-    checkpointing) against the unmodified model trained on one process without it: embedding, attention,
+    checkpointing, and from its checkpoint directory read rank by rank) against the unmodified model trained on one process without it: embedding, attention,
     router, expert and other gradients, and the weights after 1 and 10 steps."""
     for rank, report in enumerate(reports):
         hf = report["hf"]
@@ -115,6 +115,8 @@ def test_transformers_models_train_as_the_unmodified_model(reports):
         recomputed = hf[f"{CHECKS['hf'][0]}/hierarchical/zero0/gradient-checkpointing"]
         plain = hf[f"{CHECKS['hf'][0]}/hierarchical/zero0"]
         assert recomputed["moe_calls_per_step"] == 2 * plain["moe_calls_per_step"] > 0  # the backward reran them
+        loaded = hf[f"{CHECKS['hf'][0]}/hierarchical/zero0/from-directory"]  # initialize(checkpoint directory)
+        assert loaded["skipped_expert_bytes"] > 0  # other ranks' experts were never read
         for case, entry in hf.items():
             assert entry["replicated_experts"] > 0, case
             checked = [key for key in entry if key == "gradients" or key.startswith("after_")]

@@ -110,10 +110,15 @@ def check_hf_training(rank: int, world: int, topology: Topology, out_dir: str, f
         modes = ["flat"] + ["hierarchical"] * (topology.num_nodes > 1)
         # The first family once more with transformers' gradient checkpointing (the MoE blocks recomputed
         # in the backward, exchanges included), against the same reference trained without it.
-        cases = [(mode, stage, False) for mode in modes for stage in ((0, 2) if family == families[0] else (0,))]
-        cases += [(modes[-1], 0, True)] * (family == families[0])
-        for mode, stage, recompute in cases:
-            model = copy.deepcopy(start)
+        # And once from its checkpoint directory, each rank reading only the dense weights and its experts.
+        cases = [(mode, stage, False, False) for mode in modes for stage in ((0, 2) if family == families[0] else (0,))]
+        cases += [(modes[-1], 0, True, False), (modes[-1], 0, False, True)] * (family == families[0])
+        checkpoint = Path(out_dir, f"checkpoint-{family}")
+        if rank == 0:
+            start.save_pretrained(checkpoint)
+        dist.barrier()
+        for mode, stage, recompute, from_directory in cases:
+            model = str(checkpoint) if from_directory else copy.deepcopy(start)
             if recompute:
                 model.gradient_checkpointing_enable()
             config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": clip,
@@ -122,6 +127,7 @@ def check_hf_training(rank: int, world: int, topology: Topology, out_dir: str, f
             engine, *_ = grace_deepspeed.initialize(
                 model, config,
                 optimizer=lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.01))
+            model = engine.module
             entry, apart, routed = {}, [], []
             runtimes_of(engine.module)[0].observers.append(lambda *call: routed.append(1))  # MoE calls
             for step in range(steps):
@@ -137,5 +143,8 @@ def check_hf_training(rank: int, world: int, topology: Topology, out_dir: str, f
             entry["replicated_experts"] = int((PlacementPlan.load(plan_path).copies_per_expert() > 1).sum())
             entry["recomputed"] = bool(getattr(model, "is_gradient_checkpointing", False))
             entry["moe_calls_per_step"] = len(routed) / steps
-            results[f"{family}/{mode}/zero{stage}" + ("/gradient-checkpointing" if recompute else "")] = entry
+            if from_directory:
+                entry["skipped_expert_bytes"] = model.grace_load.skipped_expert_bytes
+            results[f"{family}/{mode}/zero{stage}" + ("/gradient-checkpointing" if recompute else "")
+                    + ("/from-directory" if from_directory else "")] = entry
     return results

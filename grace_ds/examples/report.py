@@ -40,6 +40,10 @@ def table(native: dict, grace: dict) -> list[tuple[str, str, str, str, str]]:
             ("intra-node bytes (prefill)", "intra_node_bytes_per_layer", 1e-6, " MB", ANY_DEVICE)]:
         a, b = sum(native[key]) * scale, sum(grace[key]) * scale
         rows.append((name, f"{a:,.2f}{unit}", f"{b:,.2f}{unit}", ratio(a, b), where))
+    if "checkpoint_bytes_read_per_rank" in native:  # each rank reads the dense weights and its own experts
+        a, b = max(native["checkpoint_bytes_read_per_rank"]) * 1e-6, max(grace["checkpoint_bytes_read_per_rank"]) * 1e-6
+        rows.append((f"checkpoint read per rank, max (of {native['checkpoint_bytes'] * 1e-6:,.2f} MB)",
+                     f"{a:,.2f} MB", f"{b:,.2f} MB", ratio(a, b), ANY_DEVICE))
     a = sum(native["max_over_mean_gpu_load_per_layer"]) / len(native["max_over_mean_gpu_load_per_layer"])
     b = sum(grace["max_over_mean_gpu_load_per_layer"]) / len(grace["max_over_mean_gpu_load_per_layer"])
     rows.append(("max/mean GPU load (mean over layers)", f"{a:.3f}", f"{b:.3f}", ratio(a, b), ANY_DEVICE))
