@@ -102,10 +102,12 @@ def worker(rank: int, world: int, nodes: int, port: int, way: str, args, folder:
             logits = engine(ids.to(device)).logits.float().cpu()
         torch.save(logits, folder / f"logits-{way}-{rank}.pt")
         held = sum(t.numel() * t.element_size() for t in engine.module.state_dict().values())
-        read = engine.grace_load.read_bytes if engine.grace_load is not None else None
+        loaded = engine.grace_load  # None when loaded whole
         peak = resident_bytes("VmHWM")
         record = {"rank": rank, "resident_before_bytes": before, "peak_resident_bytes": peak, "held_bytes": held,
-                  "read_bytes": read, "seconds": seconds,
+                  "read_bytes": loaded and loaded.read_bytes, "dense_bytes": loaded and loaded.dense_bytes,
+                  "expert_bytes": loaded and loaded.expert_bytes, "described": loaded and loaded.describe(),
+                  "seconds": seconds,
                   "device_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
         (folder / f"rank-{way}-{rank}.json").write_text(json.dumps(record))
         dist.barrier()
@@ -187,5 +189,6 @@ def main() -> None:
         print(f"{way:10s} {max(r['peak_resident_bytes'] for r in rows) / gib:11.2f} GiB "
               f"{max(r['resident_before_bytes'] for r in rows) / gib:12.2f} GiB {max(r['held_bytes'] for r in rows) / gib:9.2f} GiB "
               f"{read:5.2f} GiB {max(r['seconds'] for r in rows):8.1f}")
+    print(f"rank 0, init_inference(directory): {results['directory'][0]['described']}")
     print(f"largest logit difference between the two ways: {logits_apart:.3g}")
     print(f"plot: {plot(results, checkpoint_bytes, args.out)}")
