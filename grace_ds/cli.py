@@ -204,6 +204,7 @@ EXAMPLES = {
                 "--tokens 8192:16384 --nodes 2 --gpus-per-node 2",
     "checkpoint-to-deepspeed": "grace-ds checkpoint-to-deepspeed ckpt/global_step100 --out ds_ckpt/global_step100",
     "checkpoint-info": "grace-ds checkpoint-info ckpt/global_step100 --plan plan_grace.json",
+    "weights": "grace-ds weights --model grace_ds/examples/default_model --plan outputs/plan_grace.json",
     "evaluate": "grace-ds evaluate --trace ../shared/data/routing/mixtral_arxiv.safetensors --nodes-list 2,4 "
                 "--gpus-list 2 --json-out rows.json",
 }
@@ -221,6 +222,25 @@ def cmd_checkpoint_info(args) -> None:
     from grace_ds.plan import PlacementPlan
 
     print("\n".join(describe_checkpoint(args.checkpoint, PlacementPlan.load(args.plan) if args.plan else None)))
+
+
+def cmd_weights(args) -> None:
+    from grace_ds.models.rank_load import weights_per_gpu
+    from grace_ds.plan import PlacementPlan
+
+    plan = PlacementPlan.load(args.plan)
+    shares = weights_per_gpu(args.model, plan)
+    mib = 2 ** 20
+    total = shares[0].read_bytes + shares[0].skipped_expert_bytes
+    print(f"{args.model}: {total / mib:,.1f} MiB of weights ({shares[0].dense_bytes / mib:,.1f} MiB dense, on every GPU); "
+          f"each GPU of the plan ({plan.topology.describe()}) reads:")
+    for gpu, share in enumerate(shares):
+        copies = int((plan.slot_expert[:, gpu] >= 0).sum())
+        print(f"  GPU {gpu} (node {int(plan.topology.node_of_gpu[gpu])}): {share.read_bytes / mib:,.1f} MiB "
+              f"(experts {share.expert_bytes / mib:,.1f} MiB: {copies} expert copies over {plan.num_layers} layers)")
+    largest = max(range(len(shares)), key=lambda g: shares[g].read_bytes)
+    print(f"largest: GPU {largest}, {shares[largest].read_bytes / mib:,.1f} MiB (the whole checkpoint is "
+          f"{total / shares[largest].read_bytes:.2f}x that; bytes as stored, activations and KV cache come on top)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="tag folder of a checkpoint saved by a grace_ds engine")
     p.add_argument("--plan", type=Path, help="a placement plan to load it under (none: describe only)")
     p.set_defaults(func=cmd_checkpoint_info)
+
+    p = sub.add_parser("weights", help="what each GPU of a plan reads of a transformers checkpoint (its share of "
+                                       "the weights), from the files' headers alone")
+    p.add_argument("--model", type=Path, required=True, help="transformers checkpoint directory (safetensors)")
+    p.add_argument("--plan", type=Path, required=True, help="placement plan (grace-ds plan)")
+    p.set_defaults(func=cmd_weights)
     return parser
 
 

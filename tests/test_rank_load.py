@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from grace_ds.errors import GraceInputError
 from grace_ds.models import convert_model
-from grace_ds.models.rank_load import load_for_rank
+from grace_ds.models.rank_load import load_for_rank, weights_per_gpu
 from grace_ds.planners import make_plan
 from grace_ds.routing_profile import RoutingProfile
 from grace_ds.runtime import GraceRuntime
@@ -71,6 +71,7 @@ def test_each_rank_gets_the_converted_model_reading_only_its_experts(family, tmp
     tiny_model(family).save_pretrained(tmp_path)
     plan = skewed_plan(2)
     all_experts, dense = expert_bytes_in(tmp_path)
+    shares = weights_per_gpu(tmp_path, plan)  # what `grace-ds weights` tells before any weight is read
     for rank in range(GPUS):
         runtime = GraceRuntime(plan, rank=rank)
         model, stats = load_for_rank(tmp_path, runtime, progress=False)
@@ -80,6 +81,9 @@ def test_each_rank_gets_the_converted_model_reading_only_its_experts(family, tmp
         assert stats.expert_bytes == all_experts * held // (2 * NUM_EXPERTS)  # every held expert once
         assert stats.expert_bytes + stats.skipped_expert_bytes == all_experts
         assert stats.unexpected_keys == []
+        told = shares[rank]
+        assert (told.dense_bytes, told.expert_bytes, told.skipped_expert_bytes) == \
+            (stats.dense_bytes, stats.expert_bytes, stats.skipped_expert_bytes)
 
 
 def test_bf16_fused_sharded_tied_and_dense_layers(tmp_path):
@@ -167,3 +171,23 @@ def test_unused_checkpoint_keys_are_left_unread_as_transformers_does(tmp_path):
     loaded, stats = load_for_rank(tmp_path, GraceRuntime(skewed_plan(2), rank=0), progress=False)
     assert stats.unexpected_keys == ["model.layers.9.mtp.weight"]
     assert_same_model(loaded, converted(tmp_path, skewed_plan(2), 0))
+
+
+def test_grace_ds_weights_tells_each_gpus_share_or_refuses_by_name(tmp_path):
+    import subprocess
+    import sys
+
+    tiny_model("qwen3_moe").save_pretrained(tmp_path / "model")
+    skewed_plan(2).save(tmp_path / "plan.json")
+    shares = weights_per_gpu(tmp_path / "model", skewed_plan(2))
+    done = subprocess.run([sys.executable, "-m", "grace_ds.cli", "weights", "--model", str(tmp_path / "model"),
+                           "--plan", str(tmp_path / "plan.json")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "2 nodes x 2 GPUs" in lines[0] and len(lines) == 2 + GPUS
+    for gpu, share in enumerate(shares):
+        assert lines[1 + gpu].startswith(f"  GPU {gpu} (node {gpu // 2}): {share.read_bytes / 2**20:,.1f} MiB")
+    skewed_plan(3).save(tmp_path / "other.json")
+    done = subprocess.run([sys.executable, "-m", "grace_ds.cli", "weights", "--model", str(tmp_path / "model"),
+                           "--plan", str(tmp_path / "other.json")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("grace-ds: error:") and "plan" in done.stderr

@@ -28,7 +28,8 @@ from grace_ds.errors import GraceInputError
 from grace_ds.experts import SlotExperts
 from grace_ds.models.convert import convert_model, find_moe_blocks
 from grace_ds.models.grace_experts import GraceExperts
-from grace_ds.models.safetensors_file import SafetensorsFile
+from grace_ds.models.safetensors_file import SafetensorsFile, TensorEntry
+from grace_ds.plan import PlacementPlan
 from grace_ds.runtime import GraceRuntime
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,28 @@ def load_for_rank(directory: str | os.PathLike, runtime: GraceRuntime, *, dtype:
     return model.eval(), stats
 
 
+def weights_per_gpu(directory: str | os.PathLike, plan: PlacementPlan) -> list[RankLoadStats]:
+    """What each GPU of `plan` would read of the checkpoint (bytes as stored), from the files' headers alone:
+    no weight is read (`grace-ds weights`)."""
+    from grace_ds.models.convert import top_k_of
+
+    model = meta_model(directory, torch.float32)
+    files = checkpoint_files(directory)
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        raise GraceInputError(f"{directory}: no supported sparse MoE block found in {type(model).__name__}")
+    plan.check_matches(int(blocks[0][1].experts.gate_up_proj.shape[0]), len(blocks), top_k_of(model), None,
+                       "placement plan")
+    sources, dense_keys, unexpected = _map_keys(model, blocks, files)
+    headers = _headers(files)
+    shares = []
+    for gpu in range(plan.num_gpus):
+        stats = RankLoadStats(files=len(headers), unexpected_keys=unexpected)
+        _planned_reads(headers, files, dense_keys, sources, _held_slots(plan, gpu), stats)
+        shares.append(stats)
+    return shares
+
+
 def _map_keys(model: nn.Module, blocks: list[tuple[str, nn.Module]], files: dict[str, Path]):
     """Checkpoint key -> an _ExpertSource, or the dense parameter / buffer name it loads; keys that match
     nothing of the model (transformers ignores them too, with a warning)."""
@@ -225,8 +248,8 @@ def _read(model: nn.Module, runtime: GraceRuntime, files: dict[str, Path], dense
     from tqdm.auto import tqdm
 
     targets = model.state_dict(keep_vars=True)
-    held = _held_slots(runtime)
-    reads = _planned_reads(files, dense_keys, sources, held, stats)
+    held = _held_slots(runtime.plan, runtime.rank)
+    reads = _planned_reads(_headers(files), files, dense_keys, sources, held, stats)
     loaded: set[int] = set()
     found: set[tuple[int, int, str, int]] = set()
     bar = tqdm(total=stats.read_bytes, desc="grace_ds: reading this rank's weights", unit="B", unit_scale=True,
@@ -258,32 +281,37 @@ def _read(model: nn.Module, runtime: GraceRuntime, files: dict[str, Path], dense
                               f"this rank serves (first: plan layer {layer}, expert {expert}, {target})")
 
 
-def _planned_reads(files: dict[str, Path], dense_keys: dict[str, str], sources: dict[str, _ExpertSource],
-                   held: dict[int, dict[int, list[int]]], stats: RankLoadStats) -> dict[Path, list[tuple[str, int]]]:
-    """Per file, the keys to read with the bytes each read takes, from the files' headers alone; `stats`
-    gets the dense, held-expert and left-unread expert bytes."""
-    reads: dict[Path, list[tuple[str, int]]] = {}
-    by_file: dict[Path, list[str]] = {}
-    for key in list(dense_keys) + list(sources):
-        by_file.setdefault(files[key], []).append(key)
-    for path, keys in sorted(by_file.items()):
+def _headers(files: dict[str, Path]) -> dict[Path, dict[str, TensorEntry]]:
+    """Every file's tensor entries (dtype, shape, offset), from its header alone."""
+    headers = {}
+    for path in sorted(set(files.values())):
         with SafetensorsFile(path) as handle:
-            entries = handle.entries
-        for key in keys:
-            if key not in entries:
-                raise GraceInputError(f"{path}: holds no tensor {key}, which the checkpoint's index places there")
-            entry = entries[key]
-            if key in dense_keys:
-                stats.dense_bytes += entry.nbytes
-                reads.setdefault(path, []).append((key, entry.nbytes))
-                continue
-            source = sources[key]
-            in_tensor, per_expert = (entry.shape[0], entry.row_bytes) if source.expert is None else (1, entry.nbytes)
-            wanted = len(held[source.layer]) if source.expert is None else int(source.expert in held[source.layer])
-            stats.expert_bytes += per_expert * wanted
-            stats.skipped_expert_bytes += per_expert * (in_tensor - wanted)
-            if wanted:
-                reads.setdefault(path, []).append((key, per_expert * wanted))
+            headers[path] = handle.entries
+    return headers
+
+
+def _planned_reads(headers: dict[Path, dict[str, TensorEntry]], files: dict[str, Path], dense_keys: dict[str, str],
+                   sources: dict[str, _ExpertSource], held: dict[int, dict[int, list[int]]],
+                   stats: RankLoadStats) -> dict[Path, list[tuple[str, int]]]:
+    """Per file, the keys to read with the bytes each read takes; `stats` gets the dense, held-expert and
+    left-unread expert bytes."""
+    reads: dict[Path, list[tuple[str, int]]] = {}
+    for key in sorted(list(dense_keys) + list(sources), key=lambda k: (files[k], k)):
+        path = files[key]
+        entry = headers[path].get(key)
+        if entry is None:
+            raise GraceInputError(f"{path}: holds no tensor {key}, which the checkpoint's index places there")
+        if key in dense_keys:
+            stats.dense_bytes += entry.nbytes
+            reads.setdefault(path, []).append((key, entry.nbytes))
+            continue
+        source = sources[key]
+        in_tensor, per_expert = (entry.shape[0], entry.row_bytes) if source.expert is None else (1, entry.nbytes)
+        wanted = len(held[source.layer]) if source.expert is None else int(source.expert in held[source.layer])
+        stats.expert_bytes += per_expert * wanted
+        stats.skipped_expert_bytes += per_expert * (in_tensor - wanted)
+        if wanted:
+            reads.setdefault(path, []).append((key, per_expert * wanted))
     return reads
 
 
@@ -306,12 +334,12 @@ def _read_expert(handle: SafetensorsFile, key: str, source: _ExpertSource, held:
         found.update((source.layer, expert, source.target, part) for part in parts)
 
 
-def _held_slots(runtime: GraceRuntime) -> dict[int, dict[int, list[int]]]:
-    """Plan layer -> logical expert -> this rank's slots that hold it."""
+def _held_slots(plan: PlacementPlan, gpu: int) -> dict[int, dict[int, list[int]]]:
+    """Plan layer -> logical expert -> the slots of `gpu` that hold it."""
     held: dict[int, dict[int, list[int]]] = {}
-    for layer in range(runtime.plan.num_layers):
+    for layer in range(plan.num_layers):
         held[layer] = {}
-        for slot, expert in enumerate(runtime.local_slots(layer).tolist()):
+        for slot, expert in enumerate(plan.slot_expert[layer, gpu].tolist()):
             if expert >= 0:
                 held[layer].setdefault(int(expert), []).append(slot)
     return held
