@@ -3,7 +3,8 @@
 
 `init_inference` pops the section, calls deepspeed.init_inference with the rest (dtype, ...), then gives
 the model's sparse MoE blocks GRACE experts for this rank and wires the process group itself (DeepSpeed
-0.19 leaves MoE groups unset in inference). `initialize` (training) converts transformers models for
+0.19 leaves MoE groups unset in inference); given a checkpoint directory, it builds each rank's share first
+(grace_ds.models.rank_load) and hands DeepSpeed that. `initialize` (training) converts transformers models for
 training and keeps replicas in sync; `save_pretrained(engine, directory)` (grace_ds.models.export) writes
 the unmodified transformers checkpoint back. Reporting (profiles, W&B): grace_ds.deepspeed_monitoring.
 """
@@ -170,9 +171,9 @@ def initialize(model: torch.nn.Module | str | os.PathLike, config: dict | str | 
     GRACE layers that DeepSpeed trains as its own MoE layers (grace_ds.deepspeed_moe.GraceExpertsMoE);
     given as its checkpoint directory, each rank reads only the dense weights and its slots' experts
     (grace_ds.models.rank_load; `engine.module.grace_load` says what). Models written with GraceMoE come
-    as they are. Either way the engine keeps the copies of every
-    replicated expert equal after each optimizer step and after load_checkpoint, and clips fp32 without
-    ZeRO by the exact global norm (grace_ds.deepspeed_training). The optimizer must be built from the
+    as they are. Either way the engine keeps the copies of every replicated expert equal after each
+    optimizer step and after load_checkpoint, and clips fp32 without ZeRO by the exact global norm
+    (grace_ds.deepspeed_training). The optimizer must be built from the
     converted model: give it in the config, or as a callable (params -> optimizer). With
     `grace_moe.profiling` the engine carries `grace_recorder`."""
     import deepspeed
