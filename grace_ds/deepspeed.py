@@ -28,8 +28,8 @@ from grace_ds.plan_agreement import agree_on_plan, broadcast_plan
 from grace_ds.runtime import GraceRuntime
 from grace_ds.topology import LinkModel, Topology
 
-__all__ = ["attach_to_engine", "convert_for_training", "init_inference", "initialize", "moe_param_groups",
-           "save_pretrained", "save_profile"]
+__all__ = ["attach_to_engine", "convert_for_training", "init_inference", "initialize", "load_for_training",
+           "moe_param_groups", "save_pretrained", "save_profile"]
 
 
 def job_topology(links: LinkModel | None = None, group=None) -> Topology:
@@ -182,7 +182,7 @@ def initialize(model: torch.nn.Module | str | os.PathLike, config: dict | str | 
     grace = section is not None and section.enabled and (section.plan or section.profile)
     if isinstance(model, (str, os.PathLike)):
         if grace:  # read rank by rank: the dense weights and this rank's slots' experts, in fp32 as from_pretrained
-            model = _load_for_training(model, section)
+            model = load_for_training(model, section)
             kwargs = _converted_model_parameters(model, kwargs)
         else:
             from grace_ds.profiling import load_model
@@ -221,7 +221,7 @@ def convert_for_training(model: torch.nn.Module, section: GraceMoEConfig) -> Gra
     return runtime
 
 
-def _load_for_training(directory: str | os.PathLike, section: GraceMoEConfig) -> torch.nn.Module:
+def load_for_training(directory: str | os.PathLike, section: GraceMoEConfig) -> torch.nn.Module:
     """convert_for_training for a checkpoint directory: the model built with this rank's slots only, read
     rank by rank (grace_ds.models.rank_load) in fp32 onto the device DeepSpeed trains on, in train mode."""
     from deepspeed.accelerator import get_accelerator

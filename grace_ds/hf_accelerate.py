@@ -88,6 +88,9 @@ def convert_for_deepspeed_plugin(model: torch.nn.Module, plugin, processes: int)
     if plugin.zero_stage == 3:
         raise GraceInputError("grace_moe: ZeRO stage 3 partitions every parameter across the job, while GRACE "
                               "places each expert on its GPUs (DeepSpeed's MoE refuses stage 3 too): use stage 0-2")
+    converted = runtimes_of(model)
+    if converted:  # read rank by rank from its directory (grace_ds.deepspeed.load_for_training): converted then
+        return converted[0]
     if not find_moe_blocks(model):
         raise GraceInputError(f"grace_moe: {type(model).__name__} has no transformers MoE block to serve "
                               "(Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3)")

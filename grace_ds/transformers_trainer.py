@@ -5,7 +5,9 @@ DeepSpeed JSON given as `TrainingArguments(deepspeed=...)`, launched as any Trai
 
 What it changes in Trainer, and why:
 - construction: the model's MoE blocks get this rank's GRACE expert slots (grace_ds.deepspeed.convert_for_training)
-  before Trainer builds its optimizer, so the optimizer holds the served slots, not the unmodified experts;
+  before Trainer builds its optimizer, so the optimizer holds the served slots, not the unmodified experts; given
+  as its checkpoint directory (`GraceTrainer(model="DIR", ...)`), each rank reads only the dense weights and its
+  slots' experts (grace_ds.models.rank_load), so a model larger than one GPU can be fine-tuned;
 - `accelerator.prepare` (grace_ds.hf_accelerate.prepare_through_grace): the optimizer's parameter groups
   (Trainer's AdamW with its decay groups, or the DeepSpeed config's optimizer) are split into DeepSpeed's MoE
   groups, which ZeRO needs, and the DeepSpeed engine it returns gets GRACE's training hooks (replicas kept equal,
@@ -34,7 +36,7 @@ from typing import Any
 import torch
 import transformers
 
-from grace_ds.deepspeed import attach_to_engine
+from grace_ds.deepspeed import attach_to_engine, load_for_training
 from grace_ds.deepspeed_config import GraceMoEConfig, split_config
 from grace_ds.deepspeed_monitoring import save_profile
 from grace_ds.errors import GraceInputError
@@ -55,6 +57,10 @@ class GraceTrainerMixin:
     or None); after the engine is made: `grace_engine`, and `grace_monitor` behind the logged figures."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if args and isinstance(args[0], (str, os.PathLike)):
+            args = (_model_from_directory(args[0], kwargs.get("args", args[1] if len(args) > 1 else None)), *args[1:])
+        elif isinstance(kwargs.get("model"), (str, os.PathLike)):
+            kwargs["model"] = _model_from_directory(kwargs["model"], kwargs.get("args"))
         super().__init__(*args, **kwargs)
         self.grace_config: GraceMoEConfig | None = None
         self.grace_runtime: GraceRuntime | None = None
@@ -122,6 +128,17 @@ class GraceTrainerMixin:
             torch.save(self.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+
+def _model_from_directory(directory: str | os.PathLike, args) -> torch.nn.Module:
+    """A checkpoint directory in place of the model: with a grace_moe plan in args.deepspeed, each rank reads only
+    the dense weights and its slots' experts (grace_ds.deepspeed.load_for_training); otherwise loaded whole."""
+    section = split_config(args.deepspeed)[1] if args is not None and args.deepspeed else None
+    if section is not None and section.enabled and (section.plan or section.profile):
+        return load_for_training(directory, section)
+    from grace_ds.profiling import load_model
+
+    return load_model(directory)[0]
 
 
 class GraceTrainer(GraceTrainerMixin, transformers.Trainer):

@@ -61,6 +61,16 @@ def test_trains_as_the_unmodified_model_under_transformers_trainer(report, case)
         assert all(abs(a - b) < FP32 * b for (_, a), (_, b) in zip(mine, theirs)), (mine, theirs)
 
 
+def test_a_checkpoint_directory_in_place_of_the_model_trains_the_same(report):
+    """GraceTrainer(model="DIR") reads each rank's share of the checkpoint (grace_ds.models.rank_load) and trains as
+    the unmodified model under Trainer (the ZeRO 0 case, gradient checkpointing on)."""
+    for rank_report in report:
+        loaded = rank_report["zero0/trainer-adamw/gradient-checkpointing"]["from_directory"]
+        first = rank_report["zero0/trainer-adamw/gradient-checkpointing"]["first_loss"]
+        assert loaded["loss"] < FP32 * first and max(loaded["weights"].values()) < FP32, loaded
+        assert (loaded["skipped_expert_bytes"] > 0) == (WORLD > 1)  # other ranks' experts left unread
+
+
 def test_fp32_without_zero_logs_the_exact_global_norm(report):
     """DeepSpeed's fp32 engine without ZeRO logs no norm; GRACE's clips by the exact global one and reports it:
     at the first step (same weights, same batches) it is the norm ZeRO 2 reports for the unmodified model."""

@@ -139,6 +139,19 @@ def check_trainer(rank: int, world: int, topology: Topology, out: Path) -> dict:
         figures = [{k: v for k, v in got[s].items() if k.startswith("grace_moe/")} for s in sorted(got)]
         entry["logged"] = figures
         entry["counted_cross_node_MB"] = counted_cross_node_MB(trainer, world)
+        if name.startswith("zero0"):  # GraceTrainer(model="DIR"): each rank reads only its share of the checkpoint
+            checkpoint = out / "start-checkpoint"
+            if rank == 0:
+                start.save_pretrained(checkpoint)
+            dist.barrier()
+            from_directory = run_trainer(str(checkpoint), {**ds_config, "grace_moe": section},
+                                         out / f"{tag}-from-directory", samples, True, **overrides)
+            read = from_directory.model.grace_load
+            entry["from_directory"] = {
+                "loss": max(abs(losses(from_directory)[s]["loss"] - want[s]["loss"]) for s in want),
+                "weights": grouped_differences(hf_tensors(from_directory.model, False, True),
+                                               hf_tensors(reference.model, False, False)),
+                "skipped_expert_bytes": read.skipped_expert_bytes}
         if saving:
             reference.save_model()
             trainer.save_model()
