@@ -47,7 +47,7 @@ def main() -> int:
 
     import grace_ds.deepspeed as grace_deepspeed
     from grace_ds.errors import GraceInputError
-    from grace_ds.models.rank_load import meta_model
+    from grace_ds.models.rank_load import checkpoint_config
     from grace_ds.profiling import load_model
 
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
@@ -58,8 +58,7 @@ def main() -> int:
     try:
         with open(args.config) as handle:
             config = json.load(handle)
-        model_config = meta_model(args.model, torch.float32).config
-        ids = prompts(args, model_config.vocab_size, world)
+        ids = prompts(args, checkpoint_config(args.model).vocab_size, world)
         mine = ids[rank * args.sequences_per_rank:(rank + 1) * args.sequences_per_rank].to(device)
         generate = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                         pad_token_id=0, eos_token_id=None)

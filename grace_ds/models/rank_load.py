@@ -94,9 +94,9 @@ def checkpoint_files(directory: str | os.PathLike) -> dict[str, Path]:
     raise GraceInputError(f"{directory}: no model.safetensors or model.safetensors.index.json")
 
 
-def meta_model(directory: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
-    """The checkpoint's model class built from its config on the meta device (no memory, no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def checkpoint_config(directory: str | os.PathLike):
+    """The transformers config of a checkpoint directory this module can read (quantized ones refused)."""
+    from transformers import AutoConfig
 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
@@ -108,6 +108,14 @@ def meta_model(directory: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
     if getattr(config, "quantization_config", None):
         raise GraceInputError(f"{directory}: quantized checkpoints (quantization_config in config.json) are not "
                               f"read rank by rank; dequantize to bf16 first")
+    return config
+
+
+def meta_model(directory: str | os.PathLike, dtype: torch.dtype) -> nn.Module:
+    """The checkpoint's model class built from its config on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    config = checkpoint_config(directory)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config.name_or_path = str(directory)
