@@ -67,19 +67,24 @@ def _serving_experts(runtime: GraceRuntime, layer: int, experts: nn.Module) -> G
                                                                runtime.local_slots(layer), experts.act_fn))
 
 
+def check_plan_fits(model: nn.Module, blocks: list[tuple[str, nn.Module]], plan) -> None:
+    """The model has supported MoE blocks (`blocks`, from find_moe_blocks, not yet converted) and `plan` is
+    for its expert count, MoE layer count and top-k."""
+    if not blocks:
+        raise GraceInputError(f"no supported sparse MoE block found in {type(model).__name__}")
+    num_experts = int(blocks[0][1].experts.gate_up_proj.shape[0])
+    plan.check_matches(num_experts, len(blocks), top_k_of(model), None, "placement plan")
+
+
 def convert_model(model: nn.Module, runtime: GraceRuntime,
                   make_experts: Callable[[GraceRuntime, int, nn.Module], nn.Module] = _serving_experts) -> nn.Module:
     """Replace every MoE block's experts by GRACE experts holding this rank's slots; frees the rest.
     make_experts(runtime, plan layer, the block's experts): GraceExperts (serving) by default;
     grace_ds.deepspeed_moe.GraceExpertsMoE.convert for DeepSpeed training."""
     blocks = find_moe_blocks(model)
-    plan = runtime.plan
     if any(is_converted(block.experts) for _, block in blocks):
         raise GraceInputError("the model is already converted to GRACE experts")
-    if not blocks:
-        raise GraceInputError(f"no supported sparse MoE block found in {type(model).__name__}")
-    num_experts = int(blocks[0][1].experts.gate_up_proj.shape[0])
-    plan.check_matches(num_experts, len(blocks), top_k_of(model), None, "placement plan")
+    check_plan_fits(model, blocks, runtime.plan)
     for layer, (name, block) in enumerate(blocks):
         old = block.experts
         block.experts = make_experts(runtime, layer, old)

@@ -26,7 +26,7 @@ from torch import nn
 
 from grace_ds.errors import GraceInputError
 from grace_ds.experts import SlotExperts
-from grace_ds.models.convert import convert_model, find_moe_blocks
+from grace_ds.models.convert import check_plan_fits, convert_model, find_moe_blocks
 from grace_ds.models.grace_experts import GraceExperts
 from grace_ds.models.safetensors_file import SafetensorsFile, TensorEntry
 from grace_ds.plan import PlacementPlan
@@ -166,15 +166,10 @@ def load_for_rank(directory: str | os.PathLike, runtime: GraceRuntime, *, dtype:
 def weights_per_gpu(directory: str | os.PathLike, plan: PlacementPlan) -> list[RankLoadStats]:
     """What each GPU of `plan` would read of the checkpoint (bytes as stored), from the files' headers alone:
     no weight is read (`grace-ds weights`)."""
-    from grace_ds.models.convert import top_k_of
-
     model = meta_model(directory, torch.float32)
     files = checkpoint_files(directory)
     blocks = find_moe_blocks(model)
-    if not blocks:
-        raise GraceInputError(f"{directory}: no supported sparse MoE block found in {type(model).__name__}")
-    plan.check_matches(int(blocks[0][1].experts.gate_up_proj.shape[0]), len(blocks), top_k_of(model), None,
-                       "placement plan")
+    check_plan_fits(model, blocks, plan)
     sources, dense_keys, unexpected = _map_keys(model, blocks, files)
     headers = _headers(files)
     shares = []
